@@ -1,0 +1,1 @@
+"""Experiment definitions (TOML files beside this module) and the code that runs them."""

@@ -1,0 +1,142 @@
+"""The client's one seam to the split server.
+
+A :class:`SplitChannel` sends smashed activations (and labels) for one batch and
+returns the gradient at the cut; for inference it returns logits. Client
+training code depends only on this interface: :class:`InMemoryChannel` calls a
+split-server object in the same process through the real codec (unit tests),
+and :class:`fsl.grpc_channel.GrpcChannel` talks real gRPC. Neither the trainer
+nor this module imports ``grpc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from fsl.wire import codec
+from fsl.wire import dataplane_pb2 as pb
+
+__all__ = ["ChannelIdentity", "DataPlaneServer", "InMemoryChannel", "SplitChannel", "StepResult"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the server sends back for one training batch."""
+
+    grad: torch.Tensor  # (B, ...) dL/dh at the cut, same shape as the activations
+    loss: float  # mean loss over the batch
+    correct: int
+
+
+@dataclass
+class ChannelIdentity:
+    """Who the client is on the data plane for the current round."""
+
+    run_id: str = ""
+    round: int = 0
+    client_id: str = ""
+    token: str = ""
+
+
+class DataPlaneServer(Protocol):
+    """The server-side object both channels reach (the split server's state)."""
+
+    def train(self, request: pb.TrainRequest) -> pb.TrainReply: ...
+
+    def infer(self, request: pb.InferRequest) -> pb.InferReply: ...
+
+    def info(self) -> pb.InfoReply: ...
+
+
+@dataclass
+class SplitChannel:
+    """Base of both channels: builds requests, counts bytes, decodes replies."""
+
+    identity: ChannelIdentity = field(default_factory=ChannelIdentity)
+    wire_dtype: torch.dtype = torch.float32
+    bytes_up: int = 0
+    bytes_down: int = 0
+    requests: int = 0
+    _step: int = 0
+
+    def _header(self) -> pb.Header:
+        self._step += 1
+        i = self.identity
+        return pb.Header(run_id=i.run_id, round=i.round, client_id=i.client_id, step=self._step, token=i.token)
+
+    def set_identity(self, identity: ChannelIdentity) -> None:
+        """Use ``identity`` (new round, new credential) for the following requests."""
+        self.identity = identity
+        self._step = 0
+
+    def train_step(self, h: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """Send activations ``h`` (B, ...) and labels ``y`` (B,); return the gradient at the cut."""
+        req = pb.TrainRequest(
+            header=self._header(),
+            activations=codec.encode(h, self.wire_dtype),
+            labels=codec.encode(y, torch.int64),
+        )
+        rep = self._call_train(req)
+        self.bytes_up += req.ByteSize()
+        self.bytes_down += rep.ByteSize()
+        self.requests += 1
+        grad = codec.decode(rep.grad, name="grad")
+        if grad.shape != h.shape:
+            raise codec.WireError(f"server returned a gradient of shape {tuple(grad.shape)} for {tuple(h.shape)}")
+        return StepResult(grad=grad.to(h.dtype), loss=rep.loss, correct=int(rep.correct))
+
+    def infer(self, h: torch.Tensor) -> torch.Tensor:
+        """Send activations ``h`` (B, ...); return the logits (B, num_classes)."""
+        req = pb.InferRequest(header=self._header(), activations=codec.encode(h, self.wire_dtype))
+        rep = self._call_infer(req)
+        self.bytes_up += req.ByteSize()
+        self.bytes_down += rep.ByteSize()
+        self.requests += 1
+        return codec.decode(rep.logits, name="logits").float()
+
+    def info(self) -> pb.InfoReply:
+        """What the server segment expects (shape, dtypes, limits, device)."""
+        return self._call_info()
+
+    def close(self) -> None:
+        """Release the connection (no-op in memory)."""
+
+    def __enter__(self) -> SplitChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # transport hooks
+    def _call_train(self, req: pb.TrainRequest) -> pb.TrainReply:
+        raise NotImplementedError
+
+    def _call_infer(self, req: pb.InferRequest) -> pb.InferReply:
+        raise NotImplementedError
+
+    def _call_info(self) -> pb.InfoReply:
+        raise NotImplementedError
+
+
+@dataclass
+class InMemoryChannel(SplitChannel):
+    """A channel to a split server in this process; messages are serialized and parsed
+    exactly as on the network, so the codec and the validation run for real."""
+
+    server: DataPlaneServer | None = None
+
+    def _call_train(self, req: pb.TrainRequest) -> pb.TrainReply:
+        assert self.server is not None, "InMemoryChannel needs a server"
+        rep = self.server.train(pb.TrainRequest.FromString(req.SerializeToString()))
+        return pb.TrainReply.FromString(rep.SerializeToString())
+
+    def _call_infer(self, req: pb.InferRequest) -> pb.InferReply:
+        assert self.server is not None, "InMemoryChannel needs a server"
+        rep = self.server.infer(pb.InferRequest.FromString(req.SerializeToString()))
+        return pb.InferReply.FromString(rep.SerializeToString())
+
+    def _call_info(self) -> pb.InfoReply:
+        assert self.server is not None, "InMemoryChannel needs a server"
+        return self.server.info()

@@ -1,0 +1,265 @@
+"""Typed, validated experiment configuration.
+
+An experiment is a TOML file in ``experiments/`` whose tables map onto the
+frozen dataclasses below; every key has a default, every value is checked when
+the config is built, and a typo is an error that names the closest key. On the
+command line ``section.key=value`` overrides a value (``train.rounds=3``); the
+value is read as TOML (``3``, ``0.1``, ``true``, ``"text"``) and bare words as
+strings. Flower's ``[tool.flwr.app.config]`` uses the same flat keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fsl.data import DATASETS
+from fsl.models import MODELS, model_spec
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "ServerConfig",
+    "SimulationConfig",
+    "TrainConfig",
+    "experiment_path",
+    "from_dict",
+    "load_experiment",
+    "to_dict",
+    "to_toml",
+]
+
+MODES = ("fsl",)
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg")
+
+
+class ConfigError(ValueError):
+    """An experiment configuration that cannot be run; the text says which key and why."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist5k"  # one of fsl.data.DATASETS
+    path: str = ""  # folder to read files from ("" = the dataset's default place)
+    partition: str = "iid"  # "iid" | "dirichlet" (label skew)
+    alpha: float = 0.5  # Dirichlet concentration; smaller = more skew
+    val_fraction: float = 0.1  # share of each client's data kept for federated evaluation
+
+    def __post_init__(self) -> None:
+        _check(self.name in DATASETS, f"data.name: unknown dataset {self.name!r}; choose one of {list(DATASETS)}")
+        _check(self.partition in ("iid", "dirichlet"), f"data.partition must be 'iid' or 'dirichlet', not {self.partition!r}")
+        _check(self.alpha > 0, f"data.alpha must be > 0, got {self.alpha}")
+        _check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn"  # one of fsl.models.MODELS
+    cut: str = ""  # block after which the model is split ("" = the model's default cut)
+    norm: str = ""  # normalisation layers ("" = the model's default)
+
+    def __post_init__(self) -> None:
+        _check(self.name in MODELS, f"model.name: unknown model {self.name!r}; choose one of {sorted(MODELS)}")
+        spec = model_spec(self.name)
+        if not self.cut:
+            object.__setattr__(self, "cut", spec.default_cut)
+        if not self.norm:
+            object.__setattr__(self, "norm", spec.default_norm)
+        _check(self.cut in spec.cuts, f"model.cut: {self.name} can be cut at {list(spec.cuts)}, not {self.cut!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rounds: int = 5
+    local_epochs: int = 1  # passes over its local data per client per round
+    batch_size: int = 32
+    lr: float = 0.05  # client segment SGD learning rate
+    server_lr: float = 0.05  # server segment SGD learning rate
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    fraction_train: float = 1.0  # share of the clients selected per round
+    fraction_evaluate: float = 1.0  # share of the clients asked for federated evaluation
+    min_clients: int = 1  # fewest clients a round may run with
+    strategy: str = "fedavg"  # Flower strategy that aggregates the client segments
+    wire_dtype: str = "float32"  # dtype of activations and gradients on the data plane
+    round_timeout_s: float = 1800.0  # a client that has not replied by then is dropped from the round
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        for k in ("rounds", "local_epochs", "batch_size", "min_clients", "eval_batch_size"):
+            _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
+        _check(self.lr > 0 and self.server_lr > 0, "train.lr and train.server_lr must be > 0")
+        _check(0 <= self.momentum < 1, f"train.momentum must lie in [0, 1), got {self.momentum}")
+        _check(0 < self.fraction_train <= 1, f"train.fraction_train must lie in (0, 1], got {self.fraction_train}")
+        _check(0 <= self.fraction_evaluate <= 1, f"train.fraction_evaluate must lie in [0, 1], got {self.fraction_evaluate}")
+        _check(self.strategy in STRATEGIES, f"train.strategy: unknown {self.strategy!r}; choose one of {list(STRATEGIES)}")
+        _check(self.wire_dtype in WIRE_DTYPES, f"train.wire_dtype must be one of {list(WIRE_DTYPES)}, not {self.wire_dtype!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    address: str = "127.0.0.1:0"  # where the in-process split server listens (port 0: the OS picks)
+    external: str = ""  # host:port of a split server started apart (`fsl serve`); "" = start one in-process
+    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda:0", ...
+    threads: int = 0  # torch intra-op threads of the split server (0 = torch's default)
+    max_message_mb: int = 64  # largest data-plane message either side accepts
+    max_batch: int = 4096
+
+    def __post_init__(self) -> None:
+        _check(":" in self.address, f"server.address must be host:port, got {self.address!r}")
+        _check(self.max_message_mb >= 1, "server.max_message_mb must be >= 1")
+        _check(self.threads >= 0, "server.threads must be >= 0")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    client_cpus: float = 1.0  # CPUs Ray reserves per simulated client (how many run at once)
+    client_threads: int = 1  # torch threads inside each simulated client
+    verbose: bool = False  # show Flower's and Ray's own logs
+
+    def __post_init__(self) -> None:
+        _check(self.client_cpus > 0, "simulation.client_cpus must be > 0")
+        _check(self.client_threads >= 1, "simulation.client_threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    mode: str = "fsl"  # split-learning architecture
+    clients: int = 4  # number of clients (data partitions)
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in MODES, f"mode {self.mode!r} is not available; choose one of {list(MODES)}")
+        _check(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
+        _check(self.train.min_clients <= self.clients, "train.min_clients cannot exceed clients")
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def from_dict(cls: type[Any], data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from nested ``data``, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        k = key.replace("-", "_")
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {names}"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{k} must be a table, got {value!r}")
+            kwargs[k] = from_dict(tp, value, prefix=f"{prefix}{k}.")  # type: ignore[arg-type]
+        else:
+            if isinstance(tp, types.UnionType):
+                ok = any(_type_ok(value, t) for t in typing.get_args(tp))
+            else:
+                ok = _type_ok(value, tp)
+            if not ok:
+                raise ConfigError(f"{prefix}{k} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+            kwargs[k] = float(value) if tp is float else value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested plain dicts (TOML/JSON ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: ExperimentConfig) -> str:
+    """The resolved config as TOML that :func:`load_experiment` reads back."""
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (strings or an already-parsed mapping) to nested ``data``."""
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for dotted, value in items:
+        parts = dotted.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {p!r} is not a table")
+        node[parts[-1]] = value
+    return out
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.rounds=3)")
+    key, value = text.split("=", 1)
+    return key.strip(), _parse_value(value.strip())
+
+
+def experiment_path(name: str) -> Path:
+    """The TOML file of experiment ``name`` (a path, or a name in ``experiments/``)."""
+    p = Path(name)
+    if p.suffix == ".toml" and p.exists():
+        return p
+    candidate = Path(str(resources.files("experiments"))) / f"{name}.toml"
+    if candidate.exists():
+        return candidate
+    known = sorted(f.stem for f in Path(str(resources.files("experiments"))).glob("*.toml"))
+    raise ConfigError(f"no experiment {name!r}; known experiments: {known} (or give a path to a .toml file)")
+
+
+def load_experiment(name: str, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load experiment ``name`` (see :func:`experiment_path`) with ``overrides`` applied."""
+    path = experiment_path(name)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    data.setdefault("name", path.stem)
+    data = apply_overrides(data, overrides or [])
+    cfg: ExperimentConfig = from_dict(ExperimentConfig, data)
+    return cfg

