@@ -96,6 +96,7 @@ class TrainConfig:
     fraction_evaluate: float = 1.0  # share of the clients asked for federated evaluation
     min_clients: int = 1  # fewest clients a round may run with
     strategy: str = "fedavg"  # Flower strategy that aggregates the client segments
+    proximal_mu: float = 0.01  # FedProx only: weight of the proximal term
     wire_dtype: str = "float32"  # dtype of activations and gradients on the data plane
     round_timeout_s: float = 1800.0  # a client that has not replied by then is dropped from the round
     eval_batch_size: int = 512
@@ -114,7 +115,6 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     address: str = "127.0.0.1:0"  # where the in-process split server listens (port 0: the OS picks)
-    external: str = ""  # host:port of a split server started apart (`fsl serve`); "" = start one in-process
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda:0", ...
     threads: int = 0  # torch intra-op threads of the split server (0 = torch's default)
     max_message_mb: int = 64  # largest data-plane message either side accepts

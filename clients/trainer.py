@@ -1,0 +1,134 @@
+"""The client's side of split training and split inference.
+
+Short enough to read in one sitting: the client runs its lower segment, sends
+the smashed activations through a :class:`fsl.channel.SplitChannel`, and
+finishes backprop with the gradient the server returns. Nothing here imports
+``grpc``; the channel decides how bytes travel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fsl.channel import SplitChannel
+
+__all__ = ["EvalStats", "TrainStats", "evaluate_model", "evaluate_split", "train_segment"]
+
+
+@dataclass
+class TrainStats:
+    """What one client's local training did, for the round's metrics."""
+
+    examples: int = 0
+    batches: int = 0
+    loss: float = 0.0  # mean training loss over the samples (as computed by the server)
+    accuracy: float = 0.0
+    compute_s: float = 0.0  # client-side forward/backward/optimizer time
+    wire_s: float = 0.0  # time spent waiting on the data plane (network + server compute)
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass
+class EvalStats:
+    examples: int = 0
+    loss: float = 0.0
+    accuracy: float = 0.0
+
+
+def train_segment(
+    segment: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    channel: SplitChannel,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> TrainStats:
+    """Train the client segment on (x, y) through the split server for ``epochs`` passes.
+
+    ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_start||^2``.
+    """
+    segment.train()
+    opt = torch.optim.SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    start = [p.detach().clone() for p in segment.parameters()] if proximal_mu > 0 else []
+    gen = torch.Generator().manual_seed(seed)
+    stats = TrainStats()
+    up0, down0 = channel.bytes_up, channel.bytes_down
+    loss_sum = 0.0
+    correct = 0
+    n = len(y)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            t0 = time.perf_counter()
+            h = segment(x[idx])  # (B, ...) smashed activations at the cut
+            t1 = time.perf_counter()
+            step = channel.train_step(h.detach(), y[idx])  # up: h, y · down: dL/dh
+            t2 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            h.backward(step.grad)  # finish backprop through the client segment
+            for p, p0 in zip(segment.parameters(), start, strict=False):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+            opt.step()
+            t3 = time.perf_counter()
+            stats.compute_s += (t1 - t0) + (t3 - t2)
+            stats.wire_s += t2 - t1
+            stats.batches += 1
+            stats.examples += len(idx)
+            loss_sum += step.loss * len(idx)
+            correct += step.correct
+            if on_batch is not None:
+                on_batch(len(idx))
+    stats.loss = loss_sum / max(1, stats.examples)
+    stats.accuracy = correct / max(1, stats.examples)
+    stats.bytes_up = channel.bytes_up - up0
+    stats.bytes_down = channel.bytes_down - down0
+    return stats
+
+
+@torch.no_grad()
+def evaluate_split(
+    segment: nn.Module, x: torch.Tensor, y: torch.Tensor, channel: SplitChannel, batch_size: int = 512
+) -> EvalStats:
+    """Split inference on (x, y): lower segment here, the rest on the split server.
+
+    Labels never leave the client: the server returns logits and the loss is
+    computed here.
+    """
+    segment.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        logits = channel.infer(segment(x[i : i + batch_size]))  # (B, num_classes)
+        yb = y[i : i + batch_size]
+        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = len(y)
+    return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> EvalStats:
+    """Evaluate a whole (joined) model locally."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i : i + batch_size])
+        yb = y[i : i + batch_size]
+        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = len(y)
+    return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))

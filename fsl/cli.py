@@ -1,0 +1,225 @@
+"""The ``fsl`` command line.
+
+``fsl run EXPERIMENT [section.key=value ...]`` runs an experiment from
+``experiments/`` in Flower's simulation engine and writes its run directory;
+``fsl run --resume RUN_DIR`` continues a run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "run_experiment"]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class ConsoleReporter:
+    """Live progress of the running round and one table row per finished round."""
+
+    COLUMNS = ("round", "test acc", "test loss", "fed acc", "train loss", "bytes up", "bytes dn", "seconds")
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=False, highlight=False)
+        self.quiet = quiet
+        self.rows: list[dict[str, Any]] = []
+        self._progress: Any = None
+        self._poller: Any = None
+
+    def _cells(self, r: dict[str, Any]) -> list[str]:
+        fed = "-" if r.get("fed_accuracy") is None else f"{r['fed_accuracy']:.4f}"
+        tl = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
+        return [
+            str(r["round"]),
+            f"{r['accuracy']:.4f}",
+            f"{r['loss']:.4f}",
+            fed,
+            tl,
+            _fmt_bytes(r["bytes_up"]),
+            _fmt_bytes(r["bytes_down"]),
+            f"{r['seconds']:.1f}",
+        ]
+
+    def round_start(self, rnd: int, rounds: int, expected_samples: int, done: Callable[[], int]) -> None:
+        if self.quiet:
+            return
+        import threading
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._stop_progress()
+        self._progress = Progress(
+            TextColumn(f"round {rnd}/{rounds}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("samples"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        task = self._progress.add_task("train", total=max(1, expected_samples))
+        self._progress.start()
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(0.25):
+                self._progress.update(task, completed=min(done(), expected_samples))
+
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        self._poller = (stop, th)
+
+    def _stop_progress(self) -> None:
+        if self._poller is not None:
+            self._poller[0].set()
+            self._poller[1].join()
+            self._poller = None
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def round_end(self, row: dict[str, Any]) -> None:
+        self._stop_progress()
+        self.rows.append(row)
+        if not self.quiet:
+            if len(self.rows) == 1:
+                self.console.print(" ".join(f"{c:>9}" for c in self.COLUMNS), style="bold")
+            self.console.print(" ".join(f"{c:>9}" for c in self._cells(row)))
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        t = Table(title="per-round results")
+        for c in self.COLUMNS:
+            t.add_column(c, justify="right")
+        for r in self.rows:
+            t.add_row(*self._cells(r))
+        return t
+
+
+def _quiet_frameworks(verbose: bool) -> None:
+    if verbose:
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    warnings.filterwarnings("ignore")
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_experiment(cfg: Any, run: Any, reporter: Any = None) -> dict[str, Any]:
+    """Run ``cfg`` in Flower's simulation engine (one virtual SuperNode per client)."""
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import app as client_app
+    from server.server_app import make_server_app
+
+    _quiet_frameworks(cfg.simulation.verbose)
+    server_app = make_server_app(cfg, run, reporter)
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": 0.0},
+        "init_args": {
+            "log_to_driver": cfg.simulation.verbose,
+            "logging_level": logging.INFO if cfg.simulation.verbose else logging.ERROR,
+            "configure_logging": True,
+        },
+    }
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.clients,
+        backend_config=backend_config,
+        verbose_logging=cfg.simulation.verbose,
+    )
+    result: dict[str, Any] = server_app.result.get("summary")  # type: ignore[attr-defined]
+    if result is None:
+        raise RuntimeError("the simulation ended without a result; rerun with simulation.verbose=true")
+    return result
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fsl.config import ConfigError, from_dict, load_experiment
+    from fsl.rundir import RunDir
+
+    try:
+        if args.resume:
+            import tomllib
+
+            run = RunDir(args.resume)
+            if not run.config_path.exists():
+                print(f"error: {args.resume} is not a run directory (no config.toml)", file=sys.stderr)
+                return 2
+            from fsl.config import ExperimentConfig, apply_overrides
+
+            data = apply_overrides(tomllib.loads(run.config_path.read_text()), args.overrides)
+            cfg = from_dict(ExperimentConfig, data)
+        else:
+            if not args.experiment:
+                print("error: name an experiment (e.g. `fsl run quickstart`) or give --resume RUN_DIR", file=sys.stderr)
+                return 2
+            cfg = load_experiment(args.experiment, args.overrides)
+            run = RunDir.create(cfg.output_dir, cfg.name)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from fsl.data import DatasetNotFound, load_dataset
+
+    try:
+        load_dataset(cfg.data.name, cfg.data.path or None)
+    except DatasetNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reporter = ConsoleReporter(quiet=args.quiet)
+    reporter.console.print(
+        f"[bold]{cfg.name}[/]: mode {cfg.mode}, {cfg.clients} clients, {cfg.data.name} ({cfg.data.partition}), "
+        f"{cfg.model.name} cut at {cfg.model.cut}, {cfg.train.rounds} rounds"
+    )
+    reporter.console.print(f"run directory: {run.path}")
+    t0 = time.perf_counter()
+    summary = run_experiment(cfg, run, reporter)
+    reporter.console.print(reporter.table())
+    reporter.console.print(
+        f"final test accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
+        f"in {time.perf_counter() - t0:.1f}s on split-server device {summary['device']}"
+    )
+    reporter.console.print(f"results: {Path(run.path)}  (summary.json, metrics.jsonl, curves.png, checkpoints/)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fsl", description="Hybrid federated split learning on Flower")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run an experiment (experiments/NAME.toml) in Flower's simulation engine")
+    p_run.add_argument("experiment", nargs="?", help="experiment name or path to a .toml file")
+    p_run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.rounds=3")
+    p_run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p_run.add_argument("--quiet", action="store_true", help="no live progress, only the final table")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        # `fsl run --resume DIR k=v`: argparse puts the first override in `experiment`
+        if args.resume and args.experiment and "=" in args.experiment:
+            args.overrides = [args.experiment, *args.overrides]
+            args.experiment = None
+        return _cmd_run(args)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
