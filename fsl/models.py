@@ -174,20 +174,25 @@ def split_model(model: nn.Sequential, cut: str) -> Split:
     if k == len(names):
         raise ValueError(f"cut {cut!r} is the last block: the server segment would be empty; choose one of {names[:-1]}")
     blocks = list(model.named_children())
-    return Split(client=nn.Sequential(OrderedDict(blocks[:k])), server=nn.Sequential(OrderedDict(blocks[k:])), cut=cut)
+    client, server = nn.Sequential(OrderedDict(blocks[:k])), nn.Sequential(OrderedDict(blocks[k:]))
+    client.training = server.training = model.training
+    return Split(client=client, server=server, cut=cut)
 
 
 def join_segments(client: nn.Sequential, server: nn.Sequential) -> nn.Sequential:
     """Join a client and a server segment back into one model (modules are shared)."""
-    return nn.Sequential(OrderedDict([*client.named_children(), *server.named_children()]))
+    joined = nn.Sequential(OrderedDict([*client.named_children(), *server.named_children()]))
+    joined.training = client.training
+    return joined
 
 
 def cut_shape(client: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Per-sample shape of what ``client`` (a client segment) sends for inputs of ``input_shape``."""
-    was_training = client.training
+    modes = {m: m.training for m in client.modules()}
     try:
         with torch.no_grad():
             h = client.eval()(torch.zeros(1, *input_shape))
     finally:
-        client.train(was_training)
+        for m, mode in modes.items():  # restore each module's own mode, not one flag for all
+            m.training = mode
     return tuple(h.shape[1:])

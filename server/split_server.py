@@ -139,11 +139,12 @@ class SplitServerState:
         h = self._activations(request.activations)
         y = self._labels(request.labels, h.shape[0])
         with self._lock:
-            last = self._last.get(hdr.client_id)
+            last = self._last.get(hdr.client_id) if hdr.client_id else None
             if last is not None and last[:2] == (hdr.round, hdr.step):
                 return last[2]  # a retry of a step we already took: answer it, do not train twice
             reply = self._train_locked(h, y, request.activations.dtype)
-            self._last[hdr.client_id] = (hdr.round, hdr.step, reply)
+            if hdr.client_id:
+                self._last[hdr.client_id] = (hdr.round, hdr.step, reply)
             self._count(hdr.client_id, request.ByteSize(), reply.ByteSize(), train=True, samples=h.shape[0])
         return reply
 

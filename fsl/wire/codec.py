@@ -18,7 +18,7 @@ import torch
 
 from fsl.wire import dataplane_pb2 as pb
 
-__all__ = ["DTYPES", "WireError", "decode", "encode", "tensor_nbytes"]
+__all__ = ["DTYPES", "WireError", "decode", "encode", "tensor_nbytes", "view"]
 
 # wire name -> torch dtype. bfloat16 has no numpy twin; it travels as its raw 2-byte words.
 DTYPES: dict[str, torch.dtype] = {
@@ -46,6 +46,14 @@ def tensor_nbytes(t: pb.Tensor) -> int:
 def encode(x: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
     """Encode ``x`` (cast to ``dtype`` if given) as a wire ``Tensor``."""
     x = x.detach()
+    scale = 0.0
+    if dtype == torch.float16 and x.is_floating_point() and x.dtype != torch.float16 and x.numel():
+        # float16 holds 2^-24 .. 65504: scale by a power of two so the largest magnitude sits
+        # near 2^15 and small values (gradients of a mean loss) keep their precision
+        amax = float(x.abs().max())
+        if math.isfinite(amax) and amax > 0:
+            scale = 2.0 ** (math.ceil(math.log2(amax)) - 15)
+            x = x / scale
     if dtype is not None and x.dtype != dtype:
         x = x.to(dtype)
     if x.dtype not in _NAMES:
@@ -57,7 +65,7 @@ def encode(x: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
         raw = x.numpy()
     if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in CI
         raw = raw.byteswap()
-    return pb.Tensor(dtype=_NAMES[x.dtype], shape=list(x.shape), data=raw.tobytes())
+    return pb.Tensor(dtype=_NAMES[x.dtype], shape=list(x.shape), data=raw.tobytes(), scale=scale)
 
 
 def decode(
@@ -79,18 +87,27 @@ def decode(
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise WireError(f"{name}: {count} elements exceed the limit of {max_elements}")
+    data = t.data  # read the field once: each access copies the payload out of protobuf
     expected = count * _ITEMSIZE[t.dtype]
-    if len(t.data) != expected:
-        raise WireError(
-            f"{name}: buffer holds {len(t.data)} bytes but shape {list(shape)} of {t.dtype} needs {expected}"
-        )
-    if count == 0:
-        return torch.empty(shape, dtype=DTYPES[t.dtype])
-    np_dtype = np.dtype("<i2") if t.dtype == "bfloat16" else np.dtype(t.dtype).newbyteorder("<")
-    arr = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
+    if len(data) != expected:
+        raise WireError(f"{name}: buffer holds {len(data)} bytes but shape {list(shape)} of {t.dtype} needs {expected}")
+    out = view(t.dtype, shape, data)
+    if t.scale not in (0.0, 1.0):
+        if not math.isfinite(t.scale) or t.scale < 0:
+            raise WireError(f"{name}: invalid scale {t.scale}")
+        out = out.float() * t.scale  # a scaled float16 payload decodes to float32
+    return out
+
+
+def view(dtype: str, shape: tuple[int, ...], data: bytes) -> torch.Tensor:
+    """A tensor over ``data`` itself (no copy); ``data`` must already have the right length."""
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    np_dtype = np.dtype("<i2") if dtype == "bfloat16" else np.dtype(dtype).newbyteorder("<")
+    arr = np.frombuffer(data, dtype=np_dtype).reshape(shape)
     if sys.byteorder != "little":  # pragma: no cover
         arr = arr.byteswap()
     with warnings.catch_warnings():  # the buffer is immutable bytes: the tensor is read-only by contract
         warnings.simplefilter("ignore", UserWarning)
         out = torch.from_numpy(arr)
-    return out.view(torch.bfloat16) if t.dtype == "bfloat16" else out
+    return out.view(torch.bfloat16) if dtype == "bfloat16" else out

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66sl/wire/dataplane.proto\x12\x10\x66sl.dataplane.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"W\n\x06Header\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05token\x18\x05 \x01(\t\"\x91\x01\n\x0cTrainRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12(\n\x06labels\x18\x03 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"h\n\nTrainReply\x12&\n\x04grad\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x03 \x01(\x03\x12\x13\n\x0bserver_step\x18\x04 \x01(\x03\"g\n\x0cInferRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"6\n\nInferReply\x12(\n\x06logits\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"\r\n\x0bInfoRequest\"\x99\x01\n\tInfoReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12\x0e\n\x06\x64types\x18\x04 \x03(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t2\xe2\x01\n\x0eSplitDataPlane\x12\x45\n\x05Train\x12\x1e.fsl.dataplane.v1.TrainRequest\x1a\x1c.fsl.dataplane.v1.TrainReply\x12\x45\n\x05Infer\x12\x1e.fsl.dataplane.v1.InferRequest\x1a\x1c.fsl.dataplane.v1.InferReply\x12\x42\n\x04Info\x12\x1d.fsl.dataplane.v1.InfoRequest\x1a\x1b.fsl.dataplane.v1.InfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66sl/wire/dataplane.proto\x12\x10\x66sl.dataplane.v1\"C\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x01\"W\n\x06Header\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05token\x18\x05 \x01(\t\"\x91\x01\n\x0cTrainRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12(\n\x06labels\x18\x03 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"h\n\nTrainReply\x12&\n\x04grad\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x03 \x01(\x03\x12\x13\n\x0bserver_step\x18\x04 \x01(\x03\"g\n\x0cInferRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"6\n\nInferReply\x12(\n\x06logits\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"\r\n\x0bInfoRequest\"\x99\x01\n\tInfoReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12\x0e\n\x06\x64types\x18\x04 \x03(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t2\xe2\x01\n\x0eSplitDataPlane\x12\x45\n\x05Train\x12\x1e.fsl.dataplane.v1.TrainRequest\x1a\x1c.fsl.dataplane.v1.TrainReply\x12\x45\n\x05Infer\x12\x1e.fsl.dataplane.v1.InferRequest\x1a\x1c.fsl.dataplane.v1.InferReply\x12\x42\n\x04Info\x12\x1d.fsl.dataplane.v1.InfoRequest\x1a\x1b.fsl.dataplane.v1.InfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fsl.wire.dataplane_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=46
-  _globals['_TENSOR']._serialized_end=98
-  _globals['_HEADER']._serialized_start=100
-  _globals['_HEADER']._serialized_end=187
-  _globals['_TRAINREQUEST']._serialized_start=190
-  _globals['_TRAINREQUEST']._serialized_end=335
-  _globals['_TRAINREPLY']._serialized_start=337
-  _globals['_TRAINREPLY']._serialized_end=441
-  _globals['_INFERREQUEST']._serialized_start=443
-  _globals['_INFERREQUEST']._serialized_end=546
-  _globals['_INFERREPLY']._serialized_start=548
-  _globals['_INFERREPLY']._serialized_end=602
-  _globals['_INFOREQUEST']._serialized_start=604
-  _globals['_INFOREQUEST']._serialized_end=617
-  _globals['_INFOREPLY']._serialized_start=620
-  _globals['_INFOREPLY']._serialized_end=773
-  _globals['_SPLITDATAPLANE']._serialized_start=776
-  _globals['_SPLITDATAPLANE']._serialized_end=1002
+  _globals['_TENSOR']._serialized_end=113
+  _globals['_HEADER']._serialized_start=115
+  _globals['_HEADER']._serialized_end=202
+  _globals['_TRAINREQUEST']._serialized_start=205
+  _globals['_TRAINREQUEST']._serialized_end=350
+  _globals['_TRAINREPLY']._serialized_start=352
+  _globals['_TRAINREPLY']._serialized_end=456
+  _globals['_INFERREQUEST']._serialized_start=458
+  _globals['_INFERREQUEST']._serialized_end=561
+  _globals['_INFERREPLY']._serialized_start=563
+  _globals['_INFERREPLY']._serialized_end=617
+  _globals['_INFOREQUEST']._serialized_start=619
+  _globals['_INFOREQUEST']._serialized_end=632
+  _globals['_INFOREPLY']._serialized_start=635
+  _globals['_INFOREPLY']._serialized_end=788
+  _globals['_SPLITDATAPLANE']._serialized_start=791
+  _globals['_SPLITDATAPLANE']._serialized_end=1017
 # @@protoc_insertion_point(module_scope)

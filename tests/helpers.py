@@ -1,0 +1,60 @@
+"""Small builders shared by the tests (real components, no mocks)."""
+
+from __future__ import annotations
+
+import copy
+import contextlib
+
+import torch
+
+from fsl.auth import RoundAuthority
+from fsl.channel import ChannelIdentity, InMemoryChannel
+from fsl.grpc_channel import GrpcChannel
+from fsl.models import build_model, cut_shape, model_spec, split_model
+from server.split_server import SplitServer, SplitServerState
+
+
+def make_state(model_name="cnn", cut="conv1", input_shape=None, lr=0.1, momentum=0.0, authority=None, seed=0, **kw):
+    shape = input_shape or model_spec(model_name).input_shape
+    model = build_model(model_name, input_shape=shape, seed=seed)
+    reference = copy.deepcopy(model)
+    split = split_model(model, cut)
+    state = SplitServerState(
+        split.server,
+        sample_shape=cut_shape(split.client, shape),
+        num_classes=10,
+        lr=lr,
+        momentum=momentum,
+        device="cpu",
+        authority=authority,
+        model_name=model_name,
+        cut=cut,
+        **kw,
+    )
+    return reference, split, state
+
+
+@contextlib.contextmanager
+def channel_to(state, kind, identity=None, wire_dtype=torch.float32):
+    """An in-memory channel, or a real gRPC server on 127.0.0.1 and a channel to it."""
+    identity = identity or ChannelIdentity()
+    if kind == "memory":
+        yield InMemoryChannel(server=state, identity=identity, wire_dtype=wire_dtype)
+        return
+    server = SplitServer(state, "127.0.0.1:0").start()
+    ch = GrpcChannel(address=server.address, identity=identity, wire_dtype=wire_dtype)
+    try:
+        yield ch
+    finally:
+        ch.close()
+        server.stop(grace=None)
+
+
+def authority_and_identity(round_=1, client="7", run_id="run-test"):
+    auth = RoundAuthority(run_id)
+    auth.open_round(round_)
+    return auth, ChannelIdentity(run_id=run_id, round=round_, client_id=client, token=auth.issue(round_, client))
+
+
+def params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
