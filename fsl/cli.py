@@ -155,21 +155,16 @@ def run_experiment(cfg: Any, run: Any, reporter: Any = None) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fsl.config import ConfigError, from_dict, load_experiment
+    from fsl.config import ConfigError, load_experiment
     from fsl.rundir import RunDir
 
     try:
         if args.resume:
-            import tomllib
-
             run = RunDir(args.resume)
             if not run.config_path.exists():
                 print(f"error: {args.resume} is not a run directory (no config.toml)", file=sys.stderr)
                 return 2
-            from fsl.config import ExperimentConfig, apply_overrides
-
-            data = apply_overrides(tomllib.loads(run.config_path.read_text()), args.overrides)
-            cfg = from_dict(ExperimentConfig, data)
+            cfg = load_experiment(str(run.config_path), args.overrides)
         else:
             if not args.experiment:
                 print("error: name an experiment (e.g. `fsl run quickstart`) or give --resume RUN_DIR", file=sys.stderr)

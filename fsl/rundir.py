@@ -111,6 +111,7 @@ class RunDir:
 
     def latest_checkpoint(self) -> Checkpoint | None:
         """The newest complete checkpoint, or ``None``."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         done = sorted(p for p in (self.path / "checkpoints").glob("round-*") if not p.name.endswith(".tmp"))
@@ -119,7 +120,7 @@ class RunDir:
                 state = json.loads((p / "state.json").read_text())
                 client = load_file(str(p / "client.safetensors"))
                 server = load_file(str(p / "server.safetensors"))
-            except (OSError, ValueError):
+            except (OSError, ValueError, KeyError, SafetensorError):
                 continue  # damaged: fall back to the one before
             rnd = int(state.pop("round"))
             return Checkpoint(round=rnd, client=client, server=server, extra=state)

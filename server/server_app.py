@@ -322,10 +322,14 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for Flower's engines: the experiment comes from the run config."""
-    rc = dict(context.run_config)
-    name = str(rc.pop("experiment", "quickstart"))
-    resume = str(rc.pop("resume", ""))
-    cfg = load_experiment(name, {k: v for k, v in rc.items()})
-    run = RunDir(resume) if resume else RunDir.create(cfg.output_dir, cfg.name)
-    log.warning("run directory: %s", run.path)
+    rc = context.run_config
+    resume = str(rc.get("resume", ""))
+    overrides = str(rc.get("overrides", "")).split()
+    if resume:
+        run = RunDir(resume)
+        cfg = load_experiment(str(run.config_path), overrides)
+    else:
+        cfg = load_experiment(str(rc.get("experiment", "quickstart")), overrides)
+        run = RunDir.create(cfg.output_dir, cfg.name)
+    log.warning("run directory: %s", run.path.resolve())
     run_fsl(grid, cfg, run)

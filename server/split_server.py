@@ -99,14 +99,15 @@ class SplitServerState:
     def _activations(self, t: pb.Tensor) -> torch.Tensor:
         if t.dtype not in ACTIVATION_DTYPES:
             raise InvalidRequest(f"activations must be one of {ACTIVATION_DTYPES}, got {t.dtype!r}")
-        h = codec.decode(t, name="activations", max_elements=self._max_elements)
-        if tuple(h.shape[1:]) != tuple(self.sample_shape) or h.dim() != len(self.sample_shape) + 1:
+        shape = tuple(t.shape)  # checked against the segment before any buffer is touched
+        if len(shape) != len(self.sample_shape) + 1 or shape[1:] != tuple(self.sample_shape):
             raise InvalidRequest(
-                f"activations of shape {list(h.shape)} do not fit the server segment at cut {self.cut!r}: "
+                f"activations of shape {list(shape)} do not fit the server segment at cut {self.cut!r}: "
                 f"expected (B, {', '.join(map(str, self.sample_shape))})"
             )
-        if not 1 <= h.shape[0] <= self.max_batch:
-            raise InvalidRequest(f"batch size {h.shape[0]} outside [1, {self.max_batch}]")
+        if not 1 <= shape[0] <= self.max_batch:
+            raise InvalidRequest(f"batch size {shape[0]} outside [1, {self.max_batch}]")
+        h = codec.decode(t, name="activations", max_elements=self._max_elements)
         if not torch.isfinite(h).all():
             raise InvalidRequest("activations contain NaN or Inf")
         return h

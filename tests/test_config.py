@@ -1,0 +1,48 @@
+import tomllib
+
+import pytest
+
+from fsl.config import ConfigError, ExperimentConfig, from_dict, load_experiment, to_toml
+
+
+def test_shipped_experiments_load():
+    q = load_experiment("quickstart")
+    f = load_experiment("fashion-mnist")
+    assert (q.name, q.data.name, q.mode) == ("quickstart", "mnist5k", "fsl")
+    assert (f.clients, f.data.name, f.data.partition, f.train.rounds) == (10, "fashion-mnist", "iid", 10)
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_experiment("quickstart", ["train.rounds=2", "data.partition=dirichlet", "data.alpha=0.3", "clients=3"])
+    assert cfg.train.rounds == 2 and cfg.data.partition == "dirichlet" and cfg.data.alpha == 0.3 and cfg.clients == 3
+    cfg = load_experiment("quickstart", {"train.lr": 1})  # ints are fine where floats are expected
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("train.roundz=3", "unknown key 'train.roundz'; did you mean 'train.rounds'"),
+        ("train.rounds=three", "train.rounds must be int"),
+        ("train.rounds=0", "train.rounds must be >= 1"),
+        ("model.cut=fc2", "cnn can be cut at"),
+        ("data.name=imagenet", "unknown dataset 'imagenet'"),
+        ("mode=warp", "mode 'warp' is not available"),
+        ("train.wire_dtype=float64", "train.wire_dtype must be one of"),
+        ("rounds", "must look like section.key=value"),
+    ],
+)
+def test_bad_config_is_explained(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_experiment("quickstart", [override])
+
+
+def test_unknown_experiment_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_experiment("no-such-experiment")
+
+
+def test_resolved_config_round_trips_through_toml():
+    cfg = load_experiment("fashion-mnist", ["model.cut=conv2"])
+    again = from_dict(ExperimentConfig, tomllib.loads(to_toml(cfg)))
+    assert again == cfg and again.model.norm == "none"  # defaults were resolved and written down
