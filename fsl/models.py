@@ -48,7 +48,10 @@ def _cnn(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
             [
                 ("conv1", conv_block(in_channels, 16)),  # (B, 16, 14, 14) smashed
                 ("conv2", conv_block(16, 32)),  # (B, 32, 7, 7) smashed
-                ("fc1", nn.Sequential(nn.Flatten(), nn.Linear(32 * (height // 4) * (width // 4), 128), nn.ReLU())),  # (B, 128)
+                (
+                    "fc1",
+                    nn.Sequential(nn.Flatten(), nn.Linear(32 * (height // 4) * (width // 4), 128), nn.ReLU()),
+                ),  # (B, 128)
                 ("fc2", nn.Linear(128, num_classes)),  # (B, num_classes) logits
             ]
         )
@@ -74,7 +77,9 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-def _resnet(input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, norm: str = "batch") -> nn.Sequential:
+def _resnet(
+    input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, norm: str = "batch"
+) -> nn.Sequential:
     """A small ResNet (ResNet-8 layout) for 32x32 RGB images (CIFAR-10); any H, W work."""
     in_channels = input_shape[0]
     if norm == "batch":
@@ -172,7 +177,9 @@ def split_model(model: nn.Sequential, cut: str) -> Split:
         raise ValueError(f"unknown cut {cut!r}; this model can be cut after {names[:-1]}")
     k = names.index(cut) + 1
     if k == len(names):
-        raise ValueError(f"cut {cut!r} is the last block: the server segment would be empty; choose one of {names[:-1]}")
+        raise ValueError(
+            f"cut {cut!r} is the last block: the server segment would be empty; choose one of {names[:-1]}"
+        )
     blocks = list(model.named_children())
     client, server = nn.Sequential(OrderedDict(blocks[:k])), nn.Sequential(OrderedDict(blocks[k:]))
     client.training = server.training = model.training

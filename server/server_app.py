@@ -14,14 +14,13 @@ from __future__ import annotations
 import copy
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as fl_strategy
 
@@ -52,7 +51,9 @@ class LogReporter:
         log.info("round %d/%d: training on ~%d samples", rnd, rounds, expected_samples)
 
     def round_end(self, row: dict[str, Any]) -> None:
-        log.info("round %d: accuracy %.4f loss %.4f (%.1fs)", row["round"], row["accuracy"], row["loss"], row["seconds"])
+        log.info(
+            "round %d: accuracy %.4f loss %.4f (%.1fs)", row["round"], row["accuracy"], row["loss"], row["seconds"]
+        )
 
 
 def make_strategy(cfg: ExperimentConfig) -> fl_strategy.FedAvg:
@@ -194,10 +195,12 @@ def run_fsl(
                 rnd,
                 cfg.train.rounds,
                 int(n_train * cfg.train.fraction_train * cfg.train.local_epochs),
-                lambda: sum(s.samples for s in state.traffic().values()) - samples0,
+                lambda s0=samples0: sum(s.samples for s in state.traffic().values()) - s0,
             )
             # ---- training: configure_train -> clients -> aggregate_train
-            msgs = _with_credentials(strategy.configure_train(rnd, arrays, ConfigRecord({}), grid), base, authority, rnd)
+            msgs = _with_credentials(
+                strategy.configure_train(rnd, arrays, ConfigRecord({}), grid), base, authority, rnd
+            )
             replies = list(grid.send_and_receive(msgs, timeout=cfg.train.round_timeout_s))
             summary = _train_summary(replies)
             new_arrays, _ = strategy.aggregate_train(rnd, [m for m in replies if not m.has_error()])
@@ -274,7 +277,9 @@ def run_fsl(
     return result
 
 
-def _summary(cfg: ExperimentConfig, history: list[dict[str, Any]], device: str, wall_s: float, run: RunDir) -> dict[str, Any]:
+def _summary(
+    cfg: ExperimentConfig, history: list[dict[str, Any]], device: str, wall_s: float, run: RunDir
+) -> dict[str, Any]:
     accs = [h["accuracy"] for h in history]
     rounds_clients = sum(h["clients"] for h in history) or 1
     return {
@@ -296,7 +301,19 @@ def _summary(cfg: ExperimentConfig, history: list[dict[str, Any]], device: str, 
         "bytes_down_per_client_round": sum(h["bytes_down"] for h in history) / rounds_clients,
         "run_dir": str(run.path),
         "history": [
-            {k: h[k] for k in ("round", "accuracy", "loss", "fed_accuracy", "train_loss", "bytes_up", "bytes_down", "seconds")}
+            {
+                k: h[k]
+                for k in (
+                    "round",
+                    "accuracy",
+                    "loss",
+                    "fed_accuracy",
+                    "train_loss",
+                    "bytes_up",
+                    "bytes_down",
+                    "seconds",
+                )
+            }
             for h in history
         ],
     }

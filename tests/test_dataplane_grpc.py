@@ -201,17 +201,18 @@ def test_info_and_inference(served):
 
 def test_tls_data_plane(tmp_path):
     """With a certificate the data plane speaks TLS; a client trusting another CA cannot connect."""
+    import datetime
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import datetime
-    import ipaddress
 
     def self_signed():
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -220,7 +221,12 @@ def test_tls_data_plane(tmp_path):
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=1))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                False,
+            )
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
             .sign(key, hashes.SHA256())
         )
@@ -234,7 +240,12 @@ def test_tls_data_plane(tmp_path):
     server = SplitServer(state, "127.0.0.1:0", certificate_chain=cert, private_key=key).start()
     try:
         with GrpcChannel(address=server.address, root_certificates=cert) as ch:
-            assert ch.train_step(torch.rand(2, 16, 14, 14), torch.zeros(2, dtype=torch.int64)).grad.shape == (2, 16, 14, 14)
+            assert ch.train_step(torch.rand(2, 16, 14, 14), torch.zeros(2, dtype=torch.int64)).grad.shape == (
+                2,
+                16,
+                14,
+                14,
+            )
         with GrpcChannel(address=server.address, root_certificates=other_cert, retries=0, timeout_s=5) as ch:
             with pytest.raises(DataPlaneError) as err:
                 ch.info()

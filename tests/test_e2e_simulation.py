@@ -36,8 +36,20 @@ def test_cli_runs_a_simulation_writes_results_and_resumes(tmp_path):
         assert (run / name).is_file(), name
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("experiment", "dataset", "mode", "clients", "rounds", "device", "final_accuracy",
-                "best_accuracy", "wall_s", "bytes_up", "bytes_down", "history"):
+    for key in (
+        "experiment",
+        "dataset",
+        "mode",
+        "clients",
+        "rounds",
+        "device",
+        "final_accuracy",
+        "best_accuracy",
+        "wall_s",
+        "bytes_up",
+        "bytes_down",
+        "history",
+    ):
         assert key in summary, key
     assert (summary["dataset"], summary["mode"], summary["clients"], summary["rounds"]) == ("digits", "fsl", 2, 2)
     assert summary["device"] == "cpu"
@@ -62,8 +74,22 @@ def test_cli_runs_a_simulation_writes_results_and_resumes(tmp_path):
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fsl.cli", "run", "quickstart", *TINY, "train.rounds=4", f"output_dir={tmp_path}", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "fsl.cli",
+            "run",
+            "quickstart",
+            *TINY,
+            "train.rounds=4",
+            f"output_dir={tmp_path}",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 240

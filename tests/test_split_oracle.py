@@ -32,7 +32,9 @@ def _step(model_name, cut, batch, kind, wire_dtype=torch.float32, lr=0.1):
     ref_opt = torch.optim.SGD(reference.parameters(), lr=lr)
     ref_opt.zero_grad()
     nn.functional.cross_entropy(reference(x), y).backward()
-    ref_client_grads = {n: p.grad.clone() for n, p in reference.named_parameters() if n in dict(split.client.named_parameters())}
+    ref_client_grads = {
+        n: p.grad.clone() for n, p in reference.named_parameters() if n in dict(split.client.named_parameters())
+    }
     ref_opt.step()
 
     # the same step through the split
