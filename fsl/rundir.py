@@ -135,6 +135,7 @@ class RunDir:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         rounds = [h["round"] for h in history]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -152,6 +153,8 @@ class RunDir:
         ax2.set(xlabel="round", ylabel="cross-entropy", title="loss")
         ax2.grid(alpha=0.3)
         ax2.legend()
+        for ax in (ax1, ax2):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(self.plot_path, dpi=110)
