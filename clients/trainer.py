@@ -54,11 +54,14 @@ def train_segment(
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
     seed: int = 0,
+    release: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> TrainStats:
     """Train the client segment on (x, y) through the split server for ``epochs`` passes.
 
     ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_start||^2``.
+    ``release`` transforms the activations just before they leave the client (a defense such
+    as clipping + noise); the server's gradient is applied to the untransformed activations.
     """
     segment.train()
     opt = torch.optim.SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -76,7 +79,8 @@ def train_segment(
             t0 = time.perf_counter()
             h = segment(x[idx])  # (B, ...) smashed activations at the cut
             t1 = time.perf_counter()
-            step = channel.train_step(h.detach(), y[idx])  # up: h, y · down: dL/dh
+            sent = h.detach() if release is None else release(h.detach())
+            step = channel.train_step(sent, y[idx])  # up: h, y · down: dL/dh
             t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             h.backward(step.grad)  # finish backprop through the client segment
@@ -102,7 +106,12 @@ def train_segment(
 
 @torch.no_grad()
 def evaluate_split(
-    segment: nn.Module, x: torch.Tensor, y: torch.Tensor, channel: SplitChannel, batch_size: int = 512
+    segment: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    channel: SplitChannel,
+    batch_size: int = 512,
+    release: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalStats:
     """Split inference on (x, y): lower segment here, the rest on the split server.
 
@@ -112,7 +121,8 @@ def evaluate_split(
     segment.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(y), batch_size):
-        logits = channel.infer(segment(x[i : i + batch_size]))  # (B, num_classes)
+        h = segment(x[i : i + batch_size])
+        logits = channel.infer(h if release is None else release(h))  # (B, num_classes)
         yb = y[i : i + batch_size]
         loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())

@@ -198,6 +198,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Packages that add subcommands: each has a module with `register(subparsers) -> dict[name, handler]`.
+PLUGIN_MODULES = ("attacks.cli",)
+
+
+def _register_plugins(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    import importlib
+
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+    for name in PLUGIN_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        handlers.update(mod.register(sub))
+    return handlers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fsl", description="Hybrid federated split learning on Flower")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.rounds=3")
     p_run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p_run.add_argument("--quiet", action="store_true", help="no live progress, only the final table")
+    plugins = _register_plugins(sub)
     args = parser.parse_args(argv)
+    if args.command in plugins:
+        return int(plugins[args.command](args))
     if args.command == "run":
         # `fsl run --resume DIR k=v`: argparse puts the first override in `experiment`
         if args.resume and args.experiment and "=" in args.experiment:

@@ -77,6 +77,9 @@ class SplitServerState:
     cut: str = ""
     mode: str = "fsl"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # called with (header, activations, labels) of every accepted training request: what an
+    # honest-but-curious server sees (the observation recorder of the attack suite hooks in here)
+    observer: Callable[[pb.Header, torch.Tensor, torch.Tensor], None] | None = None
     steps: int = 0
     stats: dict[str, ClientStats] = field(default_factory=dict)
 
@@ -143,6 +146,8 @@ class SplitServerState:
             last = self._last.get(hdr.client_id) if hdr.client_id else None
             if last is not None and last[:2] == (hdr.round, hdr.step):
                 return last[2]  # a retry of a step we already took: answer it, do not train twice
+            if self.observer is not None:
+                self.observer(hdr, h, y)
             reply = self._train_locked(h, y, request.activations.dtype)
             if hdr.client_id:
                 self._last[hdr.client_id] = (hdr.round, hdr.step, reply)
