@@ -17,7 +17,16 @@ from torch import nn
 
 from fsl.channel import SplitChannel
 
-__all__ = ["EvalStats", "TrainStats", "evaluate_model", "evaluate_split", "train_segment"]
+__all__ = [
+    "EvalStats",
+    "TrainStats",
+    "evaluate_model",
+    "evaluate_split",
+    "evaluate_split_u",
+    "train_local",
+    "train_segment",
+    "train_segment_u",
+]
 
 
 @dataclass
@@ -142,3 +151,130 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
         correct += int((logits.argmax(1) == yb).sum())
     n = len(y)
     return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
+
+
+def train_segment_u(
+    bottom: nn.Module,
+    top: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    channel: SplitChannel,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    release: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> TrainStats:
+    """Label-private U-shaped training: bottom and top segments here, the middle on the server.
+
+    Per batch: ``h1 = bottom(x)`` up, ``h2 = middle(h1)`` down, ``loss(top(h2), y)`` here,
+    ``dL/dh2`` up, ``dL/dh1`` down, finish backprop through ``bottom``. Labels never leave.
+    """
+    params = [*bottom.parameters(), *top.parameters()]
+    bottom.train()
+    top.train()
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    gen = torch.Generator().manual_seed(seed)
+    stats = TrainStats()
+    up0, down0 = channel.bytes_up, channel.bytes_down
+    loss_sum, correct, n = 0.0, 0, len(y)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            t0 = time.perf_counter()
+            h1 = bottom(x[idx])  # (B, ...) at the first cut
+            t1 = time.perf_counter()
+            h2, fwd_step = channel.forward(h1.detach() if release is None else release(h1.detach()))
+            t2 = time.perf_counter()
+            h2 = h2.detach().requires_grad_(True)  # (B, ...) at the second cut
+            logits = top(h2)  # (B, num_classes)
+            loss = nn.functional.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            assert h2.grad is not None
+            t3 = time.perf_counter()
+            g1 = channel.backward(h2.grad, fwd_step)  # dL/dh1 from the server
+            t4 = time.perf_counter()
+            h1.backward(g1)
+            for p, p0 in zip(params, start, strict=False):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+            opt.step()
+            t5 = time.perf_counter()
+            stats.compute_s += (t1 - t0) + (t3 - t2) + (t5 - t4)
+            stats.wire_s += (t2 - t1) + (t4 - t3)
+            stats.batches += 1
+            stats.examples += len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+    stats.loss = loss_sum / max(1, stats.examples)
+    stats.accuracy = correct / max(1, stats.examples)
+    stats.bytes_up = channel.bytes_up - up0
+    stats.bytes_down = channel.bytes_down - down0
+    return stats
+
+
+@torch.no_grad()
+def evaluate_split_u(
+    bottom: nn.Module, top: nn.Module, x: torch.Tensor, y: torch.Tensor, channel: SplitChannel, batch_size: int = 512
+) -> EvalStats:
+    """U-shaped split inference: the server returns the middle output, the top runs here."""
+    bottom.eval()
+    top.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        logits = top(channel.infer(bottom(x[i : i + batch_size])))
+        yb = y[i : i + batch_size]
+        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = len(y)
+    return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> TrainStats:
+    """Train a whole model on local data (the `fl` and `central` baselines)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    gen = torch.Generator().manual_seed(seed)
+    stats = TrainStats()
+    loss_sum, correct, n = 0.0, 0, len(y)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            t0 = time.perf_counter()
+            logits = model(x[idx])
+            loss = nn.functional.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p, p0 in zip(model.parameters(), start, strict=False):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+            opt.step()
+            stats.compute_s += time.perf_counter() - t0
+            stats.batches += 1
+            stats.examples += len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+    stats.loss = loss_sum / max(1, stats.examples)
+    stats.accuracy = correct / max(1, stats.examples)
+    return stats

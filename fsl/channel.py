@@ -10,8 +10,9 @@ nor this module imports ``grpc``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -44,6 +45,10 @@ class DataPlaneServer(Protocol):
     """The server-side object both channels reach (the split server's state)."""
 
     def train(self, request: pb.TrainRequest) -> pb.TrainReply: ...
+
+    def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply: ...
+
+    def backward(self, request: pb.BackwardRequest) -> pb.BackwardReply: ...
 
     def infer(self, request: pb.InferRequest) -> pb.InferReply: ...
 
@@ -96,6 +101,29 @@ class SplitChannel:
         self.requests += 1
         return codec.decode(rep.logits, name="logits").float()
 
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """U-shaped step 1: bottom activations ``h`` up, the middle's output down (no labels).
+
+        Returns the middle output and the step id that :meth:`backward` must quote."""
+        hdr = self._header()
+        req = pb.ForwardRequest(header=hdr, activations=codec.encode(h, self.wire_dtype))
+        rep = self._call_forward(req)
+        self.bytes_up += req.ByteSize()
+        self.bytes_down += rep.ByteSize()
+        self.requests += 1
+        return codec.decode(rep.activations, name="activations").to(h.dtype), hdr.step
+
+    def backward(self, grad: torch.Tensor, forward_step: int) -> torch.Tensor:
+        """U-shaped step 2: dL/d(middle output) up, dL/d(bottom output) down."""
+        req = pb.BackwardRequest(
+            header=self._header(), grad=codec.encode(grad, self.wire_dtype), forward_step=forward_step
+        )
+        rep = self._call_backward(req)
+        self.bytes_up += req.ByteSize()
+        self.bytes_down += rep.ByteSize()
+        self.requests += 1
+        return codec.decode(rep.grad, name="grad").to(grad.dtype)
+
     def info(self) -> pb.InfoReply:
         """What the server segment expects (shape, dtypes, limits, device)."""
         return self._call_info()
@@ -119,6 +147,12 @@ class SplitChannel:
     def _call_info(self) -> pb.InfoReply:
         raise NotImplementedError
 
+    def _call_forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
+        raise NotImplementedError
+
+    def _call_backward(self, req: pb.BackwardRequest) -> pb.BackwardReply:
+        raise NotImplementedError
+
 
 @dataclass
 class InMemoryChannel(SplitChannel):
@@ -127,15 +161,22 @@ class InMemoryChannel(SplitChannel):
 
     server: DataPlaneServer | None = None
 
-    def _call_train(self, req: pb.TrainRequest) -> pb.TrainReply:
+    def _roundtrip(self, fn: Callable[[Any], Any], req: Any, reply_type: Any) -> Any:
         assert self.server is not None, "InMemoryChannel needs a server"
-        rep = self.server.train(pb.TrainRequest.FromString(req.SerializeToString()))
-        return pb.TrainReply.FromString(rep.SerializeToString())
+        rep = fn(type(req).FromString(req.SerializeToString()))
+        return reply_type.FromString(rep.SerializeToString())
+
+    def _call_train(self, req: pb.TrainRequest) -> pb.TrainReply:
+        return self._roundtrip(self.server.train, req, pb.TrainReply)  # type: ignore[union-attr,no-any-return]
 
     def _call_infer(self, req: pb.InferRequest) -> pb.InferReply:
-        assert self.server is not None, "InMemoryChannel needs a server"
-        rep = self.server.infer(pb.InferRequest.FromString(req.SerializeToString()))
-        return pb.InferReply.FromString(rep.SerializeToString())
+        return self._roundtrip(self.server.infer, req, pb.InferReply)  # type: ignore[union-attr,no-any-return]
+
+    def _call_forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
+        return self._roundtrip(self.server.forward, req, pb.ForwardReply)  # type: ignore[union-attr,no-any-return]
+
+    def _call_backward(self, req: pb.BackwardRequest) -> pb.BackwardReply:
+        return self._roundtrip(self.server.backward, req, pb.BackwardReply)  # type: ignore[union-attr,no-any-return]
 
     def _call_info(self) -> pb.InfoReply:
         assert self.server is not None, "InMemoryChannel needs a server"

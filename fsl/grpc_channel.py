@@ -91,6 +91,14 @@ class GrpcChannel(SplitChannel):
         assert self._stub is not None
         return self._invoke(self._stub.Info, pb.InfoRequest())  # type: ignore[no-any-return]
 
+    def _call_forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
+        assert self._stub is not None
+        return self._invoke(self._stub.Forward, req)  # type: ignore[no-any-return]
+
+    def _call_backward(self, req: pb.BackwardRequest) -> pb.BackwardReply:
+        assert self._stub is not None
+        return self._invoke(self._stub.Backward, req)  # type: ignore[no-any-return]
+
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()

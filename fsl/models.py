@@ -25,8 +25,10 @@ __all__ = [
     "cut_points",
     "join_segments",
     "model_spec",
+    "USplit",
     "cut_shape",
     "split_model",
+    "split_model_u",
 ]
 
 
@@ -186,10 +188,42 @@ def split_model(model: nn.Sequential, cut: str) -> Split:
     return Split(client=client, server=server, cut=cut)
 
 
-def join_segments(client: nn.Sequential, server: nn.Sequential) -> nn.Sequential:
-    """Join a client and a server segment back into one model (modules are shared)."""
-    joined = nn.Sequential(OrderedDict([*client.named_children(), *server.named_children()]))
-    joined.training = client.training
+@dataclass
+class USplit:
+    """A model cut twice for a label-private U-shaped split: the client keeps ``bottom`` and
+    ``top`` (with the labels and the loss), the server runs ``middle``."""
+
+    bottom: nn.Sequential
+    middle: nn.Sequential
+    top: nn.Sequential
+    cut: str
+    top_cut: str
+
+    @property
+    def client_modules(self) -> nn.Sequential:
+        """Both client segments in one container (for state dicts and aggregation)."""
+        return join_segments(self.bottom, self.top)
+
+
+def split_model_u(model: nn.Sequential, cut: str, top_cut: str) -> USplit:
+    """Cut ``model`` after ``cut`` and after ``top_cut``: bottom | middle | top.
+
+    ``top_cut`` must be a deeper block than ``cut`` and not the last block.
+    """
+    names = [name for name, _ in model.named_children()]
+    first = split_model(model, cut)
+    if top_cut not in names:
+        raise ValueError(f"unknown top cut {top_cut!r}; this model can be cut after {names[:-1]}")
+    if names.index(top_cut) <= names.index(cut):
+        raise ValueError(f"the top cut {top_cut!r} must come after the first cut {cut!r}")
+    second = split_model(first.server, top_cut)
+    return USplit(bottom=first.client, middle=second.client, top=second.server, cut=cut, top_cut=top_cut)
+
+
+def join_segments(*segments: nn.Sequential) -> nn.Sequential:
+    """Join consecutive segments back into one model (modules are shared)."""
+    joined = nn.Sequential(OrderedDict([kv for seg in segments for kv in seg.named_children()]))
+    joined.training = segments[0].training
     return joined
 
 

@@ -10,6 +10,7 @@ exceptions to status codes) and :class:`SplitServer` runs it on a port.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable
@@ -60,11 +61,38 @@ class ClientStats:
     samples: int = 0
 
 
+class Replica:
+    """One copy of the server segment with its own optimizer and lock.
+
+    ``fsl`` uses one (the global segment itself); SplitFed v1 gives every client its
+    own copy and ``hybrid`` one per group; copies are averaged after the round.
+    """
+
+    def __init__(self, segment: nn.Module, lr: float, momentum: float, weight_decay: float) -> None:
+        self.segment = segment
+        self.optimizer = torch.optim.SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.lock = threading.Lock()
+        self.steps = 0  # optimizer steps taken by this copy
+        self.samples = 0  # samples trained on by this copy since it was made
+
+
+@dataclass
+class _Pending:
+    """A U-shaped forward pass waiting for its backward."""
+
+    round: int
+    step: int
+    h: torch.Tensor  # (B, ...) leaf at the first cut, requires grad
+    out: torch.Tensor  # (B, ...) middle output, with its graph
+    version: int  # replica.steps when the graph was built
+    reply: pb.ForwardReply
+
+
 @dataclass
 class SplitServerState:
-    """The server segment, its optimizer and the checks every request must pass."""
+    """The server segment(s), the optimizer(s) and the checks every request must pass."""
 
-    segment: nn.Module
+    segment: nn.Module  # the global server segment (in U-shaped splits: the middle segment)
     sample_shape: tuple[int, ...]  # per-sample activation shape at the cut, e.g. (16, 14, 14)
     num_classes: int
     lr: float = 0.05
@@ -76,44 +104,109 @@ class SplitServerState:
     model_name: str = ""
     cut: str = ""
     mode: str = "fsl"
+    ushaped: bool = False  # train through Forward/Backward; the server never sees labels
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # called with (header, activations, labels) of every accepted training request: what an
-    # honest-but-curious server sees (the observation recorder of the attack suite hooks in here)
-    observer: Callable[[pb.Header, torch.Tensor, torch.Tensor], None] | None = None
-    steps: int = 0
+    # honest-but-curious server sees (the observation recorder of the attack suite hooks in here);
+    # in U-shaped splits labels is None
+    observer: Callable[[pb.Header, torch.Tensor, torch.Tensor | None], None] | None = None
     stats: dict[str, ClientStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.torch_device = resolve_device(self.device)
         self.segment.to(self.torch_device)
-        self.optimizer = torch.optim.SGD(
-            self.segment.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        self.global_replica = Replica(self.segment, self.lr, self.momentum, self.weight_decay)
+        self.optimizer = self.global_replica.optimizer
         self.loss_fn = nn.CrossEntropyLoss(reduction="mean")
-        self._lock = threading.Lock()
-        self._last: dict[str, tuple[int, int, pb.TrainReply]] = {}  # client -> (round, step, reply)
+        self._lock = threading.Lock()  # guards the tables below, never held during compute
+        self._replicas: dict[str, Replica] = {}
+        self._assignment: dict[str, str] = {}  # client -> replica id
+        self._last: dict[str, tuple[int, int, Any]] = {}  # client -> (round, step, reply)
+        self._pending: dict[str, _Pending] = {}  # client -> U-shaped forward awaiting backward
         self._max_elements = self.max_batch * max(1, _prod(self.sample_shape))
+        self._retired_steps = 0
+        with torch.no_grad():
+            was = self.segment.training
+            probe = self.segment.eval()(torch.zeros(1, *self.sample_shape, device=self.torch_device))
+            self.segment.train(was)
+        self.out_shape = tuple(probe.shape[1:])  # per-sample shape of the segment's output
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken on the server side, over all copies."""
+        with self._lock:
+            live = sum(r.steps for r in self._replicas.values())
+        return self.global_replica.steps + self._retired_steps + live
+
+    # ------------------------------------------------------------- replicas
+    def open_replicas(self, assignment: dict[str, str]) -> None:
+        """Give each replica id in ``assignment`` (client -> replica) its own copy of the global
+        segment for this round. A single replica id means: everyone trains the global segment."""
+        ids = sorted(set(assignment.values()))
+        with self._lock:
+            self._assignment = dict(assignment)
+            self._replicas = {}
+            if len(ids) > 1:
+                for rid in ids:
+                    rep = Replica(copy.deepcopy(self.segment), self.lr, self.momentum, self.weight_decay)
+                    rep.optimizer.load_state_dict(_remap_optimizer_state(self.optimizer, rep.optimizer))
+                    self._replicas[rid] = rep
+
+    def merge_replicas(self) -> dict[str, int]:
+        """FedAvg the replicas into the global segment, weighted by the samples each trained on
+        (optimizer momentum averaged the same way); returns the weights. No-op with one replica."""
+        with self._lock:
+            reps, self._replicas, self._assignment = self._replicas, {}, {}
+        weights = {rid: r.samples for rid, r in reps.items()}
+        total = sum(weights.values())
+        if not reps or total == 0:
+            return weights
+        with self.global_replica.lock, torch.no_grad():
+            g_state = self.segment.state_dict()
+            for key, val in g_state.items():
+                if val.is_floating_point():
+                    val.copy_(sum(r.segment.state_dict()[key] * (weights[rid] / total) for rid, r in reps.items()))
+                else:  # integer buffers (BatchNorm's batch counter): take the largest
+                    val.copy_(max(r.segment.state_dict()[key] for r in reps.values()))
+            g_params = list(self.segment.parameters())
+            per_rep = {rid: list(r.segment.parameters()) for rid, r in reps.items()}
+            for i, gp in enumerate(g_params):
+                bufs = [
+                    (rid, r.optimizer.state.get(per_rep[rid][i], {}).get("momentum_buffer")) for rid, r in reps.items()
+                ]
+                if all(b is not None for _, b in bufs):
+                    self.optimizer.state[gp]["momentum_buffer"] = sum(b * (weights[rid] / total) for rid, b in bufs)
+        self._retired_steps += sum(r.steps for r in reps.values())
+        return weights
+
+    def _replica_for(self, client_id: str) -> Replica:
+        with self._lock:
+            rid = self._assignment.get(client_id)
+            return self._replicas.get(rid, self.global_replica) if rid is not None else self.global_replica
 
     # ---------------------------------------------------------------- checks
     def _authenticate(self, h: pb.Header) -> None:
         if self.authority is not None:
             self.authority.verify(h.run_id, h.round, h.client_id, h.token)
 
-    def _activations(self, t: pb.Tensor) -> torch.Tensor:
+    def _tensor(self, t: pb.Tensor, what: str, per_sample: tuple[int, ...]) -> torch.Tensor:
         if t.dtype not in ACTIVATION_DTYPES:
-            raise InvalidRequest(f"activations must be one of {ACTIVATION_DTYPES}, got {t.dtype!r}")
+            raise InvalidRequest(f"{what} must be one of {ACTIVATION_DTYPES}, got {t.dtype!r}")
         shape = tuple(t.shape)  # checked against the segment before any buffer is touched
-        if len(shape) != len(self.sample_shape) + 1 or shape[1:] != tuple(self.sample_shape):
+        if len(shape) != len(per_sample) + 1 or shape[1:] != tuple(per_sample):
             raise InvalidRequest(
-                f"activations of shape {list(shape)} do not fit the server segment at cut {self.cut!r}: "
-                f"expected (B, {', '.join(map(str, self.sample_shape))})"
+                f"{what} of shape {list(shape)} do not fit the server segment at cut {self.cut!r}: "
+                f"expected (B, {', '.join(map(str, per_sample))})"
             )
         if not 1 <= shape[0] <= self.max_batch:
             raise InvalidRequest(f"batch size {shape[0]} outside [1, {self.max_batch}]")
-        h = codec.decode(t, name="activations", max_elements=self._max_elements)
+        h = codec.decode(t, name=what, max_elements=self.max_batch * max(1, _prod(per_sample)))
         if not torch.isfinite(h).all():
-            raise InvalidRequest("activations contain NaN or Inf")
+            raise InvalidRequest(f"{what} contain NaN or Inf")
         return h
+
+    def _activations(self, t: pb.Tensor) -> torch.Tensor:
+        return self._tensor(t, "activations", self.sample_shape)
 
     def _labels(self, t: pb.Tensor, batch: int) -> torch.Tensor:
         if t.dtype != "int64":
@@ -126,62 +219,146 @@ class SplitServerState:
         return y
 
     def _count(self, client: str, up: int, down: int, *, train: bool, samples: int = 0) -> None:
-        s = self.stats.setdefault(client, ClientStats())
-        s.bytes_up += up
-        s.bytes_down += down
-        s.samples += samples
-        if train:
-            s.train_requests += 1
-        else:
-            s.infer_requests += 1
+        with self._lock:
+            s = self.stats.setdefault(client, ClientStats())
+            s.bytes_up += up
+            s.bytes_down += down
+            s.samples += samples
+            if train:
+                s.train_requests += 1
+            else:
+                s.infer_requests += 1
+
+    def _cached(self, hdr: pb.Header) -> Any:
+        with self._lock:
+            last = self._last.get(hdr.client_id) if hdr.client_id else None
+        return last[2] if last is not None and last[:2] == (hdr.round, hdr.step) else None
+
+    def _remember(self, hdr: pb.Header, reply: Any) -> None:
+        if hdr.client_id:
+            with self._lock:
+                self._last[hdr.client_id] = (hdr.round, hdr.step, reply)
 
     # ---------------------------------------------------------------- calls
     def train(self, request: pb.TrainRequest) -> pb.TrainReply:
-        """One training step of the server segment on a client's batch."""
+        """One training step of the server segment on a client's batch (activations + labels)."""
+        if self.ushaped:
+            raise InvalidRequest("this split is U-shaped: labels must not be sent; use Forward/Backward")
         hdr = request.header
         self._authenticate(hdr)
         h = self._activations(request.activations)
         y = self._labels(request.labels, h.shape[0])
-        with self._lock:
-            last = self._last.get(hdr.client_id) if hdr.client_id else None
-            if last is not None and last[:2] == (hdr.round, hdr.step):
-                return last[2]  # a retry of a step we already took: answer it, do not train twice
+        cached = self._cached(hdr)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]  # a retry of a step we already took
+        rep = self._replica_for(hdr.client_id)
+        with rep.lock:
             if self.observer is not None:
                 self.observer(hdr, h, y)
-            reply = self._train_locked(h, y, request.activations.dtype)
-            if hdr.client_id:
-                self._last[hdr.client_id] = (hdr.round, hdr.step, reply)
-            self._count(hdr.client_id, request.ByteSize(), reply.ByteSize(), train=True, samples=h.shape[0])
+            reply = self._train_locked(rep, h, y, request.activations.dtype)
+        self._remember(hdr, reply)
+        self._count(hdr.client_id, request.ByteSize(), reply.ByteSize(), train=True, samples=h.shape[0])
         return reply
 
-    def _train_locked(self, h_in: torch.Tensor, y: torch.Tensor, wire_dtype: str) -> pb.TrainReply:
+    def _train_locked(self, rep: Replica, h_in: torch.Tensor, y: torch.Tensor, wire_dtype: str) -> pb.TrainReply:
         dev = self.torch_device
         h = h_in.to(dev, dtype=torch.float32, non_blocking=True).requires_grad_(True)  # (B, ...) smashed
         y = y.to(dev, non_blocking=True)
-        self.segment.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.segment(h)  # (B, num_classes)
+        rep.segment.train()
+        rep.optimizer.zero_grad(set_to_none=True)
+        logits = rep.segment(h)  # (B, num_classes)
         loss = self.loss_fn(logits, y)
         if not torch.isfinite(loss):
             raise InvalidRequest("the batch gives a non-finite loss; the server segment was not updated")
         loss.backward()
         assert h.grad is not None
-        self.optimizer.step()
-        self.steps += 1
+        rep.optimizer.step()
+        rep.steps += 1
+        rep.samples += h.shape[0]
         correct = int((logits.argmax(1) == y).sum())
         grad = codec.encode(h.grad, codec.DTYPES[wire_dtype])  # (B, ...) dL/dh, in the sender's dtype
         return pb.TrainReply(grad=grad, loss=float(loss.detach()), correct=correct, server_step=self.steps)
 
+    def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+        """U-shaped step 1: run the middle segment and keep its graph for the backward."""
+        if not self.ushaped:
+            raise InvalidRequest("this split is not U-shaped: use Train")
+        hdr = request.header
+        self._authenticate(hdr)
+        h_in = self._activations(request.activations)
+        with self._lock:
+            p = self._pending.get(hdr.client_id)
+        if p is not None and (p.round, p.step) == (hdr.round, hdr.step):
+            return p.reply  # retried forward
+        rep = self._replica_for(hdr.client_id)
+        with rep.lock:
+            if self.observer is not None:
+                self.observer(hdr, h_in, None)
+            h = h_in.to(self.torch_device, dtype=torch.float32).requires_grad_(True)
+            rep.segment.train()
+            out = rep.segment(h)  # (B, ...) at the second cut
+            reply = pb.ForwardReply(activations=codec.encode(out, codec.DTYPES[request.activations.dtype]))
+            version = rep.steps
+        with self._lock:  # a client has at most one forward in flight; a new one replaces the old
+            self._pending[hdr.client_id] = _Pending(hdr.round, hdr.step, h, out, version, reply)
+        self._count(hdr.client_id, request.ByteSize(), reply.ByteSize(), train=True, samples=h.shape[0])
+        return reply
+
+    def backward(self, request: pb.BackwardRequest) -> pb.BackwardReply:
+        """U-shaped step 2: backprop the client's gradient through the middle and take a step."""
+        if not self.ushaped:
+            raise InvalidRequest("this split is not U-shaped: use Train")
+        hdr = request.header
+        self._authenticate(hdr)
+        cached = self._cached(hdr)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
+        with self._lock:
+            p = self._pending.get(hdr.client_id)
+        if p is None or (p.round, p.step) != (hdr.round, request.forward_step):
+            raise InvalidRequest(f"no pending forward step {request.forward_step} for this client in round {hdr.round}")
+        g = self._tensor(request.grad, "grad", self.out_shape)
+        if g.shape[0] != p.h.shape[0]:
+            raise InvalidRequest(f"grad for a batch of {g.shape[0]}, but the forward had {p.h.shape[0]}")
+        rep = self._replica_for(hdr.client_id)
+        with rep.lock:
+            out = p.out
+            if p.version != rep.steps:
+                # another client stepped this segment since our forward: rebuild the graph with the
+                # current weights (restoring BatchNorm statistics so they are updated only once)
+                buffers = {k: b.clone() for k, b in rep.segment.named_buffers()}
+                h = p.h.detach().requires_grad_(True)
+                out = rep.segment(h)
+                with torch.no_grad():
+                    for k, b in rep.segment.named_buffers():
+                        b.copy_(buffers[k])
+                p = _Pending(p.round, p.step, h, out, rep.steps, p.reply)
+            rep.optimizer.zero_grad(set_to_none=True)
+            out.backward(g.to(self.torch_device, dtype=torch.float32))
+            rep.optimizer.step()
+            rep.steps += 1
+            rep.samples += p.h.shape[0]
+            assert p.h.grad is not None
+            reply = pb.BackwardReply(
+                grad=codec.encode(p.h.grad, codec.DTYPES[request.grad.dtype]), server_step=self.steps
+            )
+        with self._lock:
+            self._pending.pop(hdr.client_id, None)
+        self._remember(hdr, reply)
+        self._count(hdr.client_id, request.ByteSize(), reply.ByteSize(), train=True)
+        return reply
+
     def infer(self, request: pb.InferRequest) -> pb.InferReply:
-        """Split inference: the rest of the model on a client's activations."""
+        """Split inference: the rest of the model (the middle, if U-shaped) on a client's activations."""
         self._authenticate(request.header)
         h = self._activations(request.activations)
-        with self._lock:
-            self.segment.eval()
+        rep = self._replica_for(request.header.client_id)
+        with rep.lock:
+            rep.segment.eval()
             with torch.no_grad():
-                logits = self.segment(h.to(self.torch_device, dtype=torch.float32))
-            reply = pb.InferReply(logits=codec.encode(logits.float()))
-            self._count(request.header.client_id, request.ByteSize(), reply.ByteSize(), train=False)
+                out = rep.segment(h.to(self.torch_device, dtype=torch.float32))
+        reply = pb.InferReply(logits=codec.encode(out.float()))
+        self._count(request.header.client_id, request.ByteSize(), reply.ByteSize(), train=False)
         return reply
 
     def info(self) -> pb.InfoReply:
@@ -194,24 +371,31 @@ class SplitServerState:
             max_message_bytes=self.max_message_bytes,
             device=str(self.torch_device),
             mode=self.mode,
+            ushaped=self.ushaped,
         )
+
+    def end_round(self) -> None:
+        """Forget per-round state: pending U-shaped forwards and retry caches."""
+        with self._lock:
+            self._pending.clear()
+            self._last.clear()
 
     # ---------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Segment weights and optimizer buffers, as CPU tensors (for safetensors checkpoints)."""
-        with self._lock:
+        """Global segment weights and optimizer buffers, as CPU tensors (for safetensors checkpoints)."""
+        with self.global_replica.lock:
             out = {f"segment.{k}": v.detach().cpu().clone() for k, v in self.segment.state_dict().items()}
             names = {id(p): n for n, p in self.segment.named_parameters()}
             for p, st in self.optimizer.state.items():
                 for key, val in st.items():
                     if isinstance(val, torch.Tensor):
                         out[f"optim.{names[id(p)]}.{key}"] = val.detach().cpu().clone()
-            out["meta.steps"] = torch.tensor(self.steps, dtype=torch.int64)
+        out["meta.steps"] = torch.tensor(self.steps, dtype=torch.int64)
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_tensors` produced."""
-        with self._lock:
+        with self.global_replica.lock:
             seg = {k[len("segment.") :]: v for k, v in tensors.items() if k.startswith("segment.")}
             self.segment.load_state_dict(seg)
             params = dict(self.segment.named_parameters())
@@ -220,17 +404,30 @@ class SplitServerState:
                 if k.startswith("optim."):
                     pname, key = k[len("optim.") :].rsplit(".", 1)
                     self.optimizer.state[params[pname]][key] = v.to(self.torch_device)
-            self.steps = int(tensors.get("meta.steps", torch.tensor(0)))
+            self.global_replica.steps = int(tensors.get("meta.steps", torch.tensor(0)))
+        with self._lock:
+            self._retired_steps = 0
             self._last.clear()
+            self._pending.clear()
 
     def segment_state_dict(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the server segment's weights, taken under the lock."""
-        with self._lock:
+        """A CPU copy of the global server segment's weights."""
+        with self.global_replica.lock:
             return {k: v.detach().cpu().clone() for k, v in self.segment.state_dict().items()}
 
     def traffic(self) -> dict[str, ClientStats]:
         with self._lock:
             return {k: ClientStats(**vars(v)) for k, v in self.stats.items()}
+
+
+def _remap_optimizer_state(src: torch.optim.Optimizer, dst: torch.optim.Optimizer) -> dict[str, Any]:
+    """``src``'s state dict (momentum buffers copied) for an optimizer over a deep copy of its params."""
+    sd = copy.deepcopy(src.state_dict())
+    sd["param_groups"] = [
+        {**g_src, "params": g_dst["params"]}
+        for g_src, g_dst in zip(sd["param_groups"], dst.state_dict()["param_groups"], strict=True)
+    ]
+    return sd
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -274,6 +471,12 @@ class SplitServicer(pb_grpc.SplitDataPlaneServicer):
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:  # noqa: N802
         return self._run(lambda _r: self.state.info(), request, context)
+
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardReply:  # noqa: N802
+        return self._run(self.state.forward, request, context)
+
+    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardReply:  # noqa: N802
+        return self._run(self.state.backward, request, context)
 
 
 class SplitServer:

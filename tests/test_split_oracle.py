@@ -87,3 +87,36 @@ def test_half_precision_wire_stays_within_dtype_tolerance(wire_dtype, tol, kind)
     errs = {n: _rel_err(p.grad, dict(reference.named_parameters())[n].grad) for n, p in split.client.named_parameters()}
     assert all(e < tol for e in errs.values()), errs
     assert any(e > 0 for e in errs.values()), "the wire should have rounded the gradient"
+
+
+U_CASES = [("cnn", "conv1", "fc1"), ("cnn", "conv2", "fc1"), ("resnet", "stem", "layer3"), ("resnet", "layer1", "layer2")]
+
+
+@pytest.mark.parametrize("kind", ["memory", "grpc"])
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("model_name,cut,top_cut", U_CASES)
+def test_ushaped_step_equals_unsplit_step(model_name, cut, top_cut, batch, kind):
+    import copy
+
+    from clients.trainer import train_segment_u
+    from fsl.models import build_model, cut_shape, split_model_u
+    from server.split_server import SplitServerState
+
+    torch.manual_seed(batch)
+    shape = model_spec(model_name).input_shape
+    model = build_model(model_name, seed=0)
+    reference = copy.deepcopy(model)
+    u = split_model_u(model, cut, top_cut)
+    state = SplitServerState(
+        u.middle, sample_shape=cut_shape(u.bottom, shape), num_classes=10, lr=0.1, momentum=0.0, device="cpu", ushaped=True
+    )
+    x, y = torch.rand(batch, *shape), torch.randint(0, 10, (batch,))
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.0)
+    ref_opt.zero_grad()
+    nn.functional.cross_entropy(reference.train()(x), y).backward()
+    ref_opt.step()
+    with channel_to(state, kind) as ch:
+        train_segment_u(u.bottom, u.top, x, y, ch, epochs=1, batch_size=batch, lr=0.1, momentum=0.0)
+    after = {**u.bottom.state_dict(), **state.segment.state_dict(), **u.top.state_dict()}
+    for name, v in reference.state_dict().items():
+        torch.testing.assert_close(after[name], v, rtol=1e-4, atol=1e-6)

@@ -68,12 +68,44 @@ class InferReply(_message.Message):
     logits: Tensor
     def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class ForwardRequest(_message.Message):
+    __slots__ = ("header", "activations")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    activations: Tensor
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("activations",)
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    activations: Tensor
+    def __init__(self, activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("header", "grad", "forward_step")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_STEP_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    grad: Tensor
+    forward_step: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., forward_step: _Optional[int] = ...) -> None: ...
+
+class BackwardReply(_message.Message):
+    __slots__ = ("grad", "server_step")
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    SERVER_STEP_FIELD_NUMBER: _ClassVar[int]
+    grad: Tensor
+    server_step: int
+    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., server_step: _Optional[int] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model", "cut", "sample_shape", "dtypes", "max_batch", "max_message_bytes", "device", "mode")
+    __slots__ = ("model", "cut", "sample_shape", "dtypes", "max_batch", "max_message_bytes", "device", "mode", "ushaped")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +114,7 @@ class InfoReply(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    USHAPED_FIELD_NUMBER: _ClassVar[int]
     model: str
     cut: str
     sample_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -90,4 +123,5 @@ class InfoReply(_message.Message):
     max_message_bytes: int
     device: str
     mode: str
-    def __init__(self, model: _Optional[str] = ..., cut: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtypes: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    ushaped: bool
+    def __init__(self, model: _Optional[str] = ..., cut: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtypes: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., ushaped: _Optional[bool] = ...) -> None: ...

@@ -49,6 +49,16 @@ class SplitDataPlaneStub:
                 request_serializer=fsl_dot_wire_dot_dataplane__pb2.InfoRequest.SerializeToString,
                 response_deserializer=fsl_dot_wire_dot_dataplane__pb2.InfoReply.FromString,
                 _registered_method=True)
+        self.Forward = channel.unary_unary(
+                '/fsl.dataplane.v1.SplitDataPlane/Forward',
+                request_serializer=fsl_dot_wire_dot_dataplane__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=fsl_dot_wire_dot_dataplane__pb2.ForwardReply.FromString,
+                _registered_method=True)
+        self.Backward = channel.unary_unary(
+                '/fsl.dataplane.v1.SplitDataPlane/Backward',
+                request_serializer=fsl_dot_wire_dot_dataplane__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=fsl_dot_wire_dot_dataplane__pb2.BackwardReply.FromString,
+                _registered_method=True)
 
 
 class SplitDataPlaneServicer:
@@ -72,6 +82,18 @@ class SplitDataPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitDataPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +111,16 @@ def add_SplitDataPlaneServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=fsl_dot_wire_dot_dataplane__pb2.InfoRequest.FromString,
                     response_serializer=fsl_dot_wire_dot_dataplane__pb2.InfoReply.SerializeToString,
+            ),
+            'Forward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=fsl_dot_wire_dot_dataplane__pb2.ForwardRequest.FromString,
+                    response_serializer=fsl_dot_wire_dot_dataplane__pb2.ForwardReply.SerializeToString,
+            ),
+            'Backward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backward,
+                    request_deserializer=fsl_dot_wire_dot_dataplane__pb2.BackwardRequest.FromString,
+                    response_serializer=fsl_dot_wire_dot_dataplane__pb2.BackwardReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +204,60 @@ class SplitDataPlane:
             '/fsl.dataplane.v1.SplitDataPlane/Info',
             fsl_dot_wire_dot_dataplane__pb2.InfoRequest.SerializeToString,
             fsl_dot_wire_dot_dataplane__pb2.InfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fsl.dataplane.v1.SplitDataPlane/Forward',
+            fsl_dot_wire_dot_dataplane__pb2.ForwardRequest.SerializeToString,
+            fsl_dot_wire_dot_dataplane__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fsl.dataplane.v1.SplitDataPlane/Backward',
+            fsl_dot_wire_dot_dataplane__pb2.BackwardRequest.SerializeToString,
+            fsl_dot_wire_dot_dataplane__pb2.BackwardReply.FromString,
             options,
             channel_credentials,
             insecure,
