@@ -201,7 +201,7 @@ class SplitServerState:
         if not 1 <= shape[0] <= self.max_batch:
             raise InvalidRequest(f"batch size {shape[0]} outside [1, {self.max_batch}]")
         h = codec.decode(t, name=what, max_elements=self.max_batch * max(1, _prod(per_sample)))
-        if not torch.isfinite(h).all():
+        if not codec.all_finite(h):  # perf (issue 8): one numpy pass, no thread-pool dispatch
             raise InvalidRequest(f"{what} contain NaN or Inf")
         return h
 
@@ -257,7 +257,8 @@ class SplitServerState:
                 self.observer(hdr, h, y)
             reply = self._train_locked(rep, h, y, request.activations.dtype)
         self._remember(hdr, reply)
-        self._count(hdr.client_id, request.ByteSize(), reply.ByteSize(), train=True, samples=h.shape[0])
+        up, down = codec.message_size(request), codec.message_size(reply)  # perf (issue 8): == ByteSize()
+        self._count(hdr.client_id, up, down, train=True, samples=h.shape[0])
         return reply
 
     def _train_locked(self, rep: Replica, h_in: torch.Tensor, y: torch.Tensor, wire_dtype: str) -> pb.TrainReply:
@@ -276,8 +277,9 @@ class SplitServerState:
         rep.steps += 1
         rep.samples += h.shape[0]
         correct = int((logits.argmax(1) == y).sum())
-        grad = codec.encode(h.grad, codec.DTYPES[wire_dtype])  # (B, ...) dL/dh, in the sender's dtype
-        return pb.TrainReply(grad=grad, loss=float(loss.detach()), correct=correct, server_step=self.steps)
+        reply = pb.TrainReply(loss=float(loss.detach()), correct=correct, server_step=self.steps)
+        codec.encode_into(reply.grad, h.grad, codec.DTYPES[wire_dtype])  # (B, ...) dL/dh, sender's dtype
+        return reply
 
     def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
         """U-shaped step 1: run the middle segment and keep its graph for the backward."""
@@ -301,7 +303,8 @@ class SplitServerState:
             version = rep.steps
         with self._lock:  # a client has at most one forward in flight; a new one replaces the old
             self._pending[hdr.client_id] = _Pending(hdr.round, hdr.step, h, out, version, reply)
-        self._count(hdr.client_id, request.ByteSize(), reply.ByteSize(), train=True, samples=h.shape[0])
+        up, down = codec.message_size(request), codec.message_size(reply)  # perf (issue 8): == ByteSize()
+        self._count(hdr.client_id, up, down, train=True, samples=h.shape[0])
         return reply
 
     def backward(self, request: pb.BackwardRequest) -> pb.BackwardReply:
@@ -345,7 +348,7 @@ class SplitServerState:
         with self._lock:
             self._pending.pop(hdr.client_id, None)
         self._remember(hdr, reply)
-        self._count(hdr.client_id, request.ByteSize(), reply.ByteSize(), train=True)
+        self._count(hdr.client_id, codec.message_size(request), codec.message_size(reply), train=True)
         return reply
 
     def infer(self, request: pb.InferRequest) -> pb.InferReply:
@@ -358,7 +361,7 @@ class SplitServerState:
             with torch.no_grad():
                 out = rep.segment(h.to(self.torch_device, dtype=torch.float32))
         reply = pb.InferReply(logits=codec.encode(out.float()))
-        self._count(request.header.client_id, request.ByteSize(), reply.ByteSize(), train=False)
+        self._count(request.header.client_id, codec.message_size(request), codec.message_size(reply), train=False)
         return reply
 
     def info(self) -> pb.InfoReply:
@@ -444,8 +447,9 @@ _Rep = TypeVar("_Rep")
 class SplitServicer(pb_grpc.SplitDataPlaneServicer):
     """Thin gRPC layer: decode nothing itself, call the state, map errors to status codes."""
 
-    def __init__(self, state: SplitServerState) -> None:
+    def __init__(self, state: SplitServerState, batcher: Any | None = None) -> None:
         self.state = state
+        self.train_fn = state.train if batcher is None else batcher.train  # issue 8: server.batching.RequestBatcher
 
     @staticmethod
     def _run(fn: Callable[[_Req], _Rep], request: _Req, context: grpc.ServicerContext) -> _Rep:
@@ -464,7 +468,7 @@ class SplitServicer(pb_grpc.SplitDataPlaneServicer):
         raise AssertionError("unreachable")  # abort raises
 
     def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> pb.TrainReply:  # noqa: N802
-        return self._run(self.state.train, request, context)
+        return self._run(self.train_fn, request, context)
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:  # noqa: N802
         return self._run(self.state.infer, request, context)
@@ -491,6 +495,7 @@ class SplitServer:
         address: str = "127.0.0.1:0",
         *,
         max_workers: int = 16,
+        batcher: Any | None = None,  # issue 8: a server.batching.RequestBatcher serves Train in batches
         certificate_chain: bytes | str | Path | None = None,
         private_key: bytes | str | Path | None = None,
     ) -> None:
@@ -499,7 +504,8 @@ class SplitServer:
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="split-server"),
             options=grpc_options(state.max_message_bytes),
         )
-        pb_grpc.add_SplitDataPlaneServicer_to_server(SplitServicer(state), self._server)
+        codec.tune_allocator()  # issue 8: reuse large message buffers (see fsl.wire.codec.tune_allocator)
+        pb_grpc.add_SplitDataPlaneServicer_to_server(SplitServicer(state, batcher), self._server)
         host = address.rsplit(":", 1)[0]
         if certificate_chain is not None and private_key is not None:
             creds = grpc.ssl_server_credentials([(_pem(private_key), _pem(certificate_chain))])
