@@ -130,6 +130,9 @@ class RequestBatcher:
         Longest a batch's leader waits for more requests after the first one arrived.
     active_window_s:
         A client counts as active (worth waiting for) if it trained in the last this many seconds.
+    adaptive:
+        Stop waiting once every active client has a request in the batch (default). ``False``: wait
+        until the batch is full or ``max_wait_ms`` has passed.
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class RequestBatcher:
         max_samples: int | None = None,
         max_wait_ms: float = 5.0,
         active_window_s: float = 1.0,
+        adaptive: bool = True,
     ) -> None:
         if max_requests < 1:
             raise BatchingError(f"max_requests must be >= 1, got {max_requests}")
@@ -153,6 +157,7 @@ class RequestBatcher:
         self.max_samples = max_samples or state.max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.active_window_s = active_window_s
+        self.adaptive = adaptive
         self._lanes: dict[int, _Lane] = {}
         self._lanes_lock = threading.Lock()
         self.batches = 0  # batches run (for benchmarks and tests)
@@ -226,7 +231,7 @@ class RequestBatcher:
             queued = {j.header.client_id for j in lane.jobs}
             samples = sum(j.h.shape[0] for j in lane.jobs)
             full = len(lane.jobs) >= self.max_requests or samples >= self.max_samples
-            if full or active <= queued or now >= deadline:
+            if full or (self.adaptive and active <= queued) or now >= deadline:
                 break
             lane.cond.wait(deadline - now)
         batch, samples = [], 0
