@@ -1,0 +1,142 @@
+"""Drive real split training in-process and record what the server sees (for the leakage sweep and tests).
+
+The pieces are the framework's own: :class:`server.split_server.SplitServerState`
+behind an :class:`fsl.channel.InMemoryChannel` (real codec, real validation), the
+client trainer :func:`clients.trainer.train_segment` with the defense as its
+``release`` transform, and :class:`server.recorder.ObservationRecorder` as the
+server's observer. The data owner's :class:`attacks.ground_truth.GroundTruthTap`
+writes the inputs of the recorded batches to ``ground_truth/``. The result is a
+run directory that ``fsl attack`` reads exactly like one from ``fsl run``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attacks.defenses import Defense, calibrated_noise, topk_release, train_client_custom
+from attacks.ground_truth import GroundTruthTap
+from attacks.models import segments
+from clients.trainer import evaluate_split, train_segment
+from fsl.channel import ChannelIdentity, InMemoryChannel
+from fsl.models import cut_shape
+from server.recorder import ObservationRecorder
+from server.split_server import SplitServerState
+
+__all__ = ["TrainedSplit", "record_round", "train_split"]
+
+
+@dataclass
+class TrainedSplit:
+    client: nn.Module
+    state: SplitServerState
+    release: Callable[[torch.Tensor], torch.Tensor] | None
+    model: str
+    cut: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    defense: Defense
+
+    def channel(self, rnd: int, client: str = "0") -> InMemoryChannel:
+        return InMemoryChannel(server=self.state, identity=ChannelIdentity(run_id="leakage", round=rnd, client_id=client))
+
+    def task_accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Split inference on held-out data, with the defense applied to what is sent."""
+        return evaluate_split(self.client, x, y, self.channel(0), release=self.release).accuracy
+
+
+def train_split(
+    model: str,
+    cut: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_classes: int = 10,
+    defense: Defense | None = None,
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> TrainedSplit:
+    """Train ``model`` cut at ``cut`` on (x, y) by split learning (one client, one epoch per round)."""
+    defense = defense or Defense()
+    input_shape = tuple(x.shape[1:])
+    client, server = segments(model, cut, input_shape, num_classes, seed=seed)
+    state = SplitServerState(
+        server,
+        sample_shape=cut_shape(client, input_shape),
+        num_classes=num_classes,
+        lr=lr,
+        momentum=0.9,
+        device="cpu",
+        model_name=model,
+        cut=cut,
+    )
+    release: Callable[[torch.Tensor], torch.Tensor] | None = None
+    if defense.kind == "noise":
+        release = calibrated_noise(client, x, defense.param, seed)
+    elif defense.kind == "compression":
+        release = topk_release(defense.param)
+    trained = TrainedSplit(client, state, release, model, cut, input_shape, num_classes, defense)
+    for rnd in range(1, epochs + 1):
+        ch = trained.channel(rnd)
+        if defense.kind in ("nopeek", "dpsgd"):
+            train_client_custom(client, x, y, ch, defense, batch_size=batch_size, lr=lr, seed=seed + rnd)
+        else:
+            train_segment(client, x, y, ch, batch_size=batch_size, lr=lr, seed=seed + rnd, release=release)
+    return trained
+
+
+def record_round(
+    trained: TrainedSplit,
+    run_path: str | Path,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    rnd: int = 1_000,
+    client: str = "0",
+    batch_size: int = 32,
+    dataset: str = "",
+    lr: float = 0.05,
+) -> Path:
+    """One more training round on the private (x, y) with the server recording; returns the run directory.
+
+    The recorded client segment is the one the server sent at the round's start (what it knows
+    white-box); the data owner writes the inputs of the recorded batches to ``ground_truth/``.
+    """
+    run_path = Path(run_path)
+    n_batches = (len(y) + batch_size - 1) // batch_size
+    recorder = ObservationRecorder(
+        run_path,
+        meta={
+            "model": trained.model,
+            "cut": trained.cut,
+            "norm": "",
+            "dataset": dataset,
+            "mode": "sl",
+            "num_classes": trained.num_classes,
+            "input_shape": list(trained.input_shape),
+            "sample_shape": list(trained.state.sample_shape),
+            "labels_sent": True,
+            "defense": trained.defense.label,
+        },
+        rounds=(rnd,),
+        max_batches=n_batches,
+    )
+    start = copy.deepcopy(trained.client.state_dict())
+    trained.state.observer = recorder
+    tap = GroundTruthTap(trained.client, max_batches=n_batches)
+    try:
+        train_segment(tap, x, y, trained.channel(rnd, client), batch_size=batch_size, lr=lr, release=trained.release)
+    finally:
+        trained.state.observer = None
+    recorder.end_round(
+        rnd, client_segment=start, server_segment=trained.state.segment_state_dict(), updates=[(client, trained.client.state_dict())]
+    )
+    tap.save(run_path, rnd, client)
+    return run_path
