@@ -3,7 +3,8 @@
 Decoding never unpickles: it checks the dtype name against an allow-list, the
 shape against the size limit and the buffer length against ``prod(shape) *
 itemsize`` before it builds a tensor, and raises :class:`WireError` with a text
-that says what was wrong. Decoded tensors view the message's buffer (no copy);
+that says what was wrong. Decoded tensors view the bytes read out of the message (protobuf's
+getter copies them once; the tensor does not copy again);
 they are read-only by contract, so callers that write in place must clone.
 """
 
@@ -73,10 +74,18 @@ def encode_into(out: pb.Tensor, x: torch.Tensor, dtype: torch.dtype | None = Non
     if dtype == torch.float16 and x.is_floating_point() and x.dtype != torch.float16 and x.numel():
         # float16 holds 2^-24 .. 65504: scale by a power of two so the largest magnitude sits
         # near 2^15 and small values (gradients of a mean loss) keep their precision
-        amax = float(x.abs().max())
-        if math.isfinite(amax) and amax > 0:
-            scale = 2.0 ** (math.ceil(math.log2(amax)) - 15)
-            x = x / scale
+        if x.device.type == "cpu" and x.dtype == torch.float32:  # perf: numpy, no thread-pool dispatch
+            arr = x.contiguous().numpy()
+            amax = float(np.abs(arr).max())
+            if math.isfinite(amax) and amax > 0:
+                scale = 2.0 ** (math.ceil(math.log2(amax)) - 15)
+                arr = arr * np.float32(1.0 / scale)  # exact: a power of two
+            x = torch.from_numpy(arr.astype(np.float16))
+        else:
+            amax = float(x.abs().max())
+            if math.isfinite(amax) and amax > 0:
+                scale = 2.0 ** (math.ceil(math.log2(amax)) - 15)
+                x = x / scale
     if dtype is not None and x.dtype != dtype:
         x = x.to(dtype)
     if x.dtype not in _NAMES:
@@ -123,7 +132,12 @@ def decode(
     if t.scale not in (0.0, 1.0):
         if not math.isfinite(t.scale) or t.scale < 0:
             raise WireError(f"{name}: invalid scale {t.scale}")
-        out = out.float() * t.scale  # a scaled float16 payload decodes to float32
+        if t.dtype == "float16" and t.scale >= 2.0**-126:  # perf: numpy; the scale is a normal float32
+            arr = out.numpy().astype(np.float32)
+            arr *= np.float32(t.scale)
+            out = torch.from_numpy(arr)
+        else:
+            out = out.float() * t.scale  # a scaled float16 payload decodes to float32
     return out
 
 

@@ -1,0 +1,72 @@
+"""Codec throughput: encode + decode of one tensor per wire dtype, against a plain memory copy.
+
+Encode is one copy (tensor memory -> bytes) plus protobuf's own into the message; decode is the one
+copy protobuf's getter makes of the payload, then a view (``np.frombuffer``, no further copy).
+float16 from float32 also scales (numpy: one pass for the max, one to scale, one to cast) and
+decodes back to float32 (one more pass).
+
+    python -m benchmarks.bench_codec [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from benchmarks.common import machine, median, table, timeit, write_result
+from fsl.wire import codec
+from fsl.wire import dataplane_pb2 as pb
+
+MB = 1024 * 1024
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    codec.tune_allocator()  # as the data plane does
+    torch.manual_seed(0)
+    sizes = [1 * MB, 16 * MB] if not quick else [1 * MB, 4 * MB]
+    rows = []
+    for size in sizes:
+        src = torch.randn(size // 4)  # float32 source activations
+        for name, src_dtype, wire in [
+            ("float32", torch.float32, None),
+            ("float16 (from f32, scaled)", torch.float32, torch.float16),
+            ("float16", torch.float16, None),
+            ("bfloat16", torch.bfloat16, None),
+            ("int8", torch.int8, None),
+        ]:
+            x = (src * 20).to(src_dtype) if src_dtype == torch.int8 else src.to(src_dtype)
+            msg = codec.encode(x, wire)
+            t_enc = median(timeit(lambda x=x, wire=wire: codec.encode_into(pb.Tensor(), x, wire), repeat=7, number=3))
+            t_dec = median(timeit(lambda msg=msg: codec.decode(msg), repeat=7, number=3))
+            t_cpy = median(timeit(lambda x=x: x.clone(), repeat=7, number=3))
+            back = codec.decode(msg)
+            assert back.shape == x.shape
+            nbytes = x.numel() * x.element_size()
+            rows.append(
+                {
+                    "size_mb": size // MB,
+                    "dtype": name,
+                    "wire_bytes": len(msg.data),
+                    "encode_GBps": nbytes / t_enc / 1e9,
+                    "decode_GBps": len(msg.data) / t_dec / 1e9,
+                    "encode+decode_GBps": nbytes / (t_enc + t_dec) / 1e9,
+                    "memcpy_GBps": nbytes / t_cpy / 1e9,
+                    "decode_us": t_dec * 1e6,
+                }
+            )
+    print(table(rows, title="Codec: encode into a wire Tensor, decode as a view (GB/s of source tensor bytes)"))
+    result = {"machine": machine(), "rows": rows}
+    write_result("codec", result)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    run(**vars(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
