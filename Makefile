@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= all,dev
 
-.PHONY: install run test test-fast lint format proto clean
+.PHONY: install run test test-fast lint format proto clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ format: $(STAMP)
 
 proto: $(STAMP)
 	PYTHON=$(PY) scripts/gen_proto.sh
+
+bench: $(STAMP)  # every benchmark: tables on stdout, JSON in benchmarks/results/ (about 8 min on 2 cores)
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

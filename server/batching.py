@@ -142,7 +142,7 @@ class RequestBatcher:
         max_requests: int = 8,
         max_samples: int | None = None,
         max_wait_ms: float = 20.0,
-        active_window_s: float = 1.0,
+        active_window_s: float = 0.25,
         adaptive: bool = True,
     ) -> None:
         if max_requests < 1:
