@@ -1,78 +1,106 @@
-"""The Flower ClientApp: trains and evaluates the client segment through the data plane.
+"""The Flower ClientApp: trains and evaluates the client's part of the model.
 
-Everything a round needs arrives in the round's message: the client segment
-(``arrays``) and a config record with the resolved experiment, the split
-server's address and this client's data-plane credential for the round. The
-node's own config says which data partition it holds (``partition-id``,
-``num-partitions``; optionally ``data-path``).
+Everything a round needs arrives in the round's message: the client's part of
+the model (``arrays``: the client segment; bottom and top segments in a U-shaped
+split; the whole model for the ``fl`` baseline) and a config record with the
+resolved experiment, the split server's address and this client's data-plane
+credential for the round. The node's own config says which data partition it
+holds (``partition-id``, ``num-partitions``; optionally ``data-path``,
+``threads`` and a declared ``capability`` used by hybrid grouping).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.trainer import evaluate_split, train_segment
+from clients.trainer import (
+    TrainStats,
+    evaluate_model,
+    evaluate_split,
+    evaluate_split_u,
+    train_local,
+    train_segment,
+    train_segment_u,
+)
 from fsl.channel import ChannelIdentity
 from fsl.config import ExperimentConfig
 from fsl.data import Partition
-from fsl.experiment import build_split, config_from_json, local_partition
+from fsl.experiment import client_part, config_from_json, local_partition
 from fsl.grpc_channel import GrpcChannel
-from fsl.models import Split
 from fsl.wire.codec import DTYPES
 
 app = ClientApp()
 
 
-def _setup(msg: Message, context: Context) -> tuple[ExperimentConfig, ConfigRecord, Split, Partition, GrpcChannel]:
-    conf: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
-    cfg = config_from_json(str(conf["experiment"]))
-    torch.set_num_threads(int(context.node_config.get("threads", cfg.simulation.client_threads)))
-    pid = int(context.node_config.get("partition-id", 0))
-    nparts = int(context.node_config.get("num-partitions", cfg.clients))
-    data_path = str(context.node_config.get("data-path", "")) or None
-    ds, part = local_partition(cfg, pid, nparts, data_path)
-    split = build_split(cfg, ds.input_shape, ds.num_classes)
-    arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
-    split.client.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-    roots = str(conf.get("dataplane-root-certificates", "")) or None
-    channel = GrpcChannel(
-        identity=ChannelIdentity(
-            run_id=str(conf["run-id"]),
-            round=int(conf["server-round"]),  # type: ignore[arg-type]
-            client_id=str(context.node_id),
-            token=str(conf.get("dataplane-token", "")),
-        ),
-        wire_dtype=DTYPES[cfg.train.wire_dtype],
-        address=str(conf["dataplane-address"]),
-        root_certificates=roots.encode() if roots else None,
-        max_message_bytes=cfg.server.max_message_mb * 1024 * 1024,
-    )
-    return cfg, conf, split, part, channel
+class _Round:
+    """One message's worth of client state: config, data, model part and data-plane channel."""
+
+    def __init__(self, msg: Message, context: Context) -> None:
+        conf: ConfigRecord = msg.content["config"]  # type: ignore[assignment]
+        self.conf = conf
+        self.cfg: ExperimentConfig = config_from_json(str(conf["experiment"]))
+        torch.set_num_threads(int(context.node_config.get("threads", self.cfg.simulation.client_threads)))
+        pid = int(context.node_config.get("partition-id", 0))
+        nparts = int(context.node_config.get("num-partitions", self.cfg.clients))
+        data_path = str(context.node_config.get("data-path", "")) or None
+        self.ds, self.part = local_partition(self.cfg, pid, nparts, data_path)
+        self.module, self.detail = client_part(self.cfg, self.ds.input_shape, self.ds.num_classes)
+        self.node_id = context.node_id
+        if "arrays" in msg.content:
+            arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
+            self.module.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+    @property
+    def partition(self) -> Partition:
+        return self.part
+
+    def channel(self) -> GrpcChannel:
+        conf, cfg = self.conf, self.cfg
+        roots = str(conf.get("dataplane-root-certificates", "")) or None
+        return GrpcChannel(
+            identity=ChannelIdentity(
+                run_id=str(conf["run-id"]),
+                round=int(conf["server-round"]),  # type: ignore[arg-type]
+                client_id=str(self.node_id),
+                token=str(conf.get("dataplane-token", "")),
+            ),
+            wire_dtype=DTYPES[cfg.train.wire_dtype],
+            address=str(conf["dataplane-address"]),
+            root_certificates=roots.encode() if roots else None,
+            max_message_bytes=cfg.server.max_message_mb * 1024 * 1024,
+        )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.time()
     t0 = time.perf_counter()
-    cfg, conf, split, part, channel = _setup(msg, context)
-    rnd = int(conf["server-round"])  # type: ignore[arg-type]
-    with channel:
-        stats = train_segment(
-            split.client,
-            part.x_train,
-            part.y_train,
-            channel,
-            epochs=cfg.train.local_epochs,
-            batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr,
-            momentum=cfg.train.momentum,
-            weight_decay=cfg.train.weight_decay,
-            proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-            seed=cfg.seed * 100_003 + rnd * 1_009 + context.node_id % 1_000_003,
-        )
+    r = _Round(msg, context)
+    cfg, part = r.cfg, r.part
+    rnd = int(r.conf["server-round"])  # type: ignore[arg-type]
+    kw: dict[str, Any] = {
+        "epochs": cfg.train.local_epochs,
+        "batch_size": cfg.train.batch_size,
+        "lr": cfg.train.lr,
+        "momentum": cfg.train.momentum,
+        "weight_decay": cfg.train.weight_decay,
+        "proximal_mu": float(r.conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        "seed": cfg.seed * 100_003 + rnd * 1_009 + context.node_id % 1_000_003,
+    }
+    stats: TrainStats
+    if cfg.mode == "fl":
+        stats = train_local(r.module, part.x_train, part.y_train, **kw)
+    else:
+        with r.channel() as channel:
+            if cfg.model.ushaped:
+                stats = train_segment_u(r.detail.bottom, r.detail.top, part.x_train, part.y_train, channel, **kw)
+            else:
+                stats = train_segment(r.module, part.x_train, part.y_train, channel, **kw)
     metrics = MetricRecord(
         {
             "num-examples": stats.examples,
@@ -83,18 +111,29 @@ def train(msg: Message, context: Context) -> Message:
             "compute_s": stats.compute_s,
             "wire_s": stats.wire_s,
             "total_s": time.perf_counter() - t0,
+            "started_at": started,
+            "finished_at": time.time(),
         }
     )
-    content = RecordDict({"arrays": ArrayRecord(split.client.state_dict()), "metrics": metrics})
+    content = RecordDict({"arrays": ArrayRecord(r.module.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, _conf, split, part, channel = _setup(msg, context)
-    with channel:
-        ev = evaluate_split(split.client, part.x_val, part.y_val, channel, cfg.train.eval_batch_size)
-        up, down = channel.bytes_up, channel.bytes_down
+    r = _Round(msg, context)
+    cfg, part = r.cfg, r.part
+    bs = cfg.train.eval_batch_size
+    up = down = 0
+    if cfg.mode == "fl":
+        ev = evaluate_model(r.module, part.x_val, part.y_val, bs)
+    else:
+        with r.channel() as channel:
+            if cfg.model.ushaped:
+                ev = evaluate_split_u(r.detail.bottom, r.detail.top, part.x_val, part.y_val, channel, bs)
+            else:
+                ev = evaluate_split(r.module, part.x_val, part.y_val, channel, bs)
+            up, down = channel.bytes_up, channel.bytes_down
     metrics = MetricRecord(
         {
             "num-examples": ev.examples,
@@ -103,5 +142,15 @@ def evaluate(msg: Message, context: Context) -> Message:
             "bytes_up": up,
             "bytes_down": down,
         }
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """What this node holds, for the ServerApp's planning (hybrid grouping, progress)."""
+    r = _Round(msg, context)
+    metrics = MetricRecord(
+        {"num-examples": len(r.part.y_train), "capability": float(context.node_config.get("capability", 1.0))}
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

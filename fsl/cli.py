@@ -125,7 +125,14 @@ def _quiet_frameworks(verbose: bool) -> None:
 
 
 def run_experiment(cfg: Any, run: Any, reporter: Any = None) -> dict[str, Any]:
-    """Run ``cfg`` in Flower's simulation engine (one virtual SuperNode per client)."""
+    """Run ``cfg`` in Flower's simulation engine (one virtual SuperNode per client).
+
+    The ``central`` baseline needs no federation: it trains in this process.
+    """
+    if cfg.mode == "central":
+        from server.central import run_central
+
+        return run_central(cfg, run, reporter)
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as client_app
@@ -226,7 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p_run.add_argument("--quiet", action="store_true", help="no live progress, only the final table")
     plugins = _register_plugins(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow an option (`fsl run quickstart --quiet train.rounds=2`)
+    flags = [a for a in extra if a.startswith("-")]
+    if flags or (extra and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command in plugins:
         return int(plugins[args.command](args))
     if args.command == "run":

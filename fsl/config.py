@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "ServerConfig",
     "SimulationConfig",
+    "HybridConfig",
     "TrainConfig",
     "experiment_path",
     "from_dict",
@@ -38,7 +39,11 @@ __all__ = [
     "to_toml",
 ]
 
-MODES = ("fsl",)
+# Split-learning architectures and baselines (see README: "Architectures").
+MODES = ("fsl", "sl", "sflv1", "sflv2", "psl", "hybrid", "ushaped", "fl", "central")
+SPLIT_MODES = ("fsl", "sl", "sflv1", "sflv2", "psl", "hybrid")  # modes that run a split server
+PARALLEL_MODES = ("fsl", "sflv1", "psl", "hybrid")
+GROUP_RULES = ("count", "data", "capability")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg")
 
@@ -75,6 +80,8 @@ class ModelConfig:
     name: str = "cnn"  # one of fsl.models.MODELS
     cut: str = ""  # block after which the model is split ("" = the model's default cut)
     norm: str = ""  # normalisation layers ("" = the model's default)
+    ushaped: bool = False  # label-private U-shape: the client also keeps the blocks after top_cut
+    top_cut: str = ""  # U-shaped only: last block on the server ("" = the deepest cut point)
 
     def __post_init__(self) -> None:
         _check(self.name in MODELS, f"model.name: unknown model {self.name!r}; choose one of {sorted(MODELS)}")
@@ -83,7 +90,15 @@ class ModelConfig:
             object.__setattr__(self, "cut", spec.default_cut)
         if not self.norm:
             object.__setattr__(self, "norm", spec.default_norm)
+        if not self.top_cut:
+            object.__setattr__(self, "top_cut", spec.cuts[-1])
         _check(self.cut in spec.cuts, f"model.cut: {self.name} can be cut at {list(spec.cuts)}, not {self.cut!r}")
+        _check(self.top_cut in spec.cuts, f"model.top_cut: {self.name} can be cut at {list(spec.cuts)}, not {self.top_cut!r}")
+        if self.ushaped:
+            _check(
+                spec.cuts.index(self.top_cut) > spec.cuts.index(self.cut),
+                f"model.top_cut ({self.top_cut!r}) must be deeper than model.cut ({self.cut!r}) in a U-shaped split",
+            )
 
 
 @dataclass(frozen=True)
@@ -130,8 +145,16 @@ class ServerConfig:
     threads: int = 0  # torch intra-op threads of the split server (0 = torch's default)
     max_message_mb: int = 64  # largest data-plane message either side accepts
     max_batch: int = 4096
+    # issue 8: batch concurrent Train requests into one forward/backward (server/batching.py). Each
+    # client still gets its own exact gradient at the cut; one SGD step on the SUM of the clients'
+    # gradients (same lr as unbatched). Not for segments with BatchNorm.
+    batching: bool = False
+    max_batch_requests: int = 8  # most requests in one batch
+    max_batch_wait_ms: float = 20.0  # longest a batch waits for more requests (a lone client never waits)
 
     def __post_init__(self) -> None:
+        _check(self.max_batch_requests >= 1, "server.max_batch_requests must be >= 1")  # issue 8
+        _check(self.max_batch_wait_ms >= 0, "server.max_batch_wait_ms must be >= 0")  # issue 8
         _check(":" in self.address, f"server.address must be host:port, got {self.address!r}")
         _check(self.max_message_mb >= 1, "server.max_message_mb must be >= 1")
         _check(self.threads >= 0, "server.threads must be >= 0")
@@ -149,6 +172,16 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class HybridConfig:
+    groups: int = 2  # server-segment replicas; clients are grouped onto them (0 = one per client)
+    group_by: str = "count"  # "count" (equal numbers), "data" (equal data), "capability" (similar devices together)
+
+    def __post_init__(self) -> None:
+        _check(self.groups >= 0, f"hybrid.groups must be >= 0, got {self.groups}")
+        _check(self.group_by in GROUP_RULES, f"hybrid.group_by must be one of {list(GROUP_RULES)}, not {self.group_by!r}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     mode: str = "fsl"  # split-learning architecture
@@ -160,9 +193,21 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+
+    @property
+    def architecture(self) -> str:
+        """The orchestration this config runs: ``ushaped`` is ``fsl`` with a U-shaped split."""
+        return "fsl" if self.mode == "ushaped" else self.mode
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, f"mode {self.mode!r} is not available; choose one of {list(MODES)}")
+        if self.mode == "ushaped" and not self.model.ushaped:  # `ushaped` = fsl with a U-shaped split
+            object.__setattr__(self, "model", dataclasses.replace(self.model, ushaped=True))
+        _check(
+            not (self.model.ushaped and self.mode in ("fl", "central")),
+            f"model.ushaped needs a split mode; {self.mode!r} does not split the model",
+        )
         _check(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
         _check(self.train.min_clients <= self.clients, "train.min_clients cannot exceed clients")
 

@@ -5,17 +5,39 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from torch import nn
+
 from fsl.config import ExperimentConfig, from_dict, to_dict
 from fsl.data import Dataset, Partition, client_partition, load_dataset
-from fsl.models import Split, build_model, split_model
+from fsl.models import Split, build_model, split_model, split_model_u
 
-__all__ = ["build_split", "config_from_json", "config_to_json", "local_partition"]
+__all__ = ["build_model_for", "build_split", "client_part", "config_from_json", "config_to_json", "local_partition"]
+
+
+def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    """The experiment's whole model, seeded (the same initial weights on every node)."""
+    return build_model(cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed)
 
 
 def build_split(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> Split:
     """The experiment's model, seeded, cut at ``cfg.model.cut``."""
-    model = build_model(cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed)
-    return split_model(model, cfg.model.cut)
+    return split_model(build_model_for(cfg, input_shape, num_classes), cfg.model.cut)
+
+
+def client_part(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, Any]:
+    """What a client trains in ``cfg``'s mode: ``(module whose state dict travels, detail)``.
+
+    ``fl``: the whole model (detail: the model). U-shaped: bottom and top together (detail:
+    the :class:`~fsl.models.USplit`). Otherwise the client segment (detail: the :class:`Split`).
+    """
+    model = build_model_for(cfg, input_shape, num_classes)
+    if cfg.mode in ("fl", "central"):
+        return model, model
+    if cfg.model.ushaped:
+        u = split_model_u(model, cfg.model.cut, cfg.model.top_cut)
+        return u.client_modules, u
+    s = split_model(model, cfg.model.cut)
+    return s.client, s
 
 
 def config_to_json(cfg: ExperimentConfig) -> str:

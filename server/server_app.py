@@ -1,12 +1,15 @@
-"""The Flower ServerApp: owns the round loop of split training.
+"""The Flower ServerApp: owns the round loop of every split-learning architecture.
 
-Per round it opens the round on the data plane (a fresh credential per
-selected client), sends each client the current client segment and the
-round's config, aggregates the returned segments with a Flower strategy
-(FedAvg by default), asks clients for federated evaluation by split inference,
-evaluates the joined model on the held-out test set, and writes metrics and a
-checkpoint of both segments. The split server runs in this process on a port
-the OS picks. A run directory with checkpoints resumes where it stopped.
+Per round it selects clients (a Flower strategy's ``configure_train``), turns the
+mode into a :class:`server.plan.RoundPlan`, opens the round on the data plane (a
+fresh credential per selected client, server-segment replicas where the mode
+has them), sends each client its client segment and the round's config — all
+at once or one after another — aggregates what comes back (the strategy's
+``aggregate_train``; server replicas FedAvg'd by the split server), asks
+clients for federated evaluation by split inference, evaluates the joined
+model on the held-out test set, and writes metrics and a checkpoint of both
+segments. The split server runs in this process on a port the OS picks. A run
+directory with checkpoints resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -14,26 +17,28 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import statistics
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as fl_strategy
+from torch import nn
 
 from clients.trainer import evaluate_model
 from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, load_experiment, to_toml
 from fsl.data import load_dataset
-from fsl.experiment import build_split, config_to_json
-from fsl.models import cut_shape, join_segments
+from fsl.experiment import build_model_for, config_to_json
+from fsl.models import cut_shape, split_model, split_model_u
 from fsl.rundir import Checkpoint, RunDir
+from server.plan import NodeInfo, RoundPlan, round_plan
 from server.split_server import SplitServer, SplitServerState
 
-__all__ = ["Reporter", "app", "make_server_app", "make_strategy", "run_fsl"]
+__all__ = ["Reporter", "app", "make_server_app", "make_strategy", "run_rounds"]
 
 log = logging.getLogger("fsl.server")
 
@@ -86,200 +91,338 @@ def make_strategy(cfg: ExperimentConfig) -> fl_strategy.FedAvg:
     raise ValueError(f"unknown strategy {name!r}")  # the config validator makes this unreachable
 
 
-def _with_credentials(
-    messages: Iterable[Message], base: dict[str, Any], authority: RoundAuthority, rnd: int
-) -> list[Message]:
-    """One message per node, each with its own data-plane credential (the strategy shares one record)."""
-    out = []
-    for m in messages:
-        node = m.metadata.dst_node_id
-        shared = m.content
-        conf = dict(shared["config"]) if "config" in shared else {}
-        conf.update(base)
-        conf["dataplane-token"] = authority.issue(rnd, str(node))
-        content = RecordDict({k: v for k, v in shared.items() if k != "config"})
-        content["config"] = ConfigRecord(conf)
-        out.append(Message(content=content, dst_node_id=node, message_type=m.metadata.message_type))
-    return out
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of (start, end) intervals that overlap at one instant."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    best = cur = 0
+    for _, d in events:
+        cur += d
+        best = max(best, cur)
+    return best
 
 
-@dataclass
-class _Round:
-    replies: int = 0
-    failures: int = 0
-    examples: int = 0
-    train_loss: float | None = None
-    train_accuracy: float | None = None
-    client_compute_s: float = 0.0
-    control_up: int = 0
+class RoundRunner:
+    """Runs (or resumes) one experiment on a Flower grid."""
 
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = None) -> None:
+        self.grid, self.cfg, self.run = grid, cfg, run
+        self.reporter = reporter or LogReporter()
+        self.mode = cfg.architecture
+        random.seed(cfg.seed)  # Flower's node sampling draws from `random`
+        if cfg.server.threads:
+            torch.set_num_threads(cfg.server.threads)
+        self.ds = load_dataset(cfg.data.name, cfg.data.path or None)
+        model = build_model_for(cfg, self.ds.input_shape, self.ds.num_classes)
+        self.eval_model: nn.Module = copy.deepcopy(model)  # CPU copy for central evaluation
+        self.run_id = run.path.name
+        self.authority = RoundAuthority(self.run_id)
+        self.state: SplitServerState | None = None
+        if self.mode == "fl":
+            client_part: nn.Module = model
+        elif cfg.model.ushaped:
+            u = split_model_u(model, cfg.model.cut, cfg.model.top_cut)
+            client_part = u.client_modules
+            self.state = self._state(u.middle, cut_shape(u.bottom, self.ds.input_shape), ushaped=True)
+        else:
+            s = split_model(model, cfg.model.cut)
+            client_part = s.client
+            self.state = self._state(s.server, cut_shape(s.client, self.ds.input_shape), ushaped=False)
+        self.arrays = ArrayRecord(client_part.state_dict())
+        self.init_arrays = self.arrays
+        self.own: dict[int, ArrayRecord] = {}  # psl: each client's own segment
+        self.info: dict[int, NodeInfo] = {}
+        self.strategy = make_strategy(cfg)
+        self.history: list[dict[str, Any]] = []
+        self.start_round, self.wall_before = 1, 0.0
+        self._resume()
 
-def _train_summary(replies: list[Message]) -> _Round:
-    r = _Round()
-    loss_sum = acc_sum = 0.0
-    for m in replies:
-        if m.has_error():
-            r.failures += 1
-            continue
-        met = m.content["metrics"]
-        n = int(met["num-examples"])  # type: ignore[arg-type]
-        r.replies += 1
-        r.examples += n
-        loss_sum += float(met["train_loss"]) * n  # type: ignore[arg-type]
-        acc_sum += float(met["train_accuracy"]) * n  # type: ignore[arg-type]
-        r.client_compute_s += float(met["compute_s"])  # type: ignore[arg-type]
-        r.control_up += m.content["arrays"].count_bytes()  # type: ignore[union-attr]
-    if r.examples:
-        r.train_loss, r.train_accuracy = loss_sum / r.examples, acc_sum / r.examples
-    return r
+    def _state(self, segment: nn.Module, sample_shape: tuple[int, ...], *, ushaped: bool) -> SplitServerState:
+        c = self.cfg
+        return SplitServerState(
+            segment,
+            sample_shape=sample_shape,
+            num_classes=self.ds.num_classes,
+            lr=c.train.server_lr,
+            momentum=c.train.momentum,
+            weight_decay=c.train.weight_decay,
+            device=c.server.device,
+            max_batch=c.server.max_batch,
+            authority=self.authority,
+            model_name=c.model.name,
+            cut=c.model.cut,
+            mode=c.mode,
+            ushaped=ushaped,
+            max_message_bytes=c.server.max_message_mb * 1024 * 1024,
+        )
 
+    # ------------------------------------------------------------ checkpoints
+    def _resume(self) -> None:
+        ckpt = self.run.latest_checkpoint()
+        if ckpt is None:
+            self.run.write_config(to_toml(self.cfg))
+            return
+        own: dict[int, dict[str, torch.Tensor]] = {}
+        shared: dict[str, torch.Tensor] = {}
+        for k, v in ckpt.client.items():
+            if k.startswith("node/"):
+                _, node, key = k.split("/", 2)
+                own.setdefault(int(node), {})[key] = v
+            else:
+                shared[k] = v
+        self.arrays = ArrayRecord(shared)
+        self.own = {n: ArrayRecord(sd) for n, sd in own.items()}
+        if self.state is not None:
+            self.state.load_state_tensors(ckpt.server)
+        self.start_round = ckpt.round + 1
+        self.wall_before = float(ckpt.extra.get("wall_s", 0.0))
+        self.history = self.run.read_metrics(ckpt.round)
+        self.run.rewrite_metrics(self.history)  # drop rows of a round that did not finish
+        log.info("resuming %s after round %d", self.run.path, ckpt.round)
 
-def run_fsl(
-    grid: Grid,
-    cfg: ExperimentConfig,
-    run: RunDir,
-    reporter: Reporter | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) experiment ``cfg`` in mode ``fsl`` on ``grid``; returns the summary."""
-    reporter = reporter or LogReporter()
-    random.seed(cfg.seed)  # Flower's node sampling draws from `random`
-    if cfg.server.threads:
-        torch.set_num_threads(cfg.server.threads)
-    ds = load_dataset(cfg.data.name, cfg.data.path or None)
-    split = build_split(cfg, ds.input_shape, ds.num_classes)
-    eval_model = copy.deepcopy(join_segments(split.client, split.server))  # CPU copy for central evaluation
-    run_id = run.path.name
-    authority = RoundAuthority(run_id)
-    state = SplitServerState(
-        split.server,
-        sample_shape=cut_shape(split.client, ds.input_shape),
-        num_classes=ds.num_classes,
-        lr=cfg.train.server_lr,
-        momentum=cfg.train.momentum,
-        weight_decay=cfg.train.weight_decay,
-        device=cfg.server.device,
-        max_batch=cfg.server.max_batch,
-        authority=authority,
-        model_name=cfg.model.name,
-        cut=cfg.model.cut,
-        mode=cfg.mode,
-        max_message_bytes=cfg.server.max_message_mb * 1024 * 1024,
-    )
-    history: list[dict[str, Any]] = []
-    start_round, wall_before = 1, 0.0
-    ckpt = run.latest_checkpoint()
-    if ckpt is not None:
-        split.client.load_state_dict(ckpt.client)
-        state.load_state_tensors(ckpt.server)
-        start_round = ckpt.round + 1
-        wall_before = float(ckpt.extra.get("wall_s", 0.0))
-        history = run.read_metrics(ckpt.round)
-        run.rewrite_metrics(history)  # drop rows of a round that did not finish
-        log.info("resuming %s after round %d", run.path, ckpt.round)
-    else:
-        run.write_config(to_toml(cfg))
-
-    strategy = make_strategy(cfg)
-    arrays = ArrayRecord(split.client.state_dict())
-    t_start = time.perf_counter()
-    server = SplitServer(state, cfg.server.address).start()
-    base = {"experiment": config_to_json(cfg), "run-id": run_id, "dataplane-address": server.address}
-    n_train = int(round(len(ds.y_train) * (1 - cfg.data.val_fraction)))
-    try:
-        for rnd in range(start_round, cfg.train.rounds + 1):
-            t0 = time.perf_counter()
-            authority.open_round(rnd)
-            traffic0 = state.traffic()
-            samples0 = sum(s.samples for s in traffic0.values())
-            reporter.round_start(
-                rnd,
-                cfg.train.rounds,
-                int(n_train * cfg.train.fraction_train * cfg.train.local_epochs),
-                lambda s0=samples0: sum(s.samples for s in state.traffic().values()) - s0,
+    def _checkpoint(self, rnd: int, t_start: float) -> None:
+        client = dict(self.arrays.to_torch_state_dict())
+        for node, rec in self.own.items():
+            client.update({f"node/{node}/{k}": v for k, v in rec.to_torch_state_dict().items()})
+        self.run.save_checkpoint(
+            Checkpoint(
+                round=rnd,
+                client=client,
+                server=self.state.state_tensors() if self.state is not None else {},
+                extra={"wall_s": self.wall_before + time.perf_counter() - t_start, "run_id": self.run_id},
             )
-            # ---- training: configure_train -> clients -> aggregate_train
-            msgs = _with_credentials(
-                strategy.configure_train(rnd, arrays, ConfigRecord({}), grid), base, authority, rnd
+        )
+
+    # --------------------------------------------------------------- messages
+    def _message(self, node: int, arrays: ArrayRecord, conf: dict[str, Any], rnd: int, kind: str) -> Message:
+        conf = {**conf, **self.base, "server-round": rnd}
+        if self.state is not None:
+            conf["dataplane-token"] = self.authority.issue(rnd, str(node))
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord(conf)})
+        return Message(content=content, dst_node_id=node, message_type=kind)
+
+    def _query_nodes(self) -> None:
+        """Ask every connected client what it holds (samples, declared capability)."""
+        nodes = list(self.grid.get_node_ids())
+        msgs = [
+            Message(
+                RecordDict({"config": ConfigRecord(dict(self.base))}), dst_node_id=n, message_type=MessageType.QUERY
             )
-            replies = list(grid.send_and_receive(msgs, timeout=cfg.train.round_timeout_s))
-            summary = _train_summary(replies)
-            new_arrays, _ = strategy.aggregate_train(rnd, [m for m in replies if not m.has_error()])
+            for n in nodes
+        ]
+        for m in self.grid.send_and_receive(msgs, timeout=self.cfg.train.round_timeout_s):
+            if m.has_error():
+                continue
+            met = m.content["metrics"]
+            node = m.metadata.src_node_id
+            self.info[node] = NodeInfo(node, int(met["num-examples"]), float(met["capability"]))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ round
+    def _train(self, rnd: int, plan: RoundPlan, conf: dict[str, Any]) -> list[Message]:
+        timeout = self.cfg.train.round_timeout_s
+        kind = MessageType.TRAIN
+        if not plan.sequential:
+            msgs = [
+                self._message(
+                    n, self.own.get(n, self.init_arrays) if plan.own_segments else self.arrays, conf, rnd, kind
+                )
+                for n in plan.order
+            ]
+            return list(self.grid.send_and_receive(msgs, timeout=timeout))
+        replies: list[Message] = []
+        current = self.arrays
+        for n in plan.order:  # one client after another
+            rep = list(
+                self.grid.send_and_receive(
+                    [self._message(n, current if plan.handoff else self.arrays, conf, rnd, kind)], timeout=timeout
+                )
+            )
+            replies += rep
+            if plan.handoff and rep and not rep[0].has_error():
+                current = rep[0].content["arrays"]  # type: ignore[assignment]
+        return replies
+
+    def _central_eval(self, plan_own: bool) -> tuple[float, float, list[float]]:
+        server_sd = self.state.segment_state_dict() if self.state is not None else {}
+        cfg = self.cfg
+        if plan_own and self.own:
+            accs, losses = [], []
+            for rec in self.own.values():
+                self.eval_model.load_state_dict({**rec.to_torch_state_dict(), **server_sd})
+                ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, cfg.train.eval_batch_size)
+                accs.append(ev.accuracy)
+                losses.append(ev.loss)
+            return statistics.fmean(accs), statistics.fmean(losses), accs
+        self.eval_model.load_state_dict({**self.arrays.to_torch_state_dict(), **server_sd})
+        ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, cfg.train.eval_batch_size)
+        return ev.accuracy, ev.loss, []
+
+    def run_round(self, rnd: int, t_start: float) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        t0 = time.perf_counter()
+        self.authority.open_round(rnd)
+        traffic0 = state.traffic() if state is not None else {}
+        samples0 = sum(s.samples for s in traffic0.values())
+        n_train = sum(i.examples for i in self.info.values()) or int(len(self.ds.y_train) * (1 - cfg.data.val_fraction))
+        self.reporter.round_start(
+            rnd,
+            cfg.train.rounds,
+            int(n_train * cfg.train.fraction_train * cfg.train.local_epochs),
+            (lambda s0=samples0: sum(s.samples for s in state.traffic().values()) - s0)
+            if state is not None
+            else (lambda: 0),
+        )
+        # ---- selection (the strategy samples and adds its config), then the mode's plan
+        sampled = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord({}), self.grid))
+        conf = dict(sampled[0].content["config"]) if sampled else {}
+        plan = round_plan(
+            self.mode,
+            [m.metadata.dst_node_id for m in sampled],
+            info=self.info,
+            groups=cfg.hybrid.groups,
+            group_by=cfg.hybrid.group_by,
+        )
+        if state is not None:
+            state.open_replicas({str(n): rid for n, rid in plan.replicas.items()})
+        replies = self._train(rnd, plan, conf)
+        if state is not None:
+            state.merge_replicas()
+        ok = [m for m in replies if not m.has_error()]
+        for m in replies:
+            if m.has_error():
+                log.warning("training failed on node %s: %s", m.metadata.src_node_id, m.error.reason)
+        # ---- aggregation
+        control_down = self.arrays.count_bytes() * len(plan.order)
+        if plan.aggregate_clients and ok:
+            new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
             if new_arrays is not None:
-                arrays = new_arrays
-            control_down = arrays.count_bytes() * len(msgs)
-            t_train = time.perf_counter() - t0
-            # ---- federated evaluation: split inference on each client's own held-out data
-            fed_rows: list[dict[str, Any]] = []
-            if cfg.train.fraction_evaluate > 0:
-                emsgs = _with_credentials(
-                    strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid), base, authority, rnd
+                self.arrays = new_arrays
+        elif plan.handoff and ok:
+            self.arrays = ok[-1].content["arrays"]  # type: ignore[assignment]
+        elif plan.own_segments:
+            for m in ok:
+                self.own[m.metadata.src_node_id] = m.content["arrays"]  # type: ignore[assignment]
+        t_train = time.perf_counter() - t0
+        # ---- federated evaluation: split inference on each client's own held-out data
+        fed_rows: list[dict[str, Any]] = []
+        eval_failures = 0
+        if cfg.train.fraction_evaluate > 0:
+            emsgs = list(self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord({}), self.grid))
+            emsgs = [
+                self._message(
+                    m.metadata.dst_node_id,
+                    self.own.get(m.metadata.dst_node_id, self.init_arrays) if plan.own_segments else self.arrays,
+                    {},
+                    rnd,
+                    MessageType.EVALUATE,
                 )
-                control_down += arrays.count_bytes() * len(emsgs)
-                for m in grid.send_and_receive(emsgs, timeout=cfg.train.round_timeout_s):
-                    if m.has_error():
-                        summary.failures += 1
-                        continue
-                    met = m.content["metrics"]
-                    fed_rows.append(
-                        {
-                            "node_id": m.metadata.src_node_id,
-                            "examples": int(met["num-examples"]),  # type: ignore[arg-type]
-                            "accuracy": float(met["eval_accuracy"]),  # type: ignore[arg-type]
-                            "loss": float(met["eval_loss"]),  # type: ignore[arg-type]
-                        }
-                    )
-            authority.close_all()
-            # ---- central evaluation of the joined model on the test set
-            eval_model.load_state_dict({**arrays.to_torch_state_dict(), **state.segment_state_dict()})
-            central = evaluate_model(eval_model, ds.x_test, ds.y_test, cfg.train.eval_batch_size)
-            traffic1 = state.traffic()
-            dp_up = sum(s.bytes_up for s in traffic1.values()) - sum(s.bytes_up for s in traffic0.values())
-            dp_down = sum(s.bytes_down for s in traffic1.values()) - sum(s.bytes_down for s in traffic0.values())
-            fed_n = sum(r["examples"] for r in fed_rows)
-            row = {
-                "round": rnd,
-                "accuracy": central.accuracy,
-                "loss": central.loss,
-                "fed_accuracy": sum(r["accuracy"] * r["examples"] for r in fed_rows) / fed_n if fed_n else None,
-                "fed_loss": sum(r["loss"] * r["examples"] for r in fed_rows) / fed_n if fed_n else None,
-                "fed_clients": fed_rows,
-                "train_loss": summary.train_loss,
-                "train_accuracy": summary.train_accuracy,
-                "clients": summary.replies,
-                "failures": summary.failures,
-                "examples": summary.examples,
-                "bytes_up": dp_up + summary.control_up,
-                "bytes_down": dp_down + control_down,
-                "dataplane_bytes_up": dp_up,
-                "dataplane_bytes_down": dp_down,
-                "control_bytes_up": summary.control_up,
-                "control_bytes_down": control_down,
-                "client_compute_s": summary.client_compute_s,
-                "train_s": t_train,
-                "seconds": time.perf_counter() - t0,
-            }
-            history.append(row)
-            run.append_metrics(row)
-            run.save_checkpoint(
-                Checkpoint(
-                    round=rnd,
-                    client=arrays.to_torch_state_dict(),
-                    server=state.state_tensors(),
-                    extra={"wall_s": wall_before + time.perf_counter() - t_start, "run_id": run_id},
+                for m in emsgs
+            ]
+            control_down += self.arrays.count_bytes() * len(emsgs)
+            for m in self.grid.send_and_receive(emsgs, timeout=cfg.train.round_timeout_s):
+                if m.has_error():
+                    eval_failures += 1
+                    log.warning("federated evaluation failed on node %s: %s", m.metadata.src_node_id, m.error.reason)
+                    continue
+                met = m.content["metrics"]
+                fed_rows.append(
+                    {
+                        "node_id": m.metadata.src_node_id,
+                        "examples": int(met["num-examples"]),  # type: ignore[arg-type]
+                        "accuracy": float(met["eval_accuracy"]),  # type: ignore[arg-type]
+                        "loss": float(met["eval_loss"]),  # type: ignore[arg-type]
+                    }
                 )
-            )
-            reporter.round_end(row)
-    finally:
-        server.stop()
-    result = _summary(cfg, history, str(state.torch_device), wall_before + time.perf_counter() - t_start, run)
-    run.write_summary(result)
-    run.plot(history, f"{cfg.name}: {cfg.mode}, {cfg.model.name} cut at {cfg.model.cut}, {cfg.clients} clients")
-    return result
+        self.authority.close_all()
+        if state is not None:
+            state.end_round()
+        # ---- central evaluation of the joined model on the test set
+        accuracy, loss, per_client = self._central_eval(plan.own_segments)
+        # ---- the round's numbers
+        traffic1 = state.traffic() if state is not None else {}
+        dp_up = sum(s.bytes_up for s in traffic1.values()) - sum(s.bytes_up for s in traffic0.values())
+        dp_down = sum(s.bytes_down for s in traffic1.values()) - sum(s.bytes_down for s in traffic0.values())
+        control_up = sum(m.content["arrays"].count_bytes() for m in ok)  # type: ignore[union-attr]
+        mets = [m.content["metrics"] for m in ok]
+        examples = sum(int(x["num-examples"]) for x in mets)  # type: ignore[arg-type]
+        fed_n = sum(r["examples"] for r in fed_rows)
+        row: dict[str, Any] = {
+            "round": rnd,
+            "mode": cfg.mode,
+            "accuracy": accuracy,
+            "loss": loss,
+            "client_accuracies": per_client,
+            "client_accuracy_std": statistics.pstdev(per_client) if len(per_client) > 1 else None,
+            "fed_accuracy": sum(r["accuracy"] * r["examples"] for r in fed_rows) / fed_n if fed_n else None,
+            "fed_loss": sum(r["loss"] * r["examples"] for r in fed_rows) / fed_n if fed_n else None,
+            "fed_clients": fed_rows,
+            "train_loss": sum(float(x["train_loss"]) * int(x["num-examples"]) for x in mets) / examples
+            if examples
+            else None,  # type: ignore[arg-type]
+            "train_accuracy": sum(float(x["train_accuracy"]) * int(x["num-examples"]) for x in mets) / examples
+            if examples
+            else None,  # type: ignore[arg-type]
+            "clients": len(ok),
+            "failures": len(replies) - len(ok),
+            "eval_failures": eval_failures,
+            "examples": examples,
+            "sequential": plan.sequential,
+            "replicas": len(plan.groups),
+            "max_concurrent_clients": max_overlap([(float(x["started_at"]), float(x["finished_at"])) for x in mets]),  # type: ignore[arg-type]
+            "bytes_up": dp_up + control_up,
+            "bytes_down": dp_down + control_down,
+            "dataplane_bytes_up": dp_up,
+            "dataplane_bytes_down": dp_down,
+            "control_bytes_up": control_up,
+            "control_bytes_down": control_down,
+            "client_compute_s": sum(float(x["compute_s"]) for x in mets),  # type: ignore[arg-type]
+            "train_s": t_train,
+            "seconds": time.perf_counter() - t0,
+        }
+        self.history.append(row)
+        self.run.append_metrics(row)
+        self._checkpoint(rnd, t_start)
+        self.reporter.round_end(row)
+        return row
+
+    def run_all(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        sc = self.cfg.server  # issue 8: optional batching of concurrent Train requests
+        batcher = None
+        if self.state is not None and sc.batching:
+            from server.batching import RequestBatcher
+
+            batcher = RequestBatcher(self.state, max_requests=sc.max_batch_requests, max_wait_ms=sc.max_batch_wait_ms)
+        server = SplitServer(self.state, sc.address, batcher=batcher).start() if self.state is not None else None
+        self.base = {
+            "experiment": config_to_json(self.cfg),
+            "run-id": self.run_id,
+            "dataplane-address": server.address if server is not None else "",
+        }
+        try:
+            self._query_nodes()
+            for rnd in range(self.start_round, self.cfg.train.rounds + 1):
+                self.run_round(rnd, t_start)
+        finally:
+            if server is not None:
+                server.stop()
+        device = str(self.state.torch_device) if self.state is not None else "cpu"
+        result = summarize(self.cfg, self.history, device, self.wall_before + time.perf_counter() - t_start, self.run)
+        self.run.write_summary(result)
+        self.run.plot(self.history, _title(self.cfg))
+        return result
 
 
-def _summary(
+def _title(cfg: ExperimentConfig) -> str:
+    split = "full model" if cfg.mode in ("fl", "central") else f"{cfg.model.name} cut at {cfg.model.cut}"
+    if cfg.model.ushaped:
+        split += f" and {cfg.model.top_cut} (U-shaped)"
+    return f"{cfg.name}: {cfg.mode}, {split}, {cfg.clients} clients"
+
+
+def summarize(
     cfg: ExperimentConfig, history: list[dict[str, Any]], device: str, wall_s: float, run: RunDir
 ) -> dict[str, Any]:
+    """``summary.json`` of a run from its per-round rows."""
     accs = [h["accuracy"] for h in history]
     rounds_clients = sum(h["clients"] for h in history) or 1
     return {
@@ -287,7 +430,8 @@ def _summary(
         "dataset": cfg.data.name,
         "mode": cfg.mode,
         "model": cfg.model.name,
-        "cut": cfg.model.cut,
+        "cut": cfg.model.cut if cfg.mode not in ("fl", "central") else None,
+        "ushaped": cfg.model.ushaped,
         "clients": cfg.clients,
         "rounds": len(history),
         "device": device,
@@ -295,6 +439,7 @@ def _summary(
         "best_accuracy": max(accs) if accs else None,
         "final_loss": history[-1]["loss"] if history else None,
         "wall_s": wall_s,
+        "wall_s_per_round": statistics.fmean(h["seconds"] for h in history) if history else None,
         "bytes_up": sum(h["bytes_up"] for h in history),
         "bytes_down": sum(h["bytes_down"] for h in history),
         "bytes_up_per_client_round": sum(h["bytes_up"] for h in history) / rounds_clients,
@@ -302,7 +447,7 @@ def _summary(
         "run_dir": str(run.path),
         "history": [
             {
-                k: h[k]
+                k: h.get(k)
                 for k in (
                     "round",
                     "accuracy",
@@ -319,6 +464,11 @@ def _summary(
     }
 
 
+def run_rounds(grid: Grid, cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run (or resume) experiment ``cfg`` on ``grid``; returns the summary."""
+    return RoundRunner(grid, cfg, run, reporter).run_all()
+
+
 def make_server_app(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = None) -> ServerApp:
     """A ServerApp bound to a config and run directory (what `fsl run` uses)."""
     sapp = ServerApp()
@@ -326,7 +476,7 @@ def make_server_app(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | Non
 
     @sapp.main()
     def _main(grid: Grid, context: Context) -> None:
-        out["summary"] = run_fsl(grid, cfg, run, reporter)
+        out["summary"] = run_rounds(grid, cfg, run, reporter)
 
     sapp.result = out  # type: ignore[attr-defined]
     return sapp
@@ -349,4 +499,4 @@ def main(grid: Grid, context: Context) -> None:
         cfg = load_experiment(str(rc.get("experiment", "quickstart")), overrides)
         run = RunDir.create(cfg.output_dir, cfg.name)
     log.warning("run directory: %s", run.path.resolve())
-    run_fsl(grid, cfg, run)
+    run_rounds(grid, cfg, run)
