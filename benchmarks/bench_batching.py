@@ -209,7 +209,13 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
             title=f"Server batching: K gRPC clients, batch {BATCH} each, one shared server segment ({device})",
         )
     )
-    copies = [sflv1_copies(cut, 8, device, repeat=5 if quick else 15) for cut in ("conv1", "fc1")]
+    threads = torch.get_num_threads()
+    if device == "cpu":  # one thread: torch's pool of 2 on 2 shared cores swings 20x with the neighbours' load
+        torch.set_num_threads(1)
+    try:
+        copies = [sflv1_copies(cut, 8, device, repeat=5 if quick else 15) for cut in ("conv1", "fc1")]
+    finally:
+        torch.set_num_threads(threads)
     print(table(copies, title=f"sflv1: 8 copies of the server segment, loop vs torch.func vmap ({device})"))
     conv8 = next(r for r in rows if r["cut"] == "conv1" and r["clients"] == 8 and r["batching"])
     fc8 = next(r for r in rows if r["cut"] == "fc1" and r["clients"] == 8 and r["batching"])

@@ -107,8 +107,12 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
             rows.append(framework_run(mode, rounds, Path(tmp), extra + more))
     rows += [direct_central(1), direct_central(2)]
     ok = {r["mode"]: r for r in rows if "error" not in r}
-    central = ok.get("central") or max(
-        (r for r in rows if r["mode"].startswith("direct")), key=lambda r: r["samples_per_s"]
+    # the practical ceiling: the fastest centralized run of this run (the framework's `central` mode
+    # or the bare loop at 1 or 2 threads; on 2 shared cores any one of them can be hit by the other
+    # engineers' load or by torch's thread pool waiting for a busy core)
+    central = max(
+        (r for r in rows if r["mode"] in ok and not r["mode"].startswith(("fsl", "fl"))),
+        key=lambda r: r["samples_per_s"],
     )
     for r in rows:
         if "samples_per_s" in r:
@@ -137,9 +141,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
         "central_reference": central["mode"],
         "fsl_vs_central_throughput": fsl["samples_per_s"] / central["samples_per_s"] if fsl else None,
         "fsl_vs_central_throughput_after_round1": (
-            fsl["samples_per_s_after_round1"] / central.get("samples_per_s_after_round1", central["samples_per_s"])
-            if fsl
-            else None
+            fsl["samples_per_s_after_round1"] / central["samples_per_s"] if fsl else None
         ),
     }
     write_result("e2e" if device == "cpu" else f"e2e-{device.split(':')[0]}", result)
