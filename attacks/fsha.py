@@ -1,0 +1,197 @@
+"""``fsha`` — feature-space hijacking by a malicious split server (Pasquini, Ateniese, Bernaschi, CCS 2021).
+
+This is a training-time attack, so it runs as a *malicious-server mode* of split
+training, entirely inside the attack suite (the honest :class:`SplitServerState` is
+untouched). :class:`HijackingServer` speaks the real data plane (it implements the same
+``train``/``infer``/``info`` calls, through the real codec, so the client runs the
+framework's own honest :func:`clients.trainer.train_segment`), but instead of the task
+loss it returns the gradient of an adversarial loss:
+
+* on public data ``x_pub`` it trains a pilot encoder ``f~`` and its decoder ``f~^-1`` as an
+  autoencoder (the "target feature space");
+* a discriminator ``D`` (WGAN-GP) learns to tell the client's ``f(x_priv)`` from ``f~(x_pub)``;
+* the gradient sent to the client is ``d(-D(h))/dh``: the client's segment is steered into the
+  pilot's feature space, where ``f~^-1`` inverts it.
+
+Every ``eval_every`` steps the server reconstructs the batch it just received,
+``f~^-1(h)``; the scorer compares those with the client's inputs of the same steps,
+giving reconstruction error against iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks.base import Progress, progress_or_silent
+from attacks.inverse_network import Decoder
+from attacks.models import segments
+from fsl.models import cut_shape
+from fsl.wire import codec
+from fsl.wire import dataplane_pb2 as pb
+
+__all__ = ["HijackingServer", "StepTap", "run_fsha"]
+
+
+class _Critic(nn.Module):
+    def __init__(self, sample_shape: tuple[int, ...], width: int = 64) -> None:
+        super().__init__()
+        if len(sample_shape) == 3:
+            c = sample_shape[0]
+            self.net: nn.Module = nn.Sequential(
+                nn.Conv2d(c, width, 3, stride=2, padding=1),
+                nn.LeakyReLU(0.2),
+                nn.Conv2d(width, width, 3, stride=2, padding=1),
+                nn.LeakyReLU(0.2),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(width, 1),
+            )
+        else:
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(sample_shape[0], 256), nn.LeakyReLU(0.2), nn.Linear(256, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h).squeeze(1)
+
+
+@dataclass
+class HijackingServer:
+    """A malicious data-plane server: answers ``train`` with the hijacking gradient."""
+
+    model: str
+    cut: str
+    input_shape: tuple[int, ...]
+    public: torch.Tensor  # (M, C, H, W) the attacker's public data, in [0, 1]
+    num_classes: int = 10
+    lr: float = 1e-4
+    gp: float = 10.0
+    seed: int = 0
+    eval_every: int = 50
+    reconstructions: dict[int, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.pilot, _ = segments(self.model, self.cut, self.input_shape, self.num_classes, seed=self.seed + 7)
+            self.sample_shape = cut_shape(self.pilot, self.input_shape)
+            self.decoder = Decoder(self.sample_shape, self.input_shape)
+            self.critic = _Critic(self.sample_shape)
+        self.opt_ae = torch.optim.Adam([*self.pilot.parameters(), *self.decoder.parameters()], lr=self.lr * 10)
+        self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=self.lr * 10, betas=(0.5, 0.9))
+        self.gen = torch.Generator().manual_seed(self.seed)
+
+    def _public_batch(self, n: int) -> torch.Tensor:
+        return self.public[torch.randint(len(self.public), (n,), generator=self.gen)]
+
+    def train(self, request: pb.TrainRequest) -> pb.TrainReply:
+        h = codec.decode(request.activations, name="activations").float().requires_grad_(True)  # (B, ...)
+        self.steps += 1
+        x_pub = self._public_batch(h.shape[0])
+        # 1. the pilot autoencoder on public data
+        ae_loss = F.mse_loss(self.decoder(self.pilot(x_pub)), x_pub)
+        self.opt_ae.zero_grad(set_to_none=True)
+        ae_loss.backward()
+        self.opt_ae.step()
+        # 2. the critic: pilot features are "real", the client's are "fake" (WGAN-GP)
+        with torch.no_grad():
+            z_pub = self.pilot(x_pub)
+        fake = h.detach()
+        eps = torch.rand(fake.shape[0], *[1] * (fake.ndim - 1), generator=self.gen)
+        mix = (eps * z_pub + (1 - eps) * fake).requires_grad_(True)
+        (gmix,) = torch.autograd.grad(self.critic(mix).sum(), mix, create_graph=True)
+        penalty = ((gmix.flatten(1).norm(dim=1) - 1) ** 2).mean()
+        d_loss = self.critic(fake).mean() - self.critic(z_pub).mean() + self.gp * penalty
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        # 3. the hijacking gradient for the client: make f(x_priv) look like pilot features
+        client_loss = -self.critic(h).mean()
+        (grad,) = torch.autograd.grad(client_loss, h)
+        if self.steps % self.eval_every == 0 or self.steps == 1:
+            with torch.no_grad():
+                self.reconstructions[self.steps] = self.decoder(h.detach()).clamp(0, 1)
+        return pb.TrainReply(
+            grad=codec.encode(grad, codec.DTYPES[request.activations.dtype]),
+            loss=float(client_loss.detach()),
+            correct=0,
+            server_step=self.steps,
+        )
+
+    def infer(self, request: pb.InferRequest) -> pb.InferReply:
+        raise NotImplementedError("the hijacking server only trains")
+
+    def info(self) -> pb.InfoReply:
+        return pb.InfoReply(model=self.model, cut=self.cut, sample_shape=list(self.sample_shape), mode="fsha")
+
+
+class StepTap(nn.Module):
+    """The data owner's record of its inputs at every ``every``-th training step (for scoring only)."""
+
+    def __init__(self, segment: nn.Module, every: int) -> None:
+        super().__init__()
+        self.segment, self.every, self.calls = segment, every, 0
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls % self.every == 0 or self.calls == 1:
+            self.inputs[self.calls] = x.detach().clone()
+        return self.segment(x)
+
+
+def run_fsha(
+    model: str,
+    cut: str,
+    x_private: torch.Tensor,
+    y_private: torch.Tensor,
+    x_public: torch.Tensor,
+    *,
+    iters: int = 1000,
+    batch_size: int = 64,
+    client_lr: float = 0.05,
+    server_lr: float = 1e-4,
+    eval_every: int = 50,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Split training of an honest client against the hijacking server for ``iters`` steps.
+
+    Returns ``curve`` (step, mse, psnr, ssim of the server's reconstruction of that step's batch),
+    and the ``original``/``reconstructed`` batch of the last evaluated step.
+    """
+    from attacks.metrics import image_scores
+    from clients.trainer import train_segment
+    from fsl.channel import ChannelIdentity, InMemoryChannel
+
+    report = progress_or_silent(progress)
+    input_shape = tuple(x_private.shape[1:])
+    client, _ = segments(model, cut, input_shape, seed=seed)
+    server = HijackingServer(model, cut, input_shape, x_public, lr=server_lr, seed=seed, eval_every=eval_every)
+    tap = StepTap(client, eval_every)
+    channel = InMemoryChannel(server=server, identity=ChannelIdentity(run_id="fsha", round=1, client_id="victim"))
+    per_epoch = (len(y_private) + batch_size - 1) // batch_size
+    epochs = (iters + per_epoch - 1) // per_epoch
+    done = [0]
+
+    def on_batch(_n: int) -> None:
+        done[0] += 1
+        if done[0] % 10 == 0:
+            report(done[0], epochs * per_epoch, "fsha: hijacked split training")
+
+    # the client is honest: the framework's trainer, momentum-free SGD as in the paper's setting
+    train_segment(
+        tap, x_private, y_private, channel, epochs=epochs, batch_size=batch_size, lr=client_lr, momentum=0.0,
+        seed=seed, on_batch=on_batch,
+    )
+    curve = []
+    last = max(s for s in server.reconstructions if s in tap.inputs)
+    for s in sorted(server.reconstructions):
+        if s in tap.inputs:
+            sc = image_scores(server.reconstructions[s], tap.inputs[s])
+            curve.append({"step": s, **{k: float(v.mean()) for k, v in sc.items()}})
+    return {"curve": curve, "original": tap.inputs[last], "reconstructed": server.reconstructions[last], "step": last}

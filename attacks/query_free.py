@@ -29,7 +29,7 @@ __all__ = ["QueryFree"]
 @register("query-free")
 @dataclass
 class QueryFree:
-    method: str = "shadow"  # "shadow" | "unsplit"
+    method: str = "unsplit"  # "unsplit" | "shadow"
     shadow_epochs: int = 5  # shadow: passes over the auxiliary data
     shadow_lr: float = 1e-3
     iters: int = 600  # input optimisation steps (rMLE through the shadow; UnSplit's outer steps)
