@@ -78,7 +78,7 @@ class Observation:
 
     def subset(self, index: torch.Tensor | slice) -> Observation:
         """The same observation restricted to rows ``index`` (segments and architecture kept)."""
-        pick = (lambda t: None if t is None else t[index])  # noqa: E731
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
         keys = self.keys
         if keys:
             idx = range(len(keys))[index] if isinstance(index, slice) else index.tolist()

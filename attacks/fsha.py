@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from attacks.base import Progress, progress_or_silent
 from attacks.inverse_network import Decoder
@@ -52,7 +52,9 @@ class _Critic(nn.Module):
                 nn.Linear(width, 1),
             )
         else:
-            self.net = nn.Sequential(nn.Flatten(), nn.Linear(sample_shape[0], 256), nn.LeakyReLU(0.2), nn.Linear(256, 1))
+            self.net = nn.Sequential(
+                nn.Flatten(), nn.Linear(sample_shape[0], 256), nn.LeakyReLU(0.2), nn.Linear(256, 1)
+            )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h).squeeze(1)
@@ -185,8 +187,16 @@ def run_fsha(
 
     # the client is honest: the framework's trainer, momentum-free SGD as in the paper's setting
     train_segment(
-        tap, x_private, y_private, channel, epochs=epochs, batch_size=batch_size, lr=client_lr, momentum=0.0,
-        seed=seed, on_batch=on_batch,
+        tap,
+        x_private,
+        y_private,
+        channel,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=client_lr,
+        momentum=0.0,
+        seed=seed,
+        on_batch=on_batch,
     )
     curve = []
     last = max(s for s in server.reconstructions if s in tap.inputs)

@@ -43,7 +43,9 @@ class TrainedSplit:
     defense: Defense
 
     def channel(self, rnd: int, client: str = "0") -> InMemoryChannel:
-        return InMemoryChannel(server=self.state, identity=ChannelIdentity(run_id="leakage", round=rnd, client_id=client))
+        return InMemoryChannel(
+            server=self.state, identity=ChannelIdentity(run_id="leakage", round=rnd, client_id=client)
+        )
 
     def task_accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Split inference on held-out data, with the defense applied to what is sent."""
@@ -136,7 +138,10 @@ def record_round(
     finally:
         trained.state.observer = None
     recorder.end_round(
-        rnd, client_segment=start, server_segment=trained.state.segment_state_dict(), updates=[(client, trained.client.state_dict())]
+        rnd,
+        client_segment=start,
+        server_segment=trained.state.segment_state_dict(),
+        updates=[(client, trained.client.state_dict())],
     )
     tap.save(run_path, rnd, client)
     return run_path

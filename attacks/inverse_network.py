@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from attacks.base import AttackResult, Observation, Progress, ThreatModel, freeze, progress_or_silent, register
 from attacks.models import segments

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn import functional as F  # noqa: N812
 
 __all__ = [
     "image_scores",

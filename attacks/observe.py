@@ -67,7 +67,9 @@ def load_observation(
                 bucket.append(t)
         keys += sample_keys(rnd, row["client"], row["step"], row["n"])
     if not parts["activations"]:
-        raise ValueError(f"round {rnd} of {run_path} has no recorded batches" + (f" of client {client}" if client else ""))
+        raise ValueError(
+            f"round {rnd} of {run_path} has no recorded batches" + (f" of client {client}" if client else "")
+        )
     cat = {k: (torch.cat(v) if v else None) for k, v in parts.items()}
     n = len(keys) if max_images is None else min(len(keys), max_images)
     obs = Observation(

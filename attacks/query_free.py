@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional as F  # noqa: N812
 
 from attacks._optim import feature_loss, invert_features, total_variation
 from attacks.base import AttackResult, Observation, Progress, ThreatModel, freeze, progress_or_silent, register
@@ -76,7 +76,13 @@ class QueryFree:
             report(ep + 1, self.shadow_epochs + 1, f"query-free: shadow epoch {ep + 1}, acc {correct / len(y_aux):.3f}")
         freeze(shadow)
         x = invert_features(
-            shadow, obs.activations, obs.input_shape, iters=self.iters, lr=self.lr, tv=self.tv, progress=progress,
+            shadow,
+            obs.activations,
+            obs.input_shape,
+            iters=self.iters,
+            lr=self.lr,
+            tv=self.tv,
+            progress=progress,
             label="query-free rmle",
         )
         return AttackResult(reconstructed=x, extra={"shadow_train_accuracy": correct / len(y_aux)})

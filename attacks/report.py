@@ -138,7 +138,9 @@ def score_and_write(
         "model": obs.model,
         "dataset": dataset,
         "threat_model": threat.describe(),
-        "options": {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack) if f.name not in ("name", "needs")}
+        "options": {
+            f.name: getattr(attack, f.name) for f in dataclasses.fields(attack) if f.name not in ("name", "needs")
+        }
         if dataclasses.is_dataclass(attack)
         else options,
         "seconds": seconds,
