@@ -17,7 +17,9 @@ with ``allow_pickle=False``.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,15 @@ from torch import nn
 
 from attacks.base import sample_keys
 
-__all__ = ["GroundTruthTap", "load_ground_truth", "load_ground_truth_labels", "sample_keys", "write_ground_truth"]
+__all__ = [
+    "GroundTruthTap",
+    "client_hooks",
+    "load_ground_truth",
+    "load_ground_truth_labels",
+    "sample_keys",
+    "save_client_ground_truth",
+    "write_ground_truth",
+]
 
 
 def _safe(name: str) -> str:
@@ -112,3 +122,25 @@ def load_ground_truth_labels(run_path: str | Path, rnd: int | None = None) -> di
                 for y, s, i in zip(z["y"], z["steps"], z["index"], strict=True):
                     out[f"{r}/{client}/{int(s)}/{int(i)}"] = int(y)
     return out
+
+
+def client_hooks(cfg: Any, conf: Mapping[str, Any], segment: nn.Module, rnd: int, seed: int) -> tuple[nn.Module, Any]:
+    """What the ClientApp wraps around its training: (segment or a ground-truth tap, release transform).
+
+    The tap is used only when the round's config carries ``record-dir`` (the ServerApp sets it when
+    ``record.enabled``) and the round is one ``record.rounds`` names: then the data owner keeps its recorded batches'
+    inputs for scoring. The release is the configured activation noise (``None`` when off).
+    """
+    from fsl.privacy import activation_release
+
+    release = activation_release(getattr(cfg, "activation_noise", None), seed=seed)
+    rounds = cfg.record.round_list(cfg.train.rounds) if str(conf.get("record-dir", "")) else None
+    if rounds is not None and (not rounds or rnd in rounds):
+        return GroundTruthTap(segment, int(cfg.record.max_batches)), release
+    return segment, release
+
+
+def save_client_ground_truth(segment: nn.Module, conf: Mapping[str, Any], rnd: int, client: str) -> None:
+    """Write what a :class:`GroundTruthTap` from :func:`client_hooks` kept (nothing for a plain segment)."""
+    if isinstance(segment, GroundTruthTap):
+        segment.save(str(conf["record-dir"]), rnd, client)

@@ -145,3 +145,90 @@ def record_round(
     )
     tap.save(run_path, rnd, client)
     return run_path
+
+
+def ushaped_label_run(
+    run_path: str | Path,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_private: torch.Tensor,
+    y_private: torch.Tensor,
+    *,
+    cut: str = "conv1",
+    top_cut: str = "fc1",
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    seed: int = 0,
+    dataset: str = "",
+) -> Path:
+    """U-shaped split training in one process, then one recorded round on the private data.
+
+    The client keeps the ``cnn`` blocks up to ``cut`` and after ``top_cut`` plus the loss; the
+    server holds the middle and sees, per batch, its input activations and the gradient
+    ``dL/dz`` of its output ``z`` (labels never travel). Until the framework's U-shaped data
+    plane is used here, the three segments talk through plain tensors in this process.
+    """
+    from fsl.models import build_model
+
+    input_shape = tuple(x.shape[1:])
+    model = build_model("cnn", input_shape, int(y.max()) + 1, seed=seed)
+    names = [n for n, _ in model.named_children()]
+    i, j = names.index(cut) + 1, names.index(top_cut) + 1
+    blocks = list(model.children())
+    bottom, middle, top = nn.Sequential(*blocks[:i]), nn.Sequential(*blocks[i:j]), nn.Sequential(*blocks[j:])
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = bottom(xb)  # client: (B, ...) up
+        h_srv = h.detach().requires_grad_(True)
+        z = middle(h_srv)  # server: (B, D) down
+        z_cli = z.detach().requires_grad_(True)
+        loss = nn.functional.cross_entropy(top(z_cli), yb)  # client: labels stay here
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        g = z_cli.grad  # (B, D) up: what the server receives
+        assert g is not None
+        z.backward(g)
+        assert h_srv.grad is not None
+        h.backward(h_srv.grad)
+        opt.step()
+        return h.detach(), z.detach(), g.detach()
+
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for k in range(0, len(y), batch_size):
+            idx = perm[k : k + batch_size]
+            step(x[idx], y[idx])
+    n_batches = (len(y_private) + batch_size - 1) // batch_size
+    rnd = 1_000
+    recorder = ObservationRecorder(
+        Path(run_path),
+        meta={
+            "model": "cnn",
+            "cut": cut,
+            "top_cut": top_cut,
+            "norm": "",
+            "dataset": dataset,
+            "mode": "ushaped",
+            "num_classes": int(y.max()) + 1,
+            "input_shape": list(input_shape),
+            "labels_sent": False,
+        },
+        rounds=(rnd,),
+        max_batches=n_batches,
+    )
+    inputs: dict[int, torch.Tensor] = {}
+    labels: dict[int, torch.Tensor] = {}
+    for s, k in enumerate(range(0, len(y_private), batch_size), start=1):
+        xb, yb = x_private[k : k + batch_size], y_private[k : k + batch_size]
+        h, z, g = step(xb, yb)
+        recorder.record(rnd, "0", s, h, gradients=g, server_outputs=z)
+        inputs[s], labels[s] = xb, yb
+    recorder.end_round(rnd, client_segment=None, server_segment=middle.state_dict())
+    from attacks.ground_truth import write_ground_truth
+
+    write_ground_truth(run_path, rnd, "0", inputs, labels)
+    return Path(run_path)

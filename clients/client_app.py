@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from attacks.ground_truth import client_hooks, save_client_ground_truth  # attacks: issue 6
 from clients.trainer import (
     TrainStats,
     evaluate_model,
@@ -100,7 +101,9 @@ def train(msg: Message, context: Context) -> Message:
             if cfg.model.ushaped:
                 stats = train_segment_u(r.detail.bottom, r.detail.top, part.x_train, part.y_train, channel, **kw)
             else:
-                stats = train_segment(r.module, part.x_train, part.y_train, channel, **kw)
+                seg, kw["release"] = client_hooks(cfg, r.conf, r.module, rnd, kw["seed"])  # attacks: tap, noise
+                stats = train_segment(seg, part.x_train, part.y_train, channel, **kw)
+                save_client_ground_truth(seg, r.conf, rnd, str(context.node_id))  # attacks: evaluation runs
     metrics = MetricRecord(
         {
             "num-examples": stats.examples,

@@ -182,6 +182,41 @@ class HybridConfig:
 
 
 @dataclass(frozen=True)
+class RecordConfig:  # attacks: the opt-in observation recorder (server/recorder.py), issue 6
+    enabled: bool = False  # store what the split server sees in observations/ (and ground truth in simulation)
+    rounds: str = "last"  # "last", "all", or a comma list such as "1,3"
+    max_batches: int = 4  # training batches recorded per client and round
+
+    def __post_init__(self) -> None:
+        _check(self.max_batches >= 1, f"record.max_batches must be >= 1, got {self.max_batches}")
+        ok = self.rounds in ("last", "all") or all(p.strip().isdigit() for p in self.rounds.split(","))
+        _check(ok, f"record.rounds must be 'last', 'all' or a comma list of rounds, not {self.rounds!r}")
+
+    def round_list(self, total: int) -> tuple[int, ...]:
+        """The recorded rounds (empty = all) for a run of ``total`` rounds."""
+        if self.rounds == "all":
+            return ()
+        if self.rounds == "last":
+            return (total,)
+        return tuple(int(p) for p in self.rounds.split(","))
+
+
+@dataclass(frozen=True)
+class ActivationNoiseConfig:  # attacks: fsl/privacy/activation.py on every release of activations
+    mechanism: str = "none"  # "none", "gaussian" (L2 clip) or "laplace" (L1 clip)
+    clip_norm: float = 1.0  # per-sample norm bound C of the activation at the cut
+    noise_multiplier: float = 1.0  # noise std (Gaussian) or scale (Laplace) in units of clip_norm
+
+    def __post_init__(self) -> None:
+        _check(
+            self.mechanism in ("none", "gaussian", "laplace"),
+            f"activation_noise.mechanism must be 'none', 'gaussian' or 'laplace', not {self.mechanism!r}",
+        )
+        _check(self.clip_norm > 0, f"activation_noise.clip_norm must be > 0, got {self.clip_norm}")
+        _check(self.noise_multiplier >= 0, "activation_noise.noise_multiplier must be >= 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     mode: str = "fsl"  # split-learning architecture
@@ -194,6 +229,8 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)  # attacks: issue 6
+    activation_noise: ActivationNoiseConfig = field(default_factory=ActivationNoiseConfig)  # attacks: issue 6
 
     @property
     def architecture(self) -> str:

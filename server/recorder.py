@@ -168,9 +168,9 @@ def attach_recorder(cfg: Any, run: Any, state: Any, input_shape: tuple[int, ...]
             "num_classes": int(state.num_classes),
             "input_shape": list(input_shape),
             "sample_shape": list(state.sample_shape),
-            "labels_sent": True,
+            "labels_sent": not getattr(cfg.model, "ushaped", False),
         },
-        rounds=tuple(rec_cfg.rounds),
+        rounds=rec_cfg.round_list(cfg.train.rounds),
         max_batches=rec_cfg.max_batches,
     )
     state.observer = recorder
@@ -185,3 +185,8 @@ def updates_from_replies(replies: Iterable[Any]) -> list[tuple[str, dict[str, to
             continue
         out.append((str(m.metadata.src_node_id), m.content["arrays"].to_torch_state_dict()))
     return out
+
+
+def recorder_config(recorder: ObservationRecorder | NullRecorder, run: Any) -> dict[str, str]:
+    """Keys the ServerApp adds to every round's config so data owners in simulation write ground truth."""
+    return {"record-dir": str(Path(run.path).resolve())} if recorder.enabled else {}

@@ -36,6 +36,7 @@ from fsl.experiment import build_model_for, config_to_json
 from fsl.models import cut_shape, split_model, split_model_u
 from fsl.rundir import Checkpoint, RunDir
 from server.plan import NodeInfo, RoundPlan, round_plan
+from server.recorder import NullRecorder, attach_recorder, recorder_config, updates_from_replies  # attacks: issue 6
 from server.split_server import SplitServer, SplitServerState
 
 __all__ = ["Reporter", "app", "make_server_app", "make_strategy", "run_rounds"]
@@ -135,6 +136,8 @@ class RoundRunner:
         self.history: list[dict[str, Any]] = []
         self.start_round, self.wall_before = 1, 0.0
         self._resume()
+        # attacks: the opt-in observation recorder (record.enabled); a no-op NullRecorder otherwise
+        self.recorder = attach_recorder(cfg, run, self.state, self.ds.input_shape) if self.state else NullRecorder()
 
     def _state(self, segment: nn.Module, sample_shape: tuple[int, ...], *, ushaped: bool) -> SplitServerState:
         c = self.cfg
@@ -287,6 +290,9 @@ class RoundRunner:
         if state is not None:
             state.merge_replicas()
         ok = [m for m in replies if not m.has_error()]
+        if self.recorder.wants(rnd) and state is not None:  # attacks: the segment sent, the server's, the returned
+            sent, held = self.arrays.to_torch_state_dict(), state.segment_state_dict()
+            self.recorder.end_round(rnd, sent, held, updates_from_replies(ok))
         for m in replies:
             if m.has_error():
                 log.warning("training failed on node %s: %s", m.metadata.src_node_id, m.error.reason)
@@ -398,6 +404,7 @@ class RoundRunner:
             "run-id": self.run_id,
             "dataplane-address": server.address if server is not None else "",
         }
+        self.base.update(recorder_config(self.recorder, self.run))  # attacks: data owners write ground truth
         try:
             self._query_nodes()
             for rnd in range(self.start_round, self.cfg.train.rounds + 1):

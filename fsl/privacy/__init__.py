@@ -9,9 +9,17 @@ get aggregated: that is DP-SGD's job, with its own accounting.
 from fsl.privacy.activation import (
     ActivationNoise,
     PrivacyGuarantee,
+    activation_release,
     clip_per_sample,
     gaussian_epsilon,
     gaussian_sigma,
 )
 
-__all__ = ["ActivationNoise", "PrivacyGuarantee", "clip_per_sample", "gaussian_epsilon", "gaussian_sigma"]
+__all__ = [
+    "ActivationNoise",
+    "PrivacyGuarantee",
+    "activation_release",
+    "clip_per_sample",
+    "gaussian_epsilon",
+    "gaussian_sigma",
+]

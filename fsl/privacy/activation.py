@@ -36,7 +36,14 @@ from typing import Literal
 
 import torch
 
-__all__ = ["ActivationNoise", "PrivacyGuarantee", "clip_per_sample", "gaussian_epsilon", "gaussian_sigma"]
+__all__ = [
+    "ActivationNoise",
+    "PrivacyGuarantee",
+    "activation_release",
+    "clip_per_sample",
+    "gaussian_epsilon",
+    "gaussian_sigma",
+]
 
 Mechanism = Literal["gaussian", "laplace"]
 
@@ -192,3 +199,16 @@ class ActivationNoise:
         if self.mechanism == "laplace":
             return PrivacyGuarantee(self.sensitivity / self.scale, 0.0)
         return PrivacyGuarantee(gaussian_epsilon(self.scale, delta, self.sensitivity), delta)
+
+
+def activation_release(config: object, seed: int | None = None) -> ActivationNoise | None:
+    """The release transform an ``ActivationNoiseConfig`` (``fsl.config``) asks for; ``None`` when it is off."""
+    mechanism = str(getattr(config, "mechanism", "none"))
+    if mechanism == "none":
+        return None
+    return ActivationNoise(
+        mechanism,  # type: ignore[arg-type]
+        clip_norm=float(getattr(config, "clip_norm", 1.0)),
+        noise_multiplier=float(getattr(config, "noise_multiplier", 1.0)),
+        seed=seed,
+    )

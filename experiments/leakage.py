@@ -1,0 +1,225 @@
+"""The ``leakage`` sweep: attacks x cut points x defenses, on MNIST-5k and Fashion-MNIST.
+
+``fsl run leakage [--quick] [section.key=value ...]`` writes ``runs/leakage-<time>/``:
+
+* ``leakage.json`` — one row per cell: ``dataset``, ``attack``, ``cut``, ``defense``,
+  ``defense_param``, ``task_accuracy``, ``mse_mean``, ``psnr_mean``, ``ssim_mean`` (plus
+  ``epsilon`` for activation noise, ``threat_model``, ``seconds``);
+* ``leakage.md`` — the same as a table; ``label_inference.json`` — the U-shaped label attack;
+* ``figure-<dataset>.png`` — reconstructions per attack and cut (no defense);
+* one run directory per (dataset, cut, defense) cell with ``observations/``, ``ground_truth/``
+  and ``attacks/<name>/`` (``attack.json``, ``reconstructions.npz``, ``reconstructions.png``),
+  so every number can be re-derived with ``fsl attack``.
+
+Private data: training images the client sends in the recorded round (``n_images`` of them,
+never seen before by the model). Auxiliary data (inverse network): the dataset's test split.
+Fashion-MNIST is subsampled to ``train_size`` training images so a cell takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fsl.config import load_experiment
+
+DATASETS = ("mnist5k", "fashion-mnist")
+MODEL = "lenet-he"
+CUTS = ("conv1", "relu2")
+ATTACKS: dict[str, tuple[dict[str, Any], str]] = {  # name -> (options, auxiliary data)
+    "rmle": ({"iters": 600}, "none"),
+    "inverse-network": ({"epochs": 10}, "same-distribution"),
+    "query-free": ({"method": "unsplit", "iters": 300}, "none"),
+}
+DEFENSES: tuple[tuple[str, float], ...] = (
+    ("none", 0.0),
+    ("noise", 0.003),
+    ("noise", 0.01),
+    ("noise", 0.03),
+    ("nopeek", 1.0),
+    ("dpsgd", 1.0),
+    ("compression", 0.1),
+)
+QUICK = {
+    "datasets": ("mnist5k",),
+    "defenses": (("none", 0.0), ("noise", 0.01), ("compression", 0.1)),
+    "attacks": {"rmle": ({"iters": 300}, "none"), "inverse-network": ({"epochs": 4}, "same-distribution")},
+}
+
+
+def _data(name: str, train_size: int, n_images: int, seed: int) -> tuple[torch.Tensor, ...]:
+    from fsl.data import load_dataset
+
+    ds = load_dataset(name)
+    perm = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(seed))
+    tr, priv = perm[:train_size], perm[train_size : train_size + n_images]
+    return ds.x_train[tr], ds.y_train[tr], ds.x_train[priv], ds.y_train[priv], ds.x_test, ds.y_test
+
+
+def run_sweep(
+    root: Path,
+    *,
+    datasets: tuple[str, ...] = DATASETS,
+    cuts: tuple[str, ...] = CUTS,
+    defenses: tuple[tuple[str, float], ...] = DEFENSES,
+    attacks: dict[str, tuple[dict[str, Any], str]] | None = None,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    train_size: int = 4000,
+    n_images: int = 32,
+    seed: int = 0,
+    log: Any = print,
+) -> list[dict[str, Any]]:
+    """Every cell; rows are appended to ``root/leakage.json`` as they finish (a crash keeps them)."""
+    from attacks.defenses import Defense
+    from attacks.harness import record_round, train_split
+    from attacks.observe import load_observation
+    from attacks.report import auxiliary_threat, score_and_write
+
+    attacks = ATTACKS if attacks is None else attacks
+    rows: list[dict[str, Any]] = []
+    for dsname in datasets:
+        x, y, xp, yp, xt, yt = _data(dsname, train_size, n_images, seed)
+        for cut in cuts:
+            for kind, param in defenses:
+                defense = Defense(kind, param)
+                cell = root / f"{dsname}-{cut}-{defense.label.replace('(', '-').replace(')', '')}"
+                t0 = time.perf_counter()
+                trained = train_split(
+                    MODEL, cut, x, y, defense=defense, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+                )
+                acc = trained.task_accuracy(xt, yt)
+                record_round(trained, cell, xp, yp, batch_size=batch_size, dataset=dsname, lr=lr)
+                obs = load_observation(cell)
+                eps = None
+                if kind == "noise" and trained.release is not None:
+                    eps = trained.release.guarantee(1e-5).epsilon  # type: ignore[attr-defined]
+                for name, (options, aux) in attacks.items():
+                    threat = auxiliary_threat(dsname, aux, 1000, seed=seed)
+                    res = score_and_write(
+                        cell, name, obs, threat, cell / "attacks" / name, options=options, dataset=dsname
+                    )
+                    row = {
+                        "dataset": dsname,
+                        "attack": name,
+                        "cut": cut,
+                        "defense": kind,
+                        "defense_param": param,
+                        "task_accuracy": acc,
+                        "mse_mean": res["mse_mean"],
+                        "psnr_mean": res["psnr_mean"],
+                        "ssim_mean": res["ssim_mean"],
+                        "epsilon": eps,
+                        "model": MODEL,
+                        "n_images": res["n_images"],
+                        "threat_model": res["threat_model"],
+                        "run_dir": str(cell),
+                    }
+                    rows.append(row)
+                    log(
+                        f"{dsname:14s} {cut:6s} {defense.label:18s} {name:16s} acc {acc:.3f} "
+                        f"psnr {res['psnr_mean']:6.2f} ssim {res['ssim_mean']:.3f}"
+                    )
+                    (root / "leakage.json").write_text(json.dumps(rows, indent=2) + "\n")
+                log(f"  cell {cell.name}: {time.perf_counter() - t0:.0f}s")
+    return rows
+
+
+def label_inference(root: Path, *, epochs: int = 2, n_private: int = 256, seed: int = 0) -> dict[str, Any]:
+    """The direction attack on a U-shaped cnn (cut conv1, top fc1) on MNIST-5k, no defense."""
+    from attacks.base import ThreatModel
+    from attacks.ground_truth import load_ground_truth_labels
+    from attacks.harness import ushaped_label_run
+    from attacks.observe import load_observation
+    from attacks.report import score_and_write
+
+    x, y, xp, yp, _xt, _yt = _data("mnist5k", 3000, n_private, seed)
+    cell = root / "mnist5k-ushaped-label"
+    ushaped_label_run(cell, x, y, xp, yp, epochs=epochs, dataset="mnist5k", seed=seed)
+    obs = load_observation(cell)
+    truth = load_ground_truth_labels(cell)
+    known: dict[int, int] = {}
+    for i, key in enumerate(obs.keys):  # one known sample per class: a colluding client's own
+        if truth[key] not in known.values():
+            known[i] = truth[key]
+    row = score_and_write(
+        cell,
+        "label-inference",
+        obs,
+        ThreatModel(known_labels=known),
+        cell / "attacks" / "label-inference",
+        dataset="mnist5k",
+    )
+    (root / "label_inference.json").write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| dataset | cut | defense | param | task acc | attack | PSNR dB | SSIM |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    body = "".join(
+        f"| {r['dataset']} | {r['cut']} | {r['defense']} | {r['defense_param']:g} | {r['task_accuracy']:.3f} | "
+        f"{r['attack']} | {r['psnr_mean']:.2f} | {r['ssim_mean']:.3f} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def figure(root: Path, rows: list[dict[str, Any]], dataset: str, n: int = 8) -> Path | None:
+    """Originals, then one row of reconstructions per (attack, cut), without defense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = [r for r in rows if r["dataset"] == dataset and r["defense"] == "none"]
+    if not cells:
+        return None
+    lines = []
+    for r in cells:
+        with np.load(Path(r["run_dir"]) / "attacks" / r["attack"] / "reconstructions.npz", allow_pickle=False) as z:
+            if not lines:
+                lines.append(("original", z["original"][:n]))
+            lines.append((f"{r['attack']} @ {r['cut']}\nSSIM {r['ssim_mean']:.2f}", z["reconstructed"][:n]))
+    fig, axes = plt.subplots(len(lines), n, figsize=(1.0 * n + 1.5, 1.05 * len(lines)), squeeze=False)
+    for i, (label, imgs) in enumerate(lines):
+        for j in range(n):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(imgs):
+                ax.imshow(imgs[j][0], cmap="gray", vmin=0, vmax=1)
+        axes[i][0].text(-0.15, 0.5, label, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    path = root / f"figure-{dataset}.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    from fsl.rundir import RunDir
+
+    quick = bool(getattr(args, "quick", False))
+    base = load_experiment("leakage", list(getattr(args, "overrides", []) or []))
+    torch.manual_seed(base.seed)
+    root = RunDir.create(base.output_dir, "leakage-quick" if quick else "leakage").path
+    print(f"run directory: {root}")
+    kw: dict[str, Any] = {"epochs": base.train.rounds, "batch_size": base.train.batch_size, "lr": base.train.lr}
+    if quick:
+        kw.update(datasets=QUICK["datasets"], defenses=QUICK["defenses"], attacks=QUICK["attacks"], train_size=2000)
+    rows = run_sweep(root, seed=base.seed, **kw)
+    (root / "leakage.md").write_text(markdown(rows))
+    for dsname in {r["dataset"] for r in rows}:
+        figure(root, rows, dsname)
+    lab = label_inference(root, seed=base.seed, n_private=128 if quick else 512)
+    print(f"label-inference (U-shaped, direction): accuracy {lab['label_accuracy']:.3f}, AUC {lab['auc']:.3f}")
+    print(f"results: {root / 'leakage.json'}, {root / 'leakage.md'}")
+    return 0
