@@ -156,7 +156,7 @@ def run_fsha(
     iters: int = 1000,
     batch_size: int = 64,
     client_lr: float = 0.05,
-    server_lr: float = 1e-4,
+    server_lr: float = 1e-3,
     eval_every: int = 50,
     seed: int = 0,
     progress: Progress | None = None,

@@ -66,6 +66,8 @@ def clip_per_sample(h: torch.Tensor, max_norm: float, p: float = 2.0) -> torch.T
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     if h.ndim == 0:
         raise ValueError("clip_per_sample needs a batch dimension")
+    if h.shape[0] == 0:
+        return h.clone()
     flat = h.reshape(h.shape[0], -1)
     norms = flat.norm(p=p, dim=1)  # (B,)
     factor = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)

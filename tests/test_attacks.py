@@ -1,0 +1,162 @@
+"""What each attack achieves on a tiny, fast setting (digits 8x8, the zoo CNN cut at conv1).
+
+Each attack is scored against what a mean image and a random image get: an attack that
+"runs" but leaks nothing fails here.
+"""
+
+import json
+
+import pytest
+import torch
+
+from attacks.base import ThreatModel, get_attack
+from attacks.defenses import Defense
+from attacks.ground_truth import load_ground_truth, load_ground_truth_labels
+from attacks.harness import record_round, train_split, ushaped_label_run
+from attacks.metrics import image_scores
+from attacks.observe import load_observation
+from attacks.report import score_and_write
+
+
+def _run(tmp_path_factory, digits, defense):
+    x, y = digits.x_train[:1200], digits.y_train[:1200]
+    trained = train_split("cnn", "conv1", x, y, defense=defense, epochs=3)
+    d = tmp_path_factory.mktemp(defense.kind)
+    record_round(trained, d, digits.x_train[1200:1232], digits.y_train[1200:1232], dataset="digits")
+    return d, trained.task_accuracy(digits.x_test, digits.y_test)
+
+
+@pytest.fixture(scope="module")
+def digits_mod():
+    from fsl.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, digits_mod):
+    return _run(tmp_path_factory, digits_mod, Defense())
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory, digits_mod):
+    return _run(tmp_path_factory, digits_mod, Defense("noise", 0.3))
+
+
+@pytest.fixture(scope="module")
+def baselines(clean, digits_mod):
+    d, _ = clean
+    obs = load_observation(d)
+    truth = load_ground_truth(d)
+    orig = torch.stack([truth[k] for k in obs.keys])
+    mean_img = digits_mod.x_test.mean(0, keepdim=True).expand_as(orig)
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "mean": float(image_scores(mean_img, orig)["ssim"].mean()),
+        "random": float(image_scores(torch.rand(orig.shape, generator=gen), orig)["ssim"].mean()),
+    }
+
+
+def _threat(digits):
+    return ThreatModel(auxiliary="same-distribution", auxiliary_data=digits.x_test, auxiliary_labels=digits.y_test)
+
+
+def _attack(run_dir, name, threat, **options):
+    obs = load_observation(run_dir)
+    return score_and_write(run_dir, name, obs, threat, run_dir / "attacks" / name, options=options, dataset="digits")
+
+
+def test_the_task_trains_and_noise_costs_accuracy(clean, noisy):
+    assert clean[1] > 0.8
+    assert noisy[1] < clean[1]
+
+
+def test_rmle_reconstructs_far_better_than_a_mean_image(clean, baselines):
+    row = _attack(clean[0], "rmle", ThreatModel(), iters=300)
+    assert row["ssim_mean"] > 0.9 and row["ssim_mean"] > baselines["mean"] + 0.4
+    assert row["psnr_mean"] > 25
+    assert row["n_images"] == 32
+
+
+def test_strong_activation_noise_pushes_rmle_down(clean, noisy, baselines):
+    clean_row = _attack(clean[0], "rmle", ThreatModel(), iters=300)
+    noisy_row = _attack(noisy[0], "rmle", ThreatModel(), iters=300)
+    assert noisy_row["ssim_mean"] < clean_row["ssim_mean"] - 0.5
+    assert noisy_row["ssim_mean"] < baselines["mean"]
+
+
+def test_rmle_needs_the_client_weights(clean):
+    obs = load_observation(clean[0])
+    with pytest.raises(ValueError, match="white-box"):
+        get_attack("rmle").run(obs, ThreatModel(knows_client_weights=False))
+
+
+def test_inverse_network_beats_the_mean_image(clean, baselines, digits_mod):
+    row = _attack(clean[0], "inverse-network", _threat(digits_mod), epochs=10)
+    assert row["ssim_mean"] > baselines["mean"] + 0.2
+    assert row["threat_model"]["auxiliary"] == "same-distribution"
+
+
+def test_query_free_unsplit_beats_a_random_image(clean, baselines):
+    # knows only the architecture: weaker on 8x8 digits than white-box, but far from random
+    row = _attack(clean[0], "query-free", ThreatModel(knows_client_weights=False), iters=200)
+    assert row["ssim_mean"] > baselines["random"] + 0.3
+
+
+def test_label_inference_in_a_ushaped_split(tmp_path, digits_mod):
+    d = ushaped_label_run(
+        tmp_path,
+        digits_mod.x_train[:1200],
+        digits_mod.y_train[:1200],
+        digits_mod.x_test[:160],
+        digits_mod.y_test[:160],
+        epochs=4,
+    )
+    obs = load_observation(d)
+    assert obs.labels is None and obs.gradients is not None  # labels never reached the server
+    truth = load_ground_truth_labels(d)
+    known: dict[int, int] = {}
+    for i, k in enumerate(obs.keys):
+        if truth[k] not in known.values():
+            known[i] = truth[k]
+    row = score_and_write(d, "label-inference", obs, ThreatModel(known_labels=known), d / "li")
+    assert row["label_accuracy"] >= 0.95
+    assert row["auc"] > 0.97
+    assert row["n_labels"] == 160 - len(known)  # the attacker's own known samples are not scored
+
+
+def test_fsha_reconstruction_error_falls_with_iterations(digits_mod):
+    from attacks.fsha import run_fsha
+
+    out = run_fsha(
+        "cnn",
+        "conv1",
+        digits_mod.x_train[:1000],
+        digits_mod.y_train[:1000],
+        digits_mod.x_test,
+        iters=300,
+        batch_size=32,
+        eval_every=50,
+    )
+    curve = out["curve"]
+    assert curve[0]["step"] == 1 and curve[-1]["step"] >= 300
+    assert curve[-1]["mse"] < 0.3 * curve[0]["mse"]
+    assert curve[-1]["ssim"] > 0.7
+
+
+def test_fsl_attack_cli_writes_the_results(clean):
+    import numpy as np
+
+    from fsl.cli import main
+
+    out = clean[0] / "cli-rmle"
+    assert main(["attack", str(clean[0]), "--attack", "rmle", "--out", str(out), "-o", "iters=100"]) == 0
+    row = json.loads((out / "attack.json").read_text())
+    for key in ("attack", "cut", "dataset", "threat_model", "n_images", "mse_mean", "psnr_mean", "ssim_mean"):
+        assert key in row
+    assert row["attack"] == "rmle" and row["cut"] == "conv1" and row["dataset"] == "digits"
+    with np.load(out / "reconstructions.npz", allow_pickle=False) as z:
+        assert z["original"].shape == z["reconstructed"].shape == (32, 1, 8, 8)
+        assert z["reconstructed"].min() >= 0 and z["reconstructed"].max() <= 1
+    assert (out / "reconstructions.png").stat().st_size > 1000
+    assert main(["attack", str(clean[0]), "--attack", "nope"]) == 2
