@@ -81,6 +81,7 @@ def run_sweep(
     from attacks.harness import record_round, train_split
     from attacks.observe import load_observation
     from attacks.report import auxiliary_threat, score_and_write
+    from server.split_server import InvalidRequest
 
     attacks = ATTACKS if attacks is None else attacks
     rows: list[dict[str, Any]] = []
@@ -91,9 +92,27 @@ def run_sweep(
                 defense = Defense(kind, param)
                 cell = root / f"{dsname}-{cut}-{defense.label.replace('(', '-').replace(')', '')}"
                 t0 = time.perf_counter()
-                trained = train_split(
-                    MODEL, cut, x, y, defense=defense, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
-                )
+                try:
+                    trained = train_split(
+                        MODEL, cut, x, y, defense=defense, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+                    )
+                except InvalidRequest as e:  # training diverged (non-finite activations): a finding, kept
+                    log(f"  {dsname} {cut} {defense.label}: training diverged ({e}); cell skipped")
+                    rows.append(
+                        {
+                            "dataset": dsname,
+                            "cut": cut,
+                            "defense": kind,
+                            "defense_param": param,
+                            "attack": None,
+                            "task_accuracy": None,
+                            "mse_mean": None,
+                            "psnr_mean": None,
+                            "ssim_mean": None,
+                            "diverged": True,
+                        }
+                    )
+                    continue
                 acc = trained.task_accuracy(xt, yt)
                 record_round(trained, cell, xp, yp, batch_size=batch_size, dataset=dsname, lr=lr)
                 obs = load_observation(cell)
@@ -164,6 +183,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| dataset | cut | defense | param | task acc | attack | PSNR dB | SSIM |\n|---|---|---|---|---|---|---|---|\n"
     )
+    rows = [r for r in rows if r.get("attack")]
     body = "".join(
         f"| {r['dataset']} | {r['cut']} | {r['defense']} | {r['defense_param']:g} | {r['task_accuracy']:.3f} | "
         f"{r['attack']} | {r['psnr_mean']:.2f} | {r['ssim_mean']:.3f} |\n"
@@ -180,7 +200,7 @@ def figure(root: Path, rows: list[dict[str, Any]], dataset: str, n: int = 8) -> 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    cells = [r for r in rows if r["dataset"] == dataset and r["defense"] == "none"]
+    cells = [r for r in rows if r["dataset"] == dataset and r["defense"] == "none" and r.get("attack")]
     if not cells:
         return None
     lines = []
