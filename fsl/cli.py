@@ -161,9 +161,29 @@ def run_experiment(cfg: Any, run: Any, reporter: Any = None) -> dict[str, Any]:
     return result
 
 
+def _sweep(name: str | None) -> Any:
+    """The module of a sweep experiment (``experiments/NAME.py`` with a ``main(args)``), if any."""
+    import importlib
+
+    if not name or name.endswith(".toml"):
+        return None
+    modname = "experiments." + name.replace("-", "_")
+    try:
+        mod = importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name != modname:
+            raise
+        return None
+    return mod if callable(getattr(mod, "main", None)) else None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fsl.config import ConfigError, load_experiment
     from fsl.rundir import RunDir
+
+    sweep = None if args.resume else _sweep(args.experiment)
+    if sweep is not None:  # an experiment made of several runs (compare, leakage, ...)
+        return int(sweep.main(args))
 
     try:
         if args.resume:
@@ -232,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.rounds=3")
     p_run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p_run.add_argument("--quiet", action="store_true", help="no live progress, only the final table")
+    p_run.add_argument("--quick", action="store_true", help="sweep experiments: the same sweep on a small subset")
     plugins = _register_plugins(sub)
     args, extra = parser.parse_known_args(argv)
     # overrides may follow an option (`fsl run quickstart --quiet train.rounds=2`)

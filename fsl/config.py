@@ -64,6 +64,8 @@ class DataConfig:
     partition: str = "iid"  # "iid" | "dirichlet" (label skew)
     alpha: float = 0.5  # Dirichlet concentration; smaller = more skew
     val_fraction: float = 0.1  # share of each client's data kept for federated evaluation
+    train_limit: int = 0  # use only this many training samples (stratified; 0 = all)
+    test_limit: int = 0  # evaluate on only this many test samples (stratified; 0 = all)
 
     def __post_init__(self) -> None:
         _check(self.name in DATASETS, f"data.name: unknown dataset {self.name!r}; choose one of {list(DATASETS)}")
@@ -73,6 +75,7 @@ class DataConfig:
         )
         _check(self.alpha > 0, f"data.alpha must be > 0, got {self.alpha}")
         _check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
+        _check(self.train_limit >= 0 and self.test_limit >= 0, "data.train_limit and data.test_limit must be >= 0")
 
 
 @dataclass(frozen=True)

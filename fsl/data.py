@@ -36,6 +36,7 @@ __all__ = [
     "load_dataset",
     "partition_dirichlet",
     "partition_iid",
+    "subset",
 ]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -45,7 +46,7 @@ class DatasetNotFound(FileNotFoundError):
     """A dataset whose files are not on this machine; the message says how to install it."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dataset:
     """A labelled image dataset split into train and test."""
 
@@ -185,6 +186,30 @@ def load_dataset(name: str, path: str | None = None) -> Dataset:
     xtr, ytr, xte, yte = (torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
     num_classes = int(max(int(ytr.max()), int(yte.max())) + 1)
     return Dataset(name, xtr, ytr, xte, yte, num_classes)
+
+
+def _stratified_take(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Indices of ``n`` samples with the class proportions of ``y`` (seeded)."""
+    rng = np.random.default_rng(seed)
+    yn = y.numpy()
+    classes, counts = np.unique(yn, return_counts=True)
+    quota = np.floor(counts / counts.sum() * n).astype(int)
+    quota[np.argsort(-(counts / counts.sum() * n - quota))[: n - quota.sum()]] += 1  # largest remainders
+    picks = [rng.permutation(np.flatnonzero(yn == c))[:q] for c, q in zip(classes, quota, strict=True)]
+    return torch.from_numpy(np.sort(np.concatenate(picks)))
+
+
+@lru_cache(maxsize=8)
+def subset(ds: Dataset, train_limit: int = 0, test_limit: int = 0, seed: int = 0) -> Dataset:
+    """``ds`` cut to ``train_limit`` training and ``test_limit`` test samples (0 = all), stratified."""
+    xtr, ytr, xte, yte = ds.x_train, ds.y_train, ds.x_test, ds.y_test
+    if 0 < train_limit < len(ytr):
+        idx = _stratified_take(ytr, train_limit, seed)
+        xtr, ytr = xtr[idx], ytr[idx]
+    if 0 < test_limit < len(yte):
+        idx = _stratified_take(yte, test_limit, seed + 1)
+        xte, yte = xte[idx], yte[idx]
+    return Dataset(ds.name, xtr, ytr, xte, yte, ds.num_classes)
 
 
 def partition_iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:

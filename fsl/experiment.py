@@ -8,10 +8,10 @@ from typing import Any
 from torch import nn
 
 from fsl.config import ExperimentConfig, from_dict, to_dict
-from fsl.data import Dataset, Partition, client_partition, load_dataset
+from fsl.data import Dataset, Partition, client_partition, load_dataset, subset
 from fsl.models import Split, build_model, split_model, split_model_u
 
-__all__ = ["build_model_for", "build_split", "client_part", "config_from_json", "config_to_json", "local_partition"]
+__all__ = ["build_model_for", "build_split", "client_part", "config_from_json", "config_to_json", "experiment_dataset", "local_partition"]
 
 
 def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
@@ -50,11 +50,17 @@ def config_from_json(text: str) -> ExperimentConfig:
     return cfg
 
 
+def experiment_dataset(cfg: ExperimentConfig, data_path: str | None = None) -> Dataset:
+    """The experiment's dataset, with ``data.train_limit`` / ``data.test_limit`` applied."""
+    ds = load_dataset(cfg.data.name, data_path or cfg.data.path or None)
+    return subset(ds, cfg.data.train_limit, cfg.data.test_limit, cfg.seed)
+
+
 def local_partition(
     cfg: ExperimentConfig, partition_id: int, num_partitions: int, data_path: str | None = None
 ) -> tuple[Dataset, Partition]:
     """The dataset and this client's share of it."""
-    ds = load_dataset(cfg.data.name, data_path or cfg.data.path or None)
+    ds = experiment_dataset(cfg, data_path)
     part = client_partition(
         ds,
         partition_id,

@@ -14,8 +14,8 @@ import torch
 
 from clients.trainer import evaluate_model, train_local
 from fsl.config import ExperimentConfig, to_toml
-from fsl.data import client_partition, load_dataset
-from fsl.experiment import build_model_for
+from fsl.data import client_partition
+from fsl.experiment import build_model_for, experiment_dataset
 from fsl.rundir import Checkpoint, RunDir
 from server.server_app import Reporter, summarize
 
@@ -26,7 +26,7 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
     """Train on the union of the clients' training partitions; evaluate after every round."""
     if cfg.server.threads:
         torch.set_num_threads(cfg.server.threads)
-    ds = load_dataset(cfg.data.name, cfg.data.path or None)
+    ds = experiment_dataset(cfg)
     parts = [
         client_partition(
             ds,

@@ -31,8 +31,7 @@ from torch import nn
 from clients.trainer import evaluate_model
 from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, load_experiment, to_toml
-from fsl.data import load_dataset
-from fsl.experiment import build_model_for, config_to_json
+from fsl.experiment import build_model_for, config_to_json, experiment_dataset
 from fsl.models import cut_shape, split_model, split_model_u
 from fsl.rundir import Checkpoint, RunDir
 from server.plan import NodeInfo, RoundPlan, round_plan
@@ -112,7 +111,7 @@ class RoundRunner:
         random.seed(cfg.seed)  # Flower's node sampling draws from `random`
         if cfg.server.threads:
             torch.set_num_threads(cfg.server.threads)
-        self.ds = load_dataset(cfg.data.name, cfg.data.path or None)
+        self.ds = experiment_dataset(cfg)
         model = build_model_for(cfg, self.ds.input_shape, self.ds.num_classes)
         self.eval_model: nn.Module = copy.deepcopy(model)  # CPU copy for central evaluation
         self.run_id = run.path.name

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,11 +498,13 @@ class SplitServer:
         batcher: Any | None = None,  # issue 8: a server.batching.RequestBatcher serves Train in batches
         certificate_chain: bytes | str | Path | None = None,
         private_key: bytes | str | Path | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         self.state = state
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="split-server"),
             options=grpc_options(state.max_message_bytes),
+            interceptors=list(interceptors),
         )
         codec.tune_allocator()  # issue 8: reuse large message buffers (see fsl.wire.codec.tune_allocator)
         pb_grpc.add_SplitDataPlaneServicer_to_server(SplitServicer(state, batcher), self._server)

@@ -1,0 +1,67 @@
+"""In a U-shaped split labels never cross the wire: inspect every message the server receives."""
+
+import grpc
+import pytest
+import torch
+
+from clients.trainer import evaluate_split_u, train_segment_u
+from fsl.grpc_channel import DataPlaneError, GrpcChannel
+from fsl.models import build_model, cut_shape, split_model_u
+from fsl.wire import codec
+from fsl.wire import dataplane_pb2 as pb
+from server.split_server import SplitServer, SplitServerState
+
+pytestmark = pytest.mark.integration
+
+
+class Recorder(grpc.ServerInterceptor):
+    """Keeps the raw bytes of every request that reaches the server."""
+
+    def __init__(self):
+        self.requests = []
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method, deserialize = details.method, handler.request_deserializer
+
+        def wrapped_deserialize(raw):
+            self.requests.append((method, raw))
+            return deserialize(raw)
+
+        return grpc.unary_unary_rpc_method_handler(
+            handler.unary_unary, request_deserializer=wrapped_deserialize, response_serializer=handler.response_serializer
+        )
+
+
+def test_ushaped_training_sends_no_labels():
+    torch.manual_seed(0)
+    u = split_model_u(build_model("cnn", seed=0), "conv1", "fc1")
+    state = SplitServerState(u.middle, cut_shape(u.bottom, (1, 28, 28)), 10, device="cpu", ushaped=True)
+    rec = Recorder()
+    server = SplitServer(state, "127.0.0.1:0", interceptors=[rec]).start()
+    # labels with a recognisable byte pattern, so any leak would be visible in the raw bytes
+    y = torch.tensor([7, 3, 9, 1, 8, 2, 6, 0] * 4)
+    x = torch.rand(len(y), 1, 28, 28)
+    try:
+        with GrpcChannel(address=server.address) as ch:
+            stats = train_segment_u(u.bottom, u.top, x, y, ch, epochs=2, batch_size=8)
+            evaluate_split_u(u.bottom, u.top, x, y, ch)
+            with pytest.raises(DataPlaneError) as err:  # the label-carrying RPC is refused outright
+                ch.train_step(u.bottom(x[:2]).detach(), y[:2])
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop(grace=None)
+    assert stats.examples == 64 and state.steps == 8
+    methods = [m.rsplit("/", 1)[1] for m, _ in rec.requests]
+    assert methods.count("Forward") == 8 and methods.count("Backward") == 8 and "Infer" in methods
+    label_bytes = codec.encode(y[:8]).data
+    for method, raw in rec.requests:
+        if method.endswith("Train"):
+            continue  # the refused probe above
+        assert label_bytes not in raw, method
+        msg = {"Forward": pb.ForwardRequest, "Backward": pb.BackwardRequest, "Infer": pb.InferRequest}[method.rsplit("/", 1)[1]]
+        parsed = msg.FromString(raw)
+        tensors = [f for f, _ in parsed.ListFields() if f.message_type is not None and f.message_type.name == "Tensor"]
+        assert all(f.name in ("activations", "grad") for f in tensors), (method, [f.name for f in tensors])
