@@ -29,7 +29,7 @@ from fsl.config import ExperimentConfig, load_experiment
 
 MODES = ("central", "fl", "sl", "sflv1", "sflv2", "fsl", "psl", "hybrid", "ushaped")
 TARGET = {"fashion-mnist": 0.85, "mnist5k": 0.9, "mnist": 0.95, "digits": 0.8, "cifar10": 0.5}
-QUICK = ["data.train_limit=2000", "data.test_limit=1000", "clients=4", "train.rounds=3"]
+QUICK = ["data.train_limit=2000", "data.test_limit=1000", "clients=4", "train.rounds=3", "train.batch_size=16"]
 
 
 def _rounds_to(history: list[dict[str, Any]], target: float) -> tuple[int | None, float | None]:
