@@ -9,7 +9,13 @@ NODES = (11, 7, 3, 42, 5)
 
 def _shape(plan):
     """What a plan does, independent of replica names."""
-    return (plan.sequential, frozenset(map(frozenset, plan.groups)), plan.aggregate_clients, plan.handoff, plan.own_segments)
+    return (
+        plan.sequential,
+        frozenset(map(frozenset, plan.groups)),
+        plan.aggregate_clients,
+        plan.handoff,
+        plan.own_segments,
+    )
 
 
 def test_hybrid_with_one_group_is_fsl():
@@ -35,7 +41,13 @@ def test_mode_table():
 
 
 def test_grouping_rules():
-    info = [NodeInfo(1, 1000, 4.0), NodeInfo(2, 100, 1.0), NodeInfo(3, 900, 0.5), NodeInfo(4, 50, 4.0), NodeInfo(5, 60, 1.0)]
+    info = [
+        NodeInfo(1, 1000, 4.0),
+        NodeInfo(2, 100, 1.0),
+        NodeInfo(3, 900, 0.5),
+        NodeInfo(4, 50, 4.0),
+        NodeInfo(5, 60, 1.0),
+    ]
     by_count = group_clients(info, 2, "count")
     assert sorted(map(len, by_count)) == [2, 3]
     by_data = group_clients(info, 2, "data")

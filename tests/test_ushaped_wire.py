@@ -31,7 +31,9 @@ class Recorder(grpc.ServerInterceptor):
             return deserialize(raw)
 
         return grpc.unary_unary_rpc_method_handler(
-            handler.unary_unary, request_deserializer=wrapped_deserialize, response_serializer=handler.response_serializer
+            handler.unary_unary,
+            request_deserializer=wrapped_deserialize,
+            response_serializer=handler.response_serializer,
         )
 
 
@@ -61,7 +63,9 @@ def test_ushaped_training_sends_no_labels():
         if method.endswith("Train"):
             continue  # the refused probe above
         assert label_bytes not in raw, method
-        msg = {"Forward": pb.ForwardRequest, "Backward": pb.BackwardRequest, "Infer": pb.InferRequest}[method.rsplit("/", 1)[1]]
+        msg = {"Forward": pb.ForwardRequest, "Backward": pb.BackwardRequest, "Infer": pb.InferRequest}[
+            method.rsplit("/", 1)[1]
+        ]
         parsed = msg.FromString(raw)
         tensors = [f for f, _ in parsed.ListFields() if f.message_type is not None and f.message_type.name == "Tensor"]
         assert all(f.name in ("activations", "grad") for f in tensors), (method, [f.name for f in tensors])
