@@ -12,7 +12,7 @@ Runs each mode on the same data, model, cut point, clients, partition and seed
   ``traffic.png`` (bytes per client per round against the number of clients, ``fl``
   against the split modes, projected from the measured per-sample traffic);
 - without ``--quick``: ``cuts.json`` (a cut-point sweep of ``fsl``) and
-  ``noniid.json`` (Dirichlet alpha 0.5 and 0.1 for ``fsl``, ``sflv1`` and ``fl``).
+  ``noniid.json`` (Dirichlet alpha 0.5 and 0.1 for ``fsl`` and ``fl``).
 
 ``--quick`` runs the same comparison on a small subset in a few minutes.
 """
@@ -210,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
             (root / "cuts.json").write_text(json.dumps(cut_rows, indent=2) + "\n")
         noniid = []
         for alpha in (0.5, 0.1):
-            for mode in ("fsl", "sflv1", "fl"):
+            for mode in ("fsl", "fl"):
                 data = dataclasses.replace(base.data, partition="dirichlet", alpha=alpha)
                 cfg = dataclasses.replace(base, mode=mode, data=data, name=f"noniid-{alpha}-{mode}")
                 noniid.append(
