@@ -248,3 +248,35 @@ def main(args: argparse.Namespace) -> int:
     print(f"label-inference (U-shaped, direction): accuracy {lab['label_accuracy']:.3f}, AUC {lab['auc']:.3f}")
     print(f"results: {root / 'leakage.json'}, {root / 'leakage.md'}")
     return 0
+
+
+def _cli() -> int:
+    """``python -m experiments.leakage [--defenses none,noise] [--datasets mnist5k] [--out DIR]``: a slice of the sweep."""
+    p = argparse.ArgumentParser(prog="python -m experiments.leakage")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--defenses", default="all", help="comma list of defense kinds (none, noise, ...) or 'all'")
+    p.add_argument("--out", default="runs/leakage-slice")
+    a = p.parse_args()
+    kinds = None if a.defenses == "all" else set(a.defenses.split(","))
+    base = load_experiment("leakage")
+    root = Path(a.out)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = run_sweep(
+        root,
+        datasets=tuple(a.datasets.split(",")),
+        defenses=tuple(d for d in DEFENSES if kinds is None or d[0] in kinds),
+        epochs=base.train.rounds,
+        batch_size=base.train.batch_size,
+        lr=base.train.lr,
+        seed=base.seed,
+    )
+    (root / "leakage.md").write_text(markdown(rows))
+    for dsname in {r["dataset"] for r in rows}:
+        figure(root, rows, dsname)
+    lab = label_inference(root, seed=base.seed, n_private=512)
+    print(f"label-inference (U-shaped, direction): accuracy {lab['label_accuracy']:.3f}, AUC {lab['auc']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli())
