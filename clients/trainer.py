@@ -9,13 +9,13 @@ finishes backprop with the gradient the server returns. Nothing here imports
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fsl.channel import SplitChannel
+from fsl.channel import SplitChannel, StepResult
 
 __all__ = [
     "EvalStats",
@@ -65,15 +65,20 @@ def train_segment(
     seed: int = 0,
     release: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,  # privacy: e.g. Opacus' DPOptimizer (fsl/privacy/dp.py)
+    batches: Callable[[], Iterable[torch.Tensor]] | None = None,  # privacy: index batches per epoch (Poisson)
+    penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # privacy: NoPeek(x, h)
 ) -> TrainStats:
     """Train the client segment on (x, y) through the split server for ``epochs`` passes.
 
     ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_start||^2``.
     ``release`` transforms the activations just before they leave the client (a defense such
     as clipping + noise); the server's gradient is applied to the untransformed activations.
+    ``optimizer``, ``batches`` and ``penalty`` (a client-side loss term on (x, h)) come from
+    :mod:`fsl.privacy` (DP-SGD, NoPeek); by default plain SGD over shuffled batches.
     """
     segment.train()
-    opt = torch.optim.SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = optimizer or torch.optim.SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     start = [p.detach().clone() for p in segment.parameters()] if proximal_mu > 0 else []
     gen = torch.Generator().manual_seed(seed)
     stats = TrainStats()
@@ -82,17 +87,16 @@ def train_segment(
     correct = 0
     n = len(y)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
+        for idx in batches() if batches is not None else _shuffled(n, batch_size, gen):  # privacy: batches
             t0 = time.perf_counter()
             h = segment(x[idx])  # (B, ...) smashed activations at the cut
             t1 = time.perf_counter()
             sent = h.detach() if release is None else release(h.detach())
-            step = channel.train_step(sent, y[idx])  # up: h, y · down: dL/dh
+            # privacy: a Poisson batch may be empty; nothing travels, DP-SGD still takes its noise-only step
+            step = channel.train_step(sent, y[idx]) if len(idx) else StepResult(torch.zeros_like(h), 0.0, 0)
             t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            h.backward(step.grad)  # finish backprop through the client segment
+            _backward(h, step.grad, penalty, x[idx])  # finish backprop through the client segment
             for p, p0 in zip(segment.parameters(), start, strict=False):
                 if p.grad is not None:
                     p.grad.add_(p.detach() - p0, alpha=proximal_mu)
@@ -111,6 +115,37 @@ def train_segment(
     stats.bytes_up = channel.bytes_up - up0
     stats.bytes_down = channel.bytes_down - down0
     return stats
+
+
+def _shuffled(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch_size):
+        yield perm[i : i + batch_size]
+
+
+def _backward(
+    h: torch.Tensor,
+    grad: torch.Tensor,
+    penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    xb: torch.Tensor,
+) -> None:
+    """``h.backward(grad)``, plus the gradient of a client-side ``penalty(x, h)`` when one is set (privacy)."""
+    if penalty is None or h.shape[0] < 2:
+        h.backward(grad)
+        return
+    extra = penalty(xb, h)
+    torch.autograd.backward([h, extra], [grad, torch.ones_like(extra)])
+
+
+def _empty_step(
+    opt: torch.optim.Optimizer, bottom: nn.Module, top: nn.Module, x: torch.Tensor, mid: tuple[int, ...]
+) -> None:
+    """A U-shaped step on an empty batch (privacy): no traffic; both segments see zero samples, DP-SGD adds noise."""
+    h1 = bottom(x[:0])  # (0, ...)
+    out = top(torch.zeros((0, *mid), dtype=h1.dtype))  # (0, num_classes)
+    opt.zero_grad(set_to_none=True)
+    torch.autograd.backward([h1, out], [torch.zeros_like(h1), torch.zeros_like(out)])
+    opt.step()
 
 
 @torch.no_grad()
@@ -168,6 +203,9 @@ def train_segment_u(
     proximal_mu: float = 0.0,
     seed: int = 0,
     release: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,  # privacy: as in train_segment
+    batches: Callable[[], Iterable[torch.Tensor]] | None = None,  # privacy
+    penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # privacy: NoPeek(x, h1)
 ) -> TrainStats:
     """Label-private U-shaped training: bottom and top segments here, the middle on the server.
 
@@ -177,22 +215,26 @@ def train_segment_u(
     params = [*bottom.parameters(), *top.parameters()]
     bottom.train()
     top.train()
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = optimizer or torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)  # privacy
     start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     gen = torch.Generator().manual_seed(seed)
     stats = TrainStats()
     up0, down0 = channel.bytes_up, channel.bytes_down
     loss_sum, correct, n = 0.0, 0, len(y)
+    mid: tuple[int, ...] | None = None
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
+        for idx in batches() if batches is not None else _shuffled(n, batch_size, gen):  # privacy: batches
+            if not len(idx):  # privacy: an empty Poisson batch: no traffic, a noise-only DP-SGD step
+                if mid is not None:  # (before the first real batch the middle's output shape is unknown: skipped)
+                    _empty_step(opt, bottom, top, x, mid)
+                continue
             t0 = time.perf_counter()
             h1 = bottom(x[idx])  # (B, ...) at the first cut
             t1 = time.perf_counter()
             h2, fwd_step = channel.forward(h1.detach() if release is None else release(h1.detach()))
             t2 = time.perf_counter()
             h2 = h2.detach().requires_grad_(True)  # (B, ...) at the second cut
+            mid = tuple(h2.shape[1:])  # privacy: for empty batches
             logits = top(h2)  # (B, num_classes)
             loss = nn.functional.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
@@ -201,7 +243,7 @@ def train_segment_u(
             t3 = time.perf_counter()
             g1 = channel.backward(h2.grad, fwd_step)  # dL/dh1 from the server
             t4 = time.perf_counter()
-            h1.backward(g1)
+            _backward(h1, g1, penalty, x[idx])  # privacy: plus the NoPeek term when set
             for p, p0 in zip(params, start, strict=False):
                 if p.grad is not None:
                     p.grad.add_(p.detach() - p0, alpha=proximal_mu)

@@ -22,6 +22,7 @@ from typing import Any
 
 from fsl.data import DATASETS
 from fsl.models import MODELS, model_spec
+from fsl.privacy.config import PrivacyConfig, check_privacy  # privacy: issue 5
 
 __all__ = [
     "ConfigError",
@@ -234,6 +235,7 @@ class ExperimentConfig:
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     record: RecordConfig = field(default_factory=RecordConfig)  # attacks: issue 6
     activation_noise: ActivationNoiseConfig = field(default_factory=ActivationNoiseConfig)  # attacks: issue 6
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # privacy: issue 5 (fsl/privacy/config.py)
 
     @property
     def architecture(self) -> str:
@@ -250,6 +252,7 @@ class ExperimentConfig:
         )
         _check(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
         _check(self.train.min_clients <= self.clients, "train.min_clients cannot exceed clients")
+        check_privacy(self, ConfigError)  # privacy: issue 5
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
