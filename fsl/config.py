@@ -155,11 +155,21 @@ class ServerConfig:
     batching: bool = False
     max_batch_requests: int = 8  # most requests in one batch
     max_batch_wait_ms: float = 20.0  # longest a batch waits for more requests (a lone client never waits)
+    # deploy: where clients dial the split server when `address` binds 0.0.0.0 ("gpu-host" or "gpu-host:7800";
+    # no port = the bound one), and data-plane TLS (PEM paths on the ServerApp's host; fsl/deploy.py)
+    public_address: str = ""  # deploy
+    tls_certfile: str = ""  # deploy: server certificate (chain)
+    tls_keyfile: str = ""  # deploy: its private key
+    tls_ca_certfile: str = ""  # deploy: CA sent to clients to verify the server ("" = the certificate itself)
 
     def __post_init__(self) -> None:
         _check(self.max_batch_requests >= 1, "server.max_batch_requests must be >= 1")  # issue 8
         _check(self.max_batch_wait_ms >= 0, "server.max_batch_wait_ms must be >= 0")  # issue 8
         _check(":" in self.address, f"server.address must be host:port, got {self.address!r}")
+        _check(
+            bool(self.tls_certfile) == bool(self.tls_keyfile),
+            "server.tls_certfile and server.tls_keyfile go together",
+        )  # deploy
         _check(self.max_message_mb >= 1, "server.max_message_mb must be >= 1")
         _check(self.threads >= 0, "server.threads must be >= 0")
 

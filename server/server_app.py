@@ -31,6 +31,7 @@ from torch import nn
 from clients.trainer import evaluate_model
 from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, load_experiment, to_toml
+from fsl.deploy import advertised_address, dataplane_tls  # deploy
 from fsl.experiment import build_model_for, config_to_json, experiment_dataset
 from fsl.models import cut_shape, split_model, split_model_u
 from fsl.rundir import Checkpoint, RunDir
@@ -397,11 +398,13 @@ class RoundRunner:
             from server.batching import RequestBatcher
 
             batcher = RequestBatcher(self.state, max_requests=sc.max_batch_requests, max_wait_ms=sc.max_batch_wait_ms)
-        server = SplitServer(self.state, sc.address, batcher=batcher).start() if self.state is not None else None
+        tls, tls_conf = dataplane_tls(sc)  # deploy: data-plane TLS (server.tls_*), CA PEM for the clients
+        server = SplitServer(self.state, sc.address, batcher=batcher, **tls).start() if self.state is not None else None
         self.base = {
             "experiment": config_to_json(self.cfg),
             "run-id": self.run_id,
-            "dataplane-address": server.address if server is not None else "",
+            "dataplane-address": advertised_address(sc, server.address) if server is not None else "",  # deploy
+            **tls_conf,  # deploy
         }
         self.base.update(recorder_config(self.recorder, self.run))  # attacks: data owners write ground truth
         try:
