@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from attacks.ground_truth import client_hooks, save_client_ground_truth  # attacks: issue 6
+from clients.resources import client_memory_check, node_batch_size, peak_rss_mb  # deploy
 from clients.trainer import (
     TrainStats,
     evaluate_model,
@@ -93,6 +94,8 @@ def train(msg: Message, context: Context) -> Message:
         "proximal_mu": float(r.conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         "seed": cfg.seed * 100_003 + rnd * 1_009 + context.node_id % 1_000_003,
     }
+    kw["batch_size"] = node_batch_size(context.node_config, kw["batch_size"])  # deploy: the device's batch size
+    client_memory_check(cfg, r.detail, r.module, r.ds.input_shape, context.node_config, kw["batch_size"])  # deploy
     stats: TrainStats
     if cfg.mode == "fl":
         stats = train_local(r.module, part.x_train, part.y_train, **kw)
@@ -116,6 +119,7 @@ def train(msg: Message, context: Context) -> Message:
             "total_s": time.perf_counter() - t0,
             "started_at": started,
             "finished_at": time.time(),
+            "peak_rss_mb": peak_rss_mb(),  # deploy: this process's peak resident memory (VmHWM)
         }
     )
     content = RecordDict({"arrays": ArrayRecord(r.module.state_dict()), "metrics": metrics})

@@ -92,7 +92,12 @@ def make_certs(
     pem = serialization.Encoding.PEM
     pkcs8 = serialization.PrivateFormat.PKCS8
     plain = serialization.NoEncryption()
-    paths = {"ca": out / "ca.pem", "ca_key": out / "ca.key", "server": out / "server.pem", "server_key": out / "server.key"}
+    paths = {
+        "ca": out / "ca.pem",
+        "ca_key": out / "ca.key",
+        "server": out / "server.pem",
+        "server_key": out / "server.key",
+    }
 
     if paths["ca"].exists() and paths["ca_key"].exists():
         ca_cert = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
@@ -216,7 +221,14 @@ def superlink_command(
     insecure: bool = False,
 ) -> list[str]:
     """``flower-superlink`` with TLS from ``certs`` (``fsl certs``), node authentication, no runtime installs."""
-    cmd = [_binary("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    cmd = [
+        _binary("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -332,7 +344,11 @@ def launch_command(
             f'server.tls_ca_certfile="{c / "ca.pem"}"',
         ]
     run_config = " ".join(
-        [f"experiment={_toml_str(experiment)}", f"overrides={_toml_str(' '.join(extra))}", f"resume={_toml_str(resume)}"]
+        [
+            f"experiment={_toml_str(experiment)}",
+            f"overrides={_toml_str(' '.join(extra))}",
+            f"resume={_toml_str(resume)}",
+        ]
     )
     cmd = [_binary("flwr"), "run", str(app_dir), CONNECTION, "--run-config", run_config]
     if stream:
@@ -426,7 +442,9 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--data-path", default="", help="folder with the dataset's files on this device")
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0: the experiment's)")
     p.add_argument("--batch-size", type=int, default=0, help="training batch size on this device (0: the experiment's)")
-    p.add_argument("--memory-mb", type=float, default=0.0, help="refuse to train when the cut would not fit (0: no limit)")
+    p.add_argument(
+        "--memory-mb", type=float, default=0.0, help="refuse to train when the cut would not fit (0: no limit)"
+    )
     p.add_argument("--capability", type=float, default=0.0, help="declared speed for hybrid grouping (0: 1.0)")
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's local ClientApp API port")
     p.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")

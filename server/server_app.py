@@ -381,6 +381,7 @@ class RoundRunner:
             "control_bytes_up": control_up,
             "control_bytes_down": control_down,
             "client_compute_s": sum(float(x["compute_s"]) for x in mets),  # type: ignore[arg-type]
+            "client_peak_rss_mb": max((float(x["peak_rss_mb"]) for x in mets if "peak_rss_mb" in x), default=None),  # type: ignore[arg-type]  # deploy
             "train_s": t_train,
             "seconds": time.perf_counter() - t0,
         }
