@@ -34,6 +34,7 @@ from fsl.config import ExperimentConfig
 from fsl.data import Partition
 from fsl.experiment import client_part, config_from_json, local_partition
 from fsl.grpc_channel import GrpcChannel
+from fsl.privacy.client import client_privacy  # privacy: issue 5
 from fsl.wire.codec import DTYPES
 
 app = ClientApp()
@@ -96,6 +97,9 @@ def train(msg: Message, context: Context) -> Message:
     }
     kw["batch_size"] = node_batch_size(context.node_config, kw["batch_size"])  # deploy: the device's batch size
     client_memory_check(cfg, r.detail, r.module, r.ds.input_shape, context.node_config, kw["batch_size"])  # deploy
+    pid = int(context.node_config.get("partition-id", 0))  # privacy: DP-SGD, NoPeek, U-shaped noise (issue 5)
+    privacy = client_privacy(cfg, r.module, len(part.y_train), kw, pid)
+    kw.update(privacy.kwargs)
     stats: TrainStats
     if cfg.mode == "fl":
         stats = train_local(r.module, part.x_train, part.y_train, **kw)
@@ -120,6 +124,7 @@ def train(msg: Message, context: Context) -> Message:
             "started_at": started,
             "finished_at": time.time(),
             "peak_rss_mb": peak_rss_mb(),  # deploy: this process's peak resident memory (VmHWM)
+            **privacy.metrics(),  # privacy: (sigma, q, steps) for the server's accountant
         }
     )
     content = RecordDict({"arrays": ArrayRecord(r.module.state_dict()), "metrics": metrics})

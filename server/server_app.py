@@ -34,6 +34,7 @@ from fsl.config import ExperimentConfig, load_experiment, to_toml
 from fsl.deploy import advertised_address, dataplane_tls  # deploy
 from fsl.experiment import build_model_for, config_to_json, experiment_dataset
 from fsl.models import cut_shape, split_model, split_model_u
+from fsl.privacy.server import ServerPrivacy  # privacy: issue 5
 from fsl.rundir import Checkpoint, RunDir
 from server.plan import NodeInfo, RoundPlan, round_plan
 from server.recorder import NullRecorder, attach_recorder, recorder_config, updates_from_replies  # attacks: issue 6
@@ -129,6 +130,8 @@ class RoundRunner:
             client_part = s.client
             self.state = self._state(s.server, cut_shape(s.client, self.ds.input_shape), ushaped=False)
         self.arrays = ArrayRecord(client_part.state_dict())
+        self.privacy = ServerPrivacy(cfg)  # privacy: validation, DP accounting, results (issue 5)
+        self.privacy.validate(client_part)
         self.init_arrays = self.arrays
         self.own: dict[int, ArrayRecord] = {}  # psl: each client's own segment
         self.info: dict[int, NodeInfo] = {}
@@ -178,6 +181,7 @@ class RoundRunner:
             self.state.load_state_tensors(ckpt.server)
         self.start_round = ckpt.round + 1
         self.wall_before = float(ckpt.extra.get("wall_s", 0.0))
+        self.privacy.load(ckpt.extra.get("privacy"))  # privacy: the accountant state survives a restart
         self.history = self.run.read_metrics(ckpt.round)
         self.run.rewrite_metrics(self.history)  # drop rows of a round that did not finish
         log.info("resuming %s after round %d", self.run.path, ckpt.round)
@@ -191,7 +195,11 @@ class RoundRunner:
                 round=rnd,
                 client=client,
                 server=self.state.state_tensors() if self.state is not None else {},
-                extra={"wall_s": self.wall_before + time.perf_counter() - t_start, "run_id": self.run_id},
+                extra={
+                    "wall_s": self.wall_before + time.perf_counter() - t_start,
+                    "run_id": self.run_id,
+                    "privacy": self.privacy.state(),  # privacy: accountant state (issue 5)
+                },
             )
         )
 
@@ -385,6 +393,7 @@ class RoundRunner:
             "train_s": t_train,
             "seconds": time.perf_counter() - t0,
         }
+        row.update(self.privacy.round_row(ok))  # privacy: per-client epsilon this round (issue 5)
         self.history.append(row)
         self.run.append_metrics(row)
         self._checkpoint(rnd, t_start)
@@ -417,6 +426,7 @@ class RoundRunner:
                 server.stop()
         device = str(self.state.torch_device) if self.state is not None else "cpu"
         result = summarize(self.cfg, self.history, device, self.wall_before + time.perf_counter() - t_start, self.run)
+        result.update(self.privacy.summary())  # privacy: the `privacy` object (issue 5)
         self.run.write_summary(result)
         self.run.plot(self.history, _title(self.cfg))
         return result

@@ -69,8 +69,11 @@ def check_privacy(cfg: Any, error: type[Exception] = ValueError) -> None:
     """Cross-section checks (``cfg`` is an ``ExperimentConfig``); each message says why and how to fix it."""
     p: PrivacyConfig = cfg.privacy
     if p.dp.enabled:
-        if cfg.mode == "central":
-            raise error("privacy.dp needs clients: the 'central' baseline has none (use mode 'fl' or a split mode)")
+        if cfg.mode in ("fl", "central"):
+            raise error(
+                f"privacy.dp trains the client segment of a split; mode {cfg.mode!r} does not split the model "
+                "(use a split mode such as 'fsl', 'sflv1' or 'ushaped')"
+            )
         if cfg.model.norm == "batch":
             raise error(
                 "privacy.dp: BatchNorm mixes the samples of a batch, so a per-sample gradient does not exist and "
@@ -86,6 +89,8 @@ def check_privacy(cfg: Any, error: type[Exception] = ValueError) -> None:
                 "privacy.dp with train.strategy = 'fedprox': the proximal term is added to the summed gradient after "
                 "Opacus clipped and noised the per-sample ones, which Opacus ignores; use another strategy"
             )
+    if (p.nopeek_weight > 0 or p.compression != "none") and cfg.mode in ("fl", "central"):
+        raise error(f"privacy.nopeek_weight and privacy.compression act at the cut; mode {cfg.mode!r} has none")
     if p.secure_aggregation and cfg.train.strategy not in ("fedavg", "fedprox"):
         raise error(
             f"privacy.secure_aggregation yields only the weighted sum of the client segments, which fits FedAvg "

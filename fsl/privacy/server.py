@@ -1,0 +1,121 @@
+"""What the ServerApp does for the ``[privacy]`` section (issue 5): validation, accounting, results.
+
+:class:`ServerPrivacy` is the one object ``server/server_app.py`` talks to: it validates the client
+segment before the first round, records each client's DP-SGD steps in a :class:`PrivacyLedger`
+(epsilon recomputed with Opacus from the recorded noise multiplier, sample rate and steps), adds the
+per-round figures to ``metrics.jsonl``, saves and restores its state with every checkpoint, and writes
+the ``privacy`` object of ``summary.json``, which says plainly what each mechanism does and does not protect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fsl.privacy.activation import activation_release
+from fsl.privacy.dp import DPValidationError, PrivacyLedger, validate_dp_module
+
+__all__ = ["ServerPrivacy"]
+
+DP_PROTECTS = "the client-segment updates each client returns (and their aggregate), per client, over all rounds"
+DP_DOES_NOT = "the smashed activations (and labels) sent every batch: the server sees them before any noise"
+NOISE_PROTECTS = "each release of one sample's smashed activation (per-release guarantee; releases compose)"
+NOISE_DOES_NOT = "the client-segment updates that get aggregated (use DP-SGD), and the labels"
+
+
+class ServerPrivacy:
+    """Validation, accounting and reporting of the privacy defenses, on the server."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        p = cfg.privacy
+        self.dp = p.dp if p.dp.enabled else None
+        self.ledger = PrivacyLedger(p.dp.accountant, p.dp.delta) if self.dp is not None else None
+
+    def validate(self, client_part: nn.Module) -> None:
+        """Refuse, before any round, a client segment DP-SGD cannot train (the text says why and how to fix it)."""
+        if self.dp is not None:
+            problems = validate_dp_module(client_part)
+            if problems:
+                raise DPValidationError(problems)
+
+    # ------------------------------------------------------------------ rounds
+    def round_row(self, replies: list[Any]) -> dict[str, Any]:
+        """Record this round's DP-SGD steps (replies: the successful train Messages); the row's ``privacy`` field."""
+        if self.ledger is None:
+            return {}
+        clients: dict[str, dict[str, float]] = {}
+        for m in replies:
+            met = m.content["metrics"]
+            if "dp_steps" not in met:
+                continue
+            pid = str(int(met["partition-id"]))
+            self.ledger.record(pid, float(met["dp_noise_multiplier"]), float(met["dp_sample_rate"]), int(met["dp_steps"]))
+            clients[pid] = {
+                "noise_multiplier": float(met["dp_noise_multiplier"]),
+                "sample_rate": float(met["dp_sample_rate"]),
+                "steps_this_round": int(met["dp_steps"]),
+                "steps": self.ledger.steps(pid),
+                "epsilon": self.ledger.epsilon(pid),
+            }
+        eps = [c["epsilon"] for c in clients.values()]
+        return {
+            "privacy": {
+                "accountant": self.ledger.accountant,
+                "delta": self.ledger.delta,
+                "epsilon": max(self.ledger.epsilons().values(), default=0.0),
+                "epsilon_this_round_max": max(eps, default=0.0),
+                "clients": clients,
+            }
+        }
+
+    # ------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {"ledger": self.ledger.state()} if self.ledger is not None else {}
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        if self.ledger is not None and state:
+            self.ledger.load(state.get("ledger"))
+
+    # ----------------------------------------------------------------- results
+    def summary(self) -> dict[str, Any]:
+        """``{"privacy": {...}}`` for summary.json, or ``{}`` when no defense is on."""
+        cfg, p = self.cfg, self.cfg.privacy
+        out: dict[str, Any] = {}
+        if self.ledger is not None:
+            out.update(self.ledger.summary(p.dp.max_grad_norm))
+            out["protects"], out["does_not_protect"] = DP_PROTECTS, DP_DOES_NOT
+            if p.dp.target_epsilon > 0:
+                out["target_epsilon"] = p.dp.target_epsilon
+        noise = activation_release(cfg.activation_noise)
+        if noise is not None:
+            g = noise.guarantee(p.dp.delta)
+            out["activation_noise"] = {
+                "mechanism": noise.mechanism,
+                "clip_norm": noise.clip_norm,
+                "noise_multiplier": noise.noise_multiplier,
+                "epsilon_per_release": g.epsilon,
+                "delta_per_release": g.delta,
+                "scope": g.scope,
+                "protects": NOISE_PROTECTS,
+                "does_not_protect": NOISE_DOES_NOT,
+            }
+        if p.nopeek_weight > 0:
+            out["nopeek"] = {
+                "weight": p.nopeek_weight,
+                "protects": "empirical only: lowers dCor(inputs, activations); no epsilon, no worst-case bound",
+            }
+        if p.compression != "none" or cfg.train.wire_dtype != "float32":
+            out["compression"] = {
+                "activations_and_gradients": p.compression if p.compression != "none" else cfg.train.wire_dtype,
+                "topk_ratio": p.topk_ratio if p.compression == "topk" else None,
+                "protects": "nothing: fewer bytes on the data plane, not a privacy mechanism",
+            }
+        if p.secure_aggregation:
+            out["secure_aggregation"] = {
+                "scheme": "pairwise additive masks (X25519 + HKDF + ChaCha20), fixed point mod 2^64",
+                "protects": "each client's segment from the server: it stores and sees only the weighted sum",
+                "does_not_protect": "the aggregate itself, the activations, dropouts (a round with a dropout is void)",
+            }
+        return {"privacy": out} if out else {}
