@@ -34,8 +34,7 @@ from fsl.config import ExperimentConfig
 from fsl.data import Partition
 from fsl.experiment import client_part, config_from_json, local_partition
 from fsl.grpc_channel import GrpcChannel
-from fsl.privacy.client import client_privacy  # privacy: issue 5
-from fsl.wire.codec import DTYPES
+from fsl.privacy.client import client_privacy, wire_dtype_for  # privacy: issue 5
 
 app = ClientApp()
 
@@ -72,7 +71,7 @@ class _Round:
                 client_id=str(self.node_id),
                 token=str(conf.get("dataplane-token", "")),
             ),
-            wire_dtype=DTYPES[cfg.train.wire_dtype],
+            wire_dtype=wire_dtype_for(cfg),  # privacy: train.wire_dtype or a compressed format (issue 5)
             address=str(conf["dataplane-address"]),
             root_certificates=roots.encode() if roots else None,
             max_message_bytes=cfg.server.max_message_mb * 1024 * 1024,

@@ -181,7 +181,7 @@ class RequestBatcher:
         replica = st._replica_for(hdr.client_id)
         lane = self._lane(replica)
         key = (hdr.client_id, hdr.round, hdr.step)
-        job = _Job(hdr, request, h, y, request.activations.dtype)
+        job = _Job(hdr, request, h, y, codec.format_of(request.activations))  # privacy: + compression
         with lane.cond:
             twin = lane.inflight.get(key) if hdr.client_id else None
             if twin is None:
@@ -363,7 +363,7 @@ class RequestBatcher:
         for job, loss, hit in zip(jobs, losses, correct, strict=True):
             b = a + job.h.shape[0]
             reply = pb.TrainReply(loss=loss, correct=int(hit), server_step=server_step)
-            codec.encode_into(reply.grad, grad[a:b], codec.DTYPES[job.wire_dtype])  # in the sender's dtype
+            codec.encode_into(reply.grad, grad[a:b], codec.wire_format(job.wire_dtype))  # in the sender's format
             job.reply = reply
             a = b
         return []

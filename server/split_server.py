@@ -33,7 +33,7 @@ __all__ = ["InvalidRequest", "SplitServer", "SplitServerState", "resolve_device"
 
 log = logging.getLogger(__name__)
 
-ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16", "int8")  # privacy: int8 = quantized (issue 5)
 
 
 class InvalidRequest(ValueError):
@@ -255,7 +255,7 @@ class SplitServerState:
         with rep.lock:
             if self.observer is not None:
                 self.observer(hdr, h, y)
-            reply = self._train_locked(rep, h, y, request.activations.dtype)
+            reply = self._train_locked(rep, h, y, codec.format_of(request.activations))  # privacy: + top-k
         self._remember(hdr, reply)
         up, down = codec.message_size(request), codec.message_size(reply)  # perf (issue 8): == ByteSize()
         self._count(hdr.client_id, up, down, train=True, samples=h.shape[0])
@@ -278,7 +278,7 @@ class SplitServerState:
         rep.samples += h.shape[0]
         correct = int((logits.argmax(1) == y).sum())
         reply = pb.TrainReply(loss=float(loss.detach()), correct=correct, server_step=self.steps)
-        codec.encode_into(reply.grad, h.grad, codec.DTYPES[wire_dtype])  # (B, ...) dL/dh, sender's dtype
+        codec.encode_into(reply.grad, h.grad, codec.wire_format(wire_dtype))  # (B, ...) dL/dh, sender's format
         return reply
 
     def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
@@ -299,7 +299,8 @@ class SplitServerState:
             h = h_in.to(self.torch_device, dtype=torch.float32).requires_grad_(True)
             rep.segment.train()
             out = rep.segment(h)  # (B, ...) at the second cut
-            reply = pb.ForwardReply(activations=codec.encode(out, codec.DTYPES[request.activations.dtype]))
+            fmt = codec.wire_format(codec.format_of(request.activations))  # privacy: the sender's format
+            reply = pb.ForwardReply(activations=codec.encode(out, fmt))
             version = rep.steps
         with self._lock:  # a client has at most one forward in flight; a new one replaces the old
             self._pending[hdr.client_id] = _Pending(hdr.round, hdr.step, h, out, version, reply)
@@ -343,7 +344,8 @@ class SplitServerState:
             rep.samples += p.h.shape[0]
             assert p.h.grad is not None
             reply = pb.BackwardReply(
-                grad=codec.encode(p.h.grad, codec.DTYPES[request.grad.dtype]), server_step=self.steps
+                grad=codec.encode(p.h.grad, codec.wire_format(codec.format_of(request.grad))),  # privacy: format
+                server_step=self.steps,
             )
         with self._lock:
             self._pending.pop(hdr.client_id, None)

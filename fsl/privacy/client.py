@@ -57,3 +57,16 @@ def client_privacy(cfg: Any, module: nn.Module, n_train: int, kw: dict[str, Any]
     if cfg.model.ushaped:  # the non-U path gets its release from attacks.ground_truth.client_hooks
         out.kwargs["release"] = activation_release(cfg.activation_noise, seed=int(kw["seed"]))
     return out
+
+
+def wire_dtype_for(cfg: Any) -> Any:
+    """What the client's channel encodes activations with: ``train.wire_dtype``, or int8 / top-k (``privacy``)."""
+    from fsl.wire.codec import DTYPES
+    from fsl.wire.compress import WireFormat
+
+    p = cfg.privacy
+    if p.compression == "int8":
+        return WireFormat("int8")
+    if p.compression == "topk":
+        return WireFormat(cfg.train.wire_dtype, p.topk_ratio)
+    return DTYPES[cfg.train.wire_dtype]

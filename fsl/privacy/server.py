@@ -51,7 +51,9 @@ class ServerPrivacy:
             if "dp_steps" not in met:
                 continue
             pid = str(int(met["partition-id"]))
-            self.ledger.record(pid, float(met["dp_noise_multiplier"]), float(met["dp_sample_rate"]), int(met["dp_steps"]))
+            self.ledger.record(
+                pid, float(met["dp_noise_multiplier"]), float(met["dp_sample_rate"]), int(met["dp_steps"])
+            )
             clients[pid] = {
                 "noise_multiplier": float(met["dp_noise_multiplier"]),
                 "sample_rate": float(met["dp_sample_rate"]),

@@ -29,10 +29,12 @@ __all__ = [
     "decode",
     "encode",
     "encode_into",
+    "format_of",
     "message_size",
     "tensor_nbytes",
     "tune_allocator",
     "view",
+    "wire_format",
 ]
 
 # wire name -> torch dtype. bfloat16 has no numpy twin; it travels as its raw 2-byte words.
@@ -58,17 +60,22 @@ def tensor_nbytes(t: pb.Tensor) -> int:
     return len(t.data)
 
 
-def encode(x: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
+def encode(x: torch.Tensor, dtype: torch.dtype | Any = None) -> pb.Tensor:
     """Encode ``x`` (cast to ``dtype`` if given) as a wire ``Tensor``."""
     return encode_into(pb.Tensor(), x, dtype)
 
 
-def encode_into(out: pb.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> pb.Tensor:
+def encode_into(out: pb.Tensor, x: torch.Tensor, dtype: torch.dtype | Any = None) -> pb.Tensor:
     """Encode ``x`` into ``out`` in place (e.g. ``encode_into(reply.grad, g)``) and return ``out``.
 
     Prefer this to ``Reply(grad=encode(g))``: protobuf copies a sub-message passed to a
     constructor by serializing and parsing it again, a second pass over the payload.
+    ``dtype`` may be a :class:`fsl.wire.compress.WireFormat` (int8 quantization, top-k; privacy: issue 5).
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype):  # privacy: compressed formats (issue 5)
+        from fsl.wire.compress import encode_compressed
+
+        return encode_compressed(out, x, dtype)
     x = x.detach()
     scale = 0.0
     if dtype == torch.float16 and x.is_floating_point() and x.dtype != torch.float16 and x.numel():
@@ -124,6 +131,10 @@ def decode(
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise WireError(f"{name}: {count} elements exceed the limit of {max_elements}")
+    if t.indices:  # privacy: a top-k sparse payload (fsl/wire/compress.py, issue 5)
+        from fsl.wire.compress import decode_sparse
+
+        return decode_sparse(t, name, count)
     data = t.data  # read the field once: each access copies the payload out of protobuf
     expected = count * _ITEMSIZE[t.dtype]
     if len(data) != expected:
@@ -139,6 +150,22 @@ def decode(
         else:
             out = out.float() * t.scale  # a scaled float16 payload decodes to float32
     return out
+
+
+def wire_format(name: str) -> torch.dtype | Any:
+    """What to encode with for a format name from :func:`format_of` (a dtype, or a compressed format)."""
+    if name in DTYPES and name != "int8":
+        return DTYPES[name]
+    from fsl.wire.compress import parse_format  # privacy: int8 quantization, top-k (issue 5)
+
+    return parse_format(name)
+
+
+def format_of(t: pb.Tensor) -> str:
+    """The format a received tensor travelled in, so the reply can travel the same way."""
+    from fsl.wire.compress import format_of as _format_of
+
+    return _format_of(t)
 
 
 def view(dtype: str, shape: tuple[int, ...], data: bytes) -> torch.Tensor:
@@ -175,7 +202,7 @@ def _varint_size(n: int) -> int:
 
 
 def _tensor_size(t: pb.Tensor) -> int:
-    if t.dtype not in _ITEMSIZE:
+    if t.dtype not in _ITEMSIZE or t.indices:  # privacy: sparse payloads are small; size them exactly
         return t.ByteSize()  # not ours to size cheaply
     head = pb.Tensor(dtype=t.dtype, shape=t.shape, scale=t.scale).ByteSize()
     n = math.prod(int(d) for d in t.shape) * _ITEMSIZE[t.dtype]
