@@ -338,11 +338,14 @@ def launch_command(
     extra = list(overrides)
     if dataplane_certs is not None:
         c = Path(dataplane_certs).resolve()
+        # bare words: `overrides` is itself a quoted string in Flower's run config, which has no escapes
         extra += [
-            f'server.tls_certfile="{c / "server.pem"}"',
-            f'server.tls_keyfile="{c / "server.key"}"',
-            f'server.tls_ca_certfile="{c / "ca.pem"}"',
+            f"server.tls_certfile={c / 'server.pem'}",
+            f"server.tls_keyfile={c / 'server.key'}",
+            f"server.tls_ca_certfile={c / 'ca.pem'}",
         ]
+    if any('"' in o or " " in o for o in extra):
+        raise ValueError(f"overrides cannot contain quotes or spaces in a Flower run config: {extra}")
     run_config = " ".join(
         [
             f"experiment={_toml_str(experiment)}",

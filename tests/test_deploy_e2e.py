@@ -1,0 +1,261 @@
+"""End to end on Flower's deployment engine: real SuperLink and SuperNode processes on 127.0.0.1.
+
+TLS on the control plane (Flower's flags) and on the data plane (our split server, inside the
+ServerApp process the SuperLink starts), SuperNode authentication with ECDSA keys, runtime
+dependency installation disabled. Every process runs in its own process group and is killed
+in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from fsl.deploy import flower_connection, make_certs
+from fsl.wire import codec
+from fsl.wire import dataplane_pb2 as pb
+from fsl.wire import dataplane_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Procs:
+    """Processes started by a test, each in its own session; all killed on exit."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp, self.env, self.procs = tmp, env, {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "fsl.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        self.procs[name] = (p, log)
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for p, _ in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 15
+        for p, log in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # the group too: Flower's SuperExec and app processes
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.wait(timeout=10)
+            log.close()
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the SuperLink exited during startup"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "flwr"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+class DataPlaneProbe(threading.Thread):
+    """While the run is on, knock on the split server without credentials and without TLS."""
+
+    def __init__(self, port: int, ca: bytes) -> None:
+        super().__init__(daemon=True)
+        self.port, self.ca = port, ca
+        self.stop = threading.Event()
+        self.codes: dict[str, grpc.StatusCode] = {}
+        self.plaintext: grpc.StatusCode | None = None
+
+    def _request(self, token: str) -> pb.TrainRequest:
+        return pb.TrainRequest(
+            header=pb.Header(run_id="probe", round=1, client_id="intruder", step=1, token=token),
+            activations=codec.encode(torch.zeros(2, 16, 4, 4)),  # digits 8x8 at cut conv1
+            labels=codec.encode(torch.zeros(2, dtype=torch.int64)),
+        )
+
+    def run(self) -> None:
+        target = f"127.0.0.1:{self.port}"
+        tls = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=self.ca))
+        plain = grpc.insecure_channel(target)
+        stub, plain_stub = pb_grpc.SplitDataPlaneStub(tls), pb_grpc.SplitDataPlaneStub(plain)
+        try:
+            while not self.stop.is_set() and len(self.codes) < 2:
+                for what, token in (("no-token", ""), ("forged", "00" * 32)):
+                    try:
+                        stub.Train(self._request(token), timeout=5)
+                        self.codes[what] = grpc.StatusCode.OK
+                    except grpc.RpcError as e:
+                        if e.code() != grpc.StatusCode.UNAVAILABLE:  # not up yet
+                            self.codes[what] = e.code()
+                time.sleep(0.5)
+            if self.codes:  # the server is up: a client that does not speak TLS gets nowhere
+                try:
+                    plain_stub.Info(pb.InfoRequest(), timeout=5)
+                    self.plaintext = grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    self.plaintext = e.code()
+        finally:
+            tls.close()
+            plain.close()
+
+
+def test_deployment_engine_with_tls_node_auth_and_an_authenticated_data_plane(tmp_path, monkeypatch):
+    t_start = time.monotonic()
+    certs = tmp_path / "certs"
+    make_certs(certs, nodes=3)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),  # Flower's config and installed apps: not ~/.flwr
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    sl_port, dp_port = _free_port(), _free_port()
+    superlink = f"127.0.0.1:{sl_port}"
+    procs = Procs(tmp_path, env)
+    probe = DataPlaneProbe(dp_port, (certs / "ca.pem").read_bytes())
+    try:
+        sl = procs.start("superlink", "superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(sl_port))
+        _wait_port(sl_port, sl)
+        # the run's connection in $FLWR_HOME/config.toml, then register two of the three node keys
+        monkeypatch.setenv("FLWR_HOME", env["FLWR_HOME"])
+        flower_connection(superlink, str(certs / "ca.pem"))
+        for i in (1, 2):
+            reg = _flwr(env, "supernode", "register", str(certs / f"node-{i}.pub"), "fsl")
+            assert reg.returncode == 0 and "registered" in reg.stdout, reg.stdout + reg.stderr
+        for i in (1, 2, 3):  # node 3 holds a key the SuperLink does not know
+            procs.start(
+                f"supernode-{i}",
+                "supernode",
+                "--superlink",
+                superlink,
+                "--root-certificates",
+                str(certs / "ca.pem"),
+                "--key",
+                str(certs / f"node-{i}.key"),
+                "--partition-id",
+                str(min(i - 1, 1)),
+                "--num-partitions",
+                "2",
+                "--threads",
+                "1",
+                "--memory-mb",
+                "4000",
+                "--port",
+                str(_free_port()),
+            )
+        probe.start()
+        t_run = time.monotonic()
+        print(f"setup {t_run - t_start:.0f}s")
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fsl.cli",
+                "launch",
+                "quickstart",
+                "data.name=digits",
+                "clients=2",
+                "train.rounds=2",
+                "train.fraction_evaluate=0",
+                "train.min_clients=2",
+                "train.round_timeout_s=120",
+                f"server.address=127.0.0.1:{dp_port}",
+                f"output_dir={tmp_path / 'runs'}",
+                "--superlink",
+                superlink,
+                "--root-certificates",
+                str(certs / "ca.pem"),
+                "--dataplane-certs",
+                str(certs),
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        probe.stop.set()
+        probe.join(timeout=30)
+        out = run.stdout + run.stderr
+        assert run.returncode == 0, out
+        print(f"run {time.monotonic() - t_run:.0f}s")
+
+        # ---- the unregistered SuperNode was refused and gave up; the registered ones are online
+        p3 = procs.procs["supernode-3"][0]
+        p3.wait(timeout=30)
+        assert p3.returncode != 0, procs.log("supernode-3")
+        assert "Failed to activate SuperNode" in procs.log("supernode-3"), procs.log("supernode-3")
+        for i in (1, 2):
+            assert procs.procs[f"supernode-{i}"][0].poll() is None, procs.log(f"supernode-{i}")
+        nodes = _flwr(env, "supernode", "list", "fsl", "--format", "json")
+        assert nodes.returncode == 0, nodes.stdout + nodes.stderr
+        listed = json.loads(nodes.stdout[nodes.stdout.index("{") :])
+        assert len(listed["nodes"]) == 2, listed
+
+        # ---- the data plane refused a client without a valid credential, and plaintext
+        assert probe.codes == {
+            "no-token": grpc.StatusCode.UNAUTHENTICATED,
+            "forged": grpc.StatusCode.UNAUTHENTICATED,
+        }, probe.codes
+        assert probe.plaintext == grpc.StatusCode.UNAVAILABLE, probe.plaintext
+
+        # ---- two rounds with both clients; accuracy rises well above chance (10 classes)
+        (run_dir,) = list((tmp_path / "runs").iterdir())
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2]
+        assert all(r["clients"] == 2 and r["failures"] == 0 for r in rows), rows
+        acc = [r["accuracy"] for r in rows]
+        assert acc[0] > 0.3 and acc[1] > 0.6 and acc[1] > acc[0] - 0.02, acc
+        assert all(r["dataplane_bytes_up"] > 0 for r in rows)
+        assert all(50 < r["client_peak_rss_mb"] < 4000 for r in rows), [r["client_peak_rss_mb"] for r in rows]
+        config = (run_dir / "config.toml").read_text()
+        assert "tls_certfile" in config and str(certs / "server.pem") in config
+        assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
+    finally:
+        probe.stop.set()
+        procs.stop_all()
+    assert all(p.poll() is not None for p, _ in procs.procs.values())
+    print(f"deployment e2e: {time.monotonic() - t_start:.0f}s")
