@@ -1,0 +1,63 @@
+"""Client resource controls (clients/resources.py): memory budget, batch size, peak RSS."""
+
+from __future__ import annotations
+
+import pytest
+
+from clients.resources import (
+    MemoryBudgetError,
+    check_memory_budget,
+    client_memory_check,
+    estimate_training_memory,
+    node_batch_size,
+    peak_rss_mb,
+    rss_mb,
+)
+from fsl.config import load_experiment
+from fsl.experiment import client_part
+from fsl.models import build_model, split_model
+
+
+def _client(cut: str):
+    return split_model(build_model("cnn", (1, 28, 28), 10), cut).client
+
+
+def test_estimate_grows_with_the_batch_and_with_the_depth_of_the_cut():
+    e32 = estimate_training_memory([_client("conv1")], (1, 28, 28), 32)
+    e64 = estimate_training_memory([_client("conv1")], (1, 28, 28), 64)
+    assert e64.activations_mb == pytest.approx(2 * e32.activations_mb)
+    deep = estimate_training_memory([_client("fc1")], (1, 28, 28), 32)
+    assert deep.params_mb > e32.params_mb and deep.activations_mb > e32.activations_mb
+    # conv1 keeps at least input + conv output + ReLU + pooled output: (1 + 3*16*... ) floats per sample
+    assert e32.activations_mb * 1024 * 1024 / 32 >= 4 * (28 * 28 + 16 * 28 * 28 + 16 * 14 * 14)
+
+
+def test_budget_refusal_says_what_fits():
+    est = estimate_training_memory([_client("fc1")], (1, 28, 28), 256)
+    check_memory_budget(est, 0, "x")  # no budget
+    check_memory_budget(est, est.total_mb + 1, "x")
+    fits = est.resident_mb + est.training_mb / 2
+    with pytest.raises(MemoryBudgetError, match=r"cnn cut at fc1 with batch size 256 .*batch-size=1\d\d") as err:
+        check_memory_budget(est, fits, "cnn cut at fc1")
+    assert "Nothing was trained" in str(err.value)
+    with pytest.raises(MemoryBudgetError, match="no batch size fits"):
+        check_memory_budget(est, est.resident_mb / 2, "cnn cut at fc1")
+
+
+def test_client_memory_check_covers_every_kind_of_client_part():
+    for overrides in ([], ["mode=ushaped"], ["mode=fl"]):
+        cfg = load_experiment("quickstart", overrides)
+        module, detail = client_part(cfg, (1, 28, 28), 10)
+        assert client_memory_check(cfg, detail, module, (1, 28, 28), {}, 32) is None  # no budget set
+        est = client_memory_check(cfg, detail, module, (1, 28, 28), {"memory-mb": 100_000.0}, 32)
+        assert est is not None and est.total_mb > est.resident_mb
+        with pytest.raises(MemoryBudgetError):
+            client_memory_check(cfg, detail, module, (1, 28, 28), {"memory-mb": 1.0}, 32)
+
+
+def test_node_batch_size_and_rss():
+    assert node_batch_size({}, 32) == 32
+    assert node_batch_size({"batch-size": 8}, 32) == 8
+    with pytest.raises(ValueError):
+        node_batch_size({"batch-size": -1}, 32)
+    assert 10 < rss_mb() <= peak_rss_mb() < 100_000
