@@ -188,7 +188,10 @@ def main(args: argparse.Namespace) -> int:
     base = load_experiment("compare", overrides)
     ds = experiment_dataset(base)
     target = TARGET.get(base.data.name, 0.8)
-    root = RunDir.create(base.output_dir, "compare-quick" if args.quick else "compare").path
+    if getattr(args, "resume", None):  # `fsl run compare --resume DIR`: finished modes are reused
+        root = Path(args.resume)
+    else:
+        root = RunDir.create(base.output_dir, "compare-quick" if args.quick else "compare").path
     print(f"run directory: {root}")
     rows = []
     for mode in MODES:

@@ -181,7 +181,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fsl.config import ConfigError, load_experiment
     from fsl.rundir import RunDir
 
-    sweep = None if args.resume else _sweep(args.experiment)
+    # a sweep (compare, leakage, ...) resumes with `fsl run NAME --resume ITS_DIR`
+    sweep = _sweep(args.experiment) if (args.experiment and "=" not in args.experiment) else None
     if sweep is not None:  # an experiment made of several runs (compare, leakage, ...)
         return int(sweep.main(args))
 
