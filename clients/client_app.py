@@ -34,7 +34,7 @@ from fsl.config import ExperimentConfig
 from fsl.data import Partition
 from fsl.experiment import client_part, config_from_json, local_partition
 from fsl.grpc_channel import GrpcChannel
-from fsl.privacy.client import client_privacy, wire_dtype_for  # privacy: issue 5
+from fsl.privacy.client import client_arrays, client_privacy, secagg_setup_reply, wire_dtype_for  # privacy: issue 5
 
 app = ClientApp()
 
@@ -126,7 +126,8 @@ def train(msg: Message, context: Context) -> Message:
             **privacy.metrics(),  # privacy: (sigma, q, steps) for the server's accountant
         }
     )
-    content = RecordDict({"arrays": ArrayRecord(r.module.state_dict()), "metrics": metrics})
+    arrays = client_arrays(r.module.state_dict(), r.conf, context, stats.examples)  # privacy: masked under secagg
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -160,6 +161,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """What this node holds, for the ServerApp's planning (hybrid grouping, progress)."""
+    setup = secagg_setup_reply(msg, context)  # privacy: secure-aggregation key setup (issue 5)
+    if setup is not None:
+        return setup  # type: ignore[no-any-return]
     r = _Round(msg, context)
     metrics = MetricRecord(
         {"num-examples": len(r.part.y_train), "capability": float(context.node_config.get("capability", 1.0))}

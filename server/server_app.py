@@ -294,6 +294,8 @@ class RoundRunner:
         )
         if state is not None:
             state.open_replicas({str(n): rid for n, rid in plan.replicas.items()})
+        keys = self.privacy.secagg_setup(self.grid, rnd, plan.order, self.base, cfg.train.round_timeout_s)  # privacy
+        conf.update(keys)  # privacy: every participant's public key for pairwise masks (issue 5)
         replies = self._train(rnd, plan, conf)
         if state is not None:
             state.merge_replicas()
@@ -307,7 +309,10 @@ class RoundRunner:
         # ---- aggregation
         control_down = self.arrays.count_bytes() * len(plan.order)
         if plan.aggregate_clients and ok:
-            new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
+            if self.privacy.secagg:  # privacy: only the masked sum is ever seen (issue 5)
+                new_arrays = self.privacy.secagg_aggregate(rnd, ok, self.arrays)
+            else:
+                new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
             if new_arrays is not None:
                 self.arrays = new_arrays
         elif plan.handoff and ok:

@@ -70,3 +70,40 @@ def wire_dtype_for(cfg: Any) -> Any:
     if p.compression == "topk":
         return WireFormat(cfg.train.wire_dtype, p.topk_ratio)
     return DTYPES[cfg.train.wire_dtype]
+
+
+# ----------------------------------------------------------------------------- secure aggregation (client side)
+SECAGG_SETUP = "secagg-setup"
+
+
+def secagg_setup_reply(msg: Any, context: Any) -> Any:
+    """Answer the ServerApp's setup QUERY with a fresh public key (``None``: not a setup message)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fsl.privacy.secagg import generate_keypair
+
+    conf = msg.content["config"]
+    if SECAGG_SETUP not in conf:
+        return None
+    private, public = generate_keypair()  # fresh per round; the private key never leaves this node
+    context.state["secagg"] = ConfigRecord({"round": int(conf[SECAGG_SETUP]), "private": private})
+    return Message(RecordDict({"secagg": ConfigRecord({"public": public})}), reply_to=msg)
+
+
+def client_arrays(state_dict: dict[str, Any], conf: Any, context: Any, examples: int) -> Any:
+    """What the client returns: its segment, or with secure aggregation on, ``examples * segment`` masked."""
+    from flwr.app import Array, ArrayRecord
+
+    from fsl.privacy.secagg import MASKED_KEY, flatten, mask
+
+    if "secagg-peers" not in conf:
+        return ArrayRecord(state_dict)
+    rnd = int(conf["server-round"])
+    st = context.state["secagg"] if "secagg" in context.state else None
+    if st is None or int(st["round"]) != rnd:
+        raise RuntimeError(f"secure aggregation: no key pair for round {rnd} on this node (setup missed)")
+    flat, _ = flatten({k: v.detach().cpu().numpy() for k, v in state_dict.items()})
+    peers = dict(zip([str(p) for p in conf["secagg-peers"]], [bytes(k) for k in conf["secagg-keys"]], strict=True))
+    me = str(context.node_id)
+    masked = mask(flat * float(examples), me, bytes(st["private"]), peers, f"{conf['run-id']}/{rnd}".encode())
+    return ArrayRecord({MASKED_KEY: Array(masked)})

@@ -9,6 +9,7 @@ the ``privacy`` object of ``summary.json``, which says plainly what each mechani
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
@@ -17,6 +18,8 @@ from fsl.privacy.activation import activation_release
 from fsl.privacy.dp import DPValidationError, PrivacyLedger, validate_dp_module
 
 __all__ = ["ServerPrivacy"]
+
+log = logging.getLogger("fsl.server")
 
 DP_PROTECTS = "the client-segment updates each client returns (and their aggregate), per client, over all rounds"
 DP_DOES_NOT = "the smashed activations (and labels) sent every batch: the server sees them before any noise"
@@ -32,6 +35,9 @@ class ServerPrivacy:
         p = cfg.privacy
         self.dp = p.dp if p.dp.enabled else None
         self.ledger = PrivacyLedger(p.dp.accountant, p.dp.delta) if self.dp is not None else None
+        self.secagg = bool(p.secure_aggregation)
+        self._participants: set[str] = set()
+        self.void_rounds: list[int] = []
 
     def validate(self, client_part: nn.Module) -> None:
         """Refuse, before any round, a client segment DP-SGD cannot train (the text says why and how to fix it)."""
@@ -71,6 +77,58 @@ class ServerPrivacy:
                 "clients": clients,
             }
         }
+
+    # ------------------------------------------------------- secure aggregation
+    def secagg_setup(
+        self, grid: Any, rnd: int, nodes: list[int], base: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        """Collect a fresh public key from every node of the round; the config keys the TRAIN messages carry."""
+        if not self.secagg:
+            return {}
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        from fsl.privacy.client import SECAGG_SETUP
+
+        msgs = [
+            Message(
+                RecordDict({"config": ConfigRecord({**base, SECAGG_SETUP: rnd})}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in nodes
+        ]
+        keys = {
+            str(m.metadata.src_node_id): bytes(m.content["secagg"]["public"])  # type: ignore[index, arg-type]
+            for m in grid.send_and_receive(msgs, timeout=timeout)
+            if not m.has_error()
+        }
+        self._participants = set(keys)
+        return {"secagg-peers": list(keys), "secagg-keys": list(keys.values())}
+
+    def secagg_aggregate(self, rnd: int, replies: list[Any], current: Any) -> Any:
+        """FedAvg from the masked uploads: ``sum_i n_i w_i / sum_i n_i``; ``None`` when the round is void."""
+        from flwr.app import Array, ArrayRecord
+
+        from fsl.privacy.secagg import MASKED_KEY, SecAggError, flatten, unflatten, unmask_sum
+
+        senders = {str(m.metadata.src_node_id) for m in replies}
+        if senders != self._participants:
+            log.warning(
+                "secure aggregation: round %d lost %s; the sum cannot be unmasked, segment kept",
+                rnd,
+                sorted(self._participants - senders),
+            )
+            self.void_rounds.append(rnd)
+            return None
+        try:
+            total = unmask_sum([m.content["arrays"][MASKED_KEY].numpy() for m in replies])
+        except SecAggError as e:
+            log.warning("secure aggregation: round %d: %s; segment kept", rnd, e)
+            self.void_rounds.append(rnd)
+            return None
+        n = sum(int(m.content["metrics"]["num-examples"]) for m in replies)
+        _, layout = flatten({k: a.numpy() for k, a in current.items()})
+        return ArrayRecord({k: Array(v) for k, v in unflatten(total / max(1, n), layout).items()})
 
     # ------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
@@ -119,5 +177,6 @@ class ServerPrivacy:
                 "scheme": "pairwise additive masks (X25519 + HKDF + ChaCha20), fixed point mod 2^64",
                 "protects": "each client's segment from the server: it stores and sees only the weighted sum",
                 "does_not_protect": "the aggregate itself, the activations, dropouts (a round with a dropout is void)",
+                "void_rounds": self.void_rounds,
             }
         return {"privacy": out} if out else {}
