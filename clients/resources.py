@@ -31,9 +31,12 @@ __all__ = [
 ]
 
 MB = 1024 * 1024
-# autograd temporaries, the allocator's slack and the data-plane buffers (request and reply of one
-# batch) on top of what is counted exactly; measured against peak RSS in clients/pi/memory_table.py
-OVERHEAD = 1.5
+# Measured against peak RSS (clients/pi/memory_table.py, torch 2.13 x86_64; README there): the first
+# forward/backward costs a fixed ~80-90 MB (torch's lazy kernels, autograd and thread pools), and
+# autograd temporaries, the allocator's slack and the data-plane buffers of a batch come to about as
+# much again as what is counted exactly. Both are set so the estimate errs on the high side.
+OVERHEAD = 2.0
+FIRST_STEP_MB = 96.0
 
 
 class MemoryBudgetError(RuntimeError):
@@ -75,7 +78,7 @@ class MemoryEstimate:
 
     @property
     def training_mb(self) -> float:
-        return (self.params_mb + self.activations_mb) * OVERHEAD
+        return FIRST_STEP_MB + (self.params_mb + self.activations_mb) * OVERHEAD
 
     @property
     def total_mb(self) -> float:
@@ -136,7 +139,8 @@ def check_memory_budget(est: MemoryEstimate, budget_mb: float, what: str) -> Non
     if budget_mb <= 0 or est.total_mb <= budget_mb:
         return
     per_sample = est.activations_mb / est.batch_size * OVERHEAD
-    fit = int((budget_mb - est.resident_mb - est.params_mb * OVERHEAD) / per_sample) if per_sample > 0 else 0
+    fixed = est.resident_mb + FIRST_STEP_MB + est.params_mb * OVERHEAD
+    fit = int((budget_mb - fixed) / per_sample) if per_sample > 0 else 0
     hint = (
         f"a batch size of at most {fit} (node config batch-size={fit}) would fit"
         if fit >= 1
@@ -145,7 +149,8 @@ def check_memory_budget(est: MemoryEstimate, budget_mb: float, what: str) -> Non
     raise MemoryBudgetError(
         f"memory budget {budget_mb:.0f} MB exceeded: {what} with batch size {est.batch_size} needs about "
         f"{est.total_mb:.0f} MB ({est.resident_mb:.0f} MB already resident + {est.training_mb:.0f} MB for training: "
-        f"{est.params_mb:.1f} MB weights/grads/momentum, {est.activations_mb:.1f} MB activations, x{OVERHEAD} overhead); "
+        f"{FIRST_STEP_MB:.0f} MB torch runtime, {est.params_mb:.1f} MB weights/grads/momentum and "
+        f"{est.activations_mb:.1f} MB activations, these two x{OVERHEAD}); "
         f"{hint}. Nothing was trained."
     )
 
