@@ -61,3 +61,26 @@ def test_node_batch_size_and_rss():
     with pytest.raises(ValueError):
         node_batch_size({"batch-size": -1}, 32)
     assert 10 < rss_mb() <= peak_rss_mb() < 100_000
+
+
+def test_the_client_role_imports_nothing_server_or_simulation_only():
+    """What `pip install .[client]` lacks must not be needed by the ClientApp or the `fsl supernode` command."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, sys
+BLOCK = {"safetensors", "matplotlib", "sklearn", "mlxtend", "ray", "skimage", "opacus", "hypothesis"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ImportError("server/simulation-only package imported by the client: " + name)
+sys.meta_path.insert(0, Block())
+import clients.client_app, clients.resources, fsl.deploy, fsl.grpc_channel
+from fsl.cli import main
+assert main(["supernode", "--superlink", "h:1", "--root-certificates", "ca.pem", "--partition-id", "0",
+             "--num-partitions", "2", "--dry-run"]) == 0
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "flower-supernode" in proc.stdout
