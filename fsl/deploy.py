@@ -11,6 +11,8 @@ Roles (see README, "Deployment"):
 - ``fsl supernode --superlink HOST:PORT --root-certificates ca.pem --key node-1.key
   --partition-id 0 --num-partitions 2``: Flower's SuperNode on a device, with its data
   and resource limits as node config.
+- ``fsl connect --superlink HOST:PORT --root-certificates ca.pem``: the connection for
+  ``flwr supernode register node-N.pub fsl`` and other ``flwr`` commands.
 - ``fsl launch EXPERIMENT [overrides] --superlink HOST:PORT --root-certificates ca.pem
   --dataplane-certs DIR``: writes the SuperLink connection ``fsl`` into Flower's config
   (``$FLWR_HOME/config.toml``) and submits the run with ``flwr run``.
@@ -419,6 +421,12 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     return _exec(cmd, args.dry_run, _NO_INSTALL)
 
 
+def _cmd_connect(args: argparse.Namespace) -> int:
+    path = flower_connection(args.superlink, args.root_certificates, insecure=args.insecure)
+    print(f"SuperLink connection {CONNECTION!r} -> {args.superlink} written to {path}")
+    return 0
+
+
 def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add ``certs``, ``superlink``, ``supernode`` and ``launch`` to the ``fsl`` CLI."""
     p = sub.add_parser("certs", help="create a CA, server certificates and SuperNode keys for a deployment")
@@ -453,6 +461,11 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
 
+    p = sub.add_parser("connect", help="write the SuperLink connection 'fsl' into Flower's config (for flwr commands)")
+    p.add_argument("--superlink", required=True, help="SuperLink host:port")
+    p.add_argument("--root-certificates", help="the deployment's ca.pem")
+    p.add_argument("--insecure", action="store_true")
+
     p = sub.add_parser("launch", help="submit an experiment to a running SuperLink (`flwr run`)")
     p.add_argument("experiment", help="experiment name or .toml path")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -463,4 +476,10 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--app", default=".", help="the Flower app folder (this project)")
     p.add_argument("--insecure", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
-    return {"certs": _cmd_certs, "superlink": _cmd_superlink, "supernode": _cmd_supernode, "launch": _cmd_launch}
+    return {
+        "certs": _cmd_certs,
+        "superlink": _cmd_superlink,
+        "supernode": _cmd_supernode,
+        "connect": _cmd_connect,
+        "launch": _cmd_launch,
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import shlex
 import stat
+from pathlib import Path
 
 import grpc
 import pytest
@@ -47,6 +48,18 @@ def test_certs_chain_to_the_ca_with_the_right_names_and_private_modes(tmp_path):
     assert again["node-1"].read_bytes() == paths["node-1"].read_bytes()
     assert again["node-3"].exists()
     x509.load_pem_x509_certificate(again["server"].read_bytes()).verify_directly_issued_by(ca)
+
+
+def test_fsl_connect_writes_flowers_connection(tmp_path, monkeypatch):
+    import tomllib
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "local"\n[superlink.local]\naddress = ":local:"\n')
+    assert fsl_main(["connect", "--superlink", "10.0.0.1:9093", "--root-certificates", "ca.pem"]) == 0
+    conf = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert conf["superlink"]["default"] == "local"  # the user's default is kept
+    assert conf["superlink"]["local"] == {"address": ":local:"}
+    assert conf["superlink"]["fsl"] == {"address": "10.0.0.1:9093", "root-certificates": str(Path("ca.pem").resolve())}
 
 
 def test_fsl_certs_cli(tmp_path, capsys):
