@@ -54,9 +54,7 @@ def test_bad_sparse_payloads_are_refused():
         codec.decode(bad)
 
 
-@pytest.mark.parametrize(
-    ("fmt", "ratio"), [(torch.float16, 0.5), (torch.bfloat16, 0.5), (WireFormat("int8"), 0.25)]
-)
+@pytest.mark.parametrize(("fmt", "ratio"), [(torch.float16, 0.5), (torch.bfloat16, 0.5), (WireFormat("int8"), 0.25)])
 def test_bytes_up_fall_with_the_format_and_the_gradient_comes_back_in_it(fmt, ratio):
     x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
     sizes = {}
@@ -76,7 +74,9 @@ def test_topk_training_through_the_split_and_ushaped():
     _, split, state = make_state("cnn", cut="conv1")
     before = [p.detach().clone() for p in split.client.parameters()]
     stats = train_segment(split.client, x, y, InMemoryChannel(server=state, wire_dtype=WireFormat("float16", 0.1)))
-    assert stats.examples == 32 and all(not torch.equal(a, b) for a, b in zip(before, split.client.parameters()))
+    assert stats.examples == 32 and all(
+        not torch.equal(a, b) for a, b in zip(before, split.client.parameters(), strict=True)
+    )
     model = build_model("cnn", (1, 28, 28), 10, seed=0)
     u = split_model_u(model, "conv1", "fc1")
     ustate = SplitServerState(

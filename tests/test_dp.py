@@ -33,9 +33,14 @@ def _batch(n=6, seed=0):
     return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")
+
+
 def _session(module, n, sigma=0.0, clip=1e6, **kw):
     dp = DPConfig(enabled=True, noise_multiplier=sigma, max_grad_norm=clip, **kw)
-    return make_dp_session(module, n, dp=dp, batch_size=4, lr=0.1, momentum=0.0, weight_decay=0.0, seed=0, total_epochs=1)
+    return make_dp_session(
+        module, n, dp=dp, batch_size=4, lr=0.1, momentum=0.0, weight_decay=0.0, seed=0, total_epochs=1
+    )
 
 
 def _per_sample_reference(model, cut, x, y):
@@ -177,4 +182,27 @@ def test_ushaped_dp_trains_both_client_segments():
     )
     assert session.steps == 4 and stats.batches <= 4
     assert all(not torch.equal(p, p0) for p, p0 in zip(both.parameters(), before, strict=True))
+    session.close()
+
+
+def test_empty_poisson_batches_still_take_a_noise_only_step():
+    """Tiny data and a small sample rate: some Poisson batches are empty; every step is counted and taken."""
+    _, split, state = make_state("cnn", cut="conv1")
+    x, y = _batch(4, seed=4)
+    dp = DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0)
+    session = make_dp_session(
+        split.client, 4, dp=dp, batch_size=1, lr=0.1, momentum=0.0, weight_decay=0.0, seed=0, total_epochs=1
+    )
+    sizes: list[int] = []
+
+    def batches():
+        for idx in session.batches():
+            sizes.append(len(idx))
+            yield idx
+
+    stats = train_segment(
+        split.client, x, y, InMemoryChannel(server=state), epochs=5, optimizer=session.optimizer, batches=batches
+    )
+    assert 0 in sizes  # (1 - 1/4)^4 = 32 %: about 6 of 20 batches are empty
+    assert session.steps == 20 and stats.batches == 20 and stats.examples == sum(sizes)
     session.close()

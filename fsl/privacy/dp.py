@@ -230,9 +230,11 @@ def make_dp_session(
     else:
         loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size, shuffle=True, generator=gen)
     opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    engine = PrivacyEngine(accountant=dp.accountant)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "secure RNG turned off": seeded noise, reproducible, not a CSPRNG
+        engine = PrivacyEngine(
+            accountant=dp.accountant
+        )  # "secure RNG turned off": seeded noise, reproducible, not a CSPRNG
         hooks, dp_opt, loader = engine.make_private(
             module=module,
             optimizer=opt,
