@@ -81,11 +81,14 @@ def _fmt(v: Any) -> str:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
     if isinstance(v, float):
-        if abs(v) >= 1e6:
-            return f"{v / 1e6:.2f}M"
-        if abs(v) >= 1e3:
-            return f"{v / 1e3:.1f}k"
+        if v == 0:
+            return "0"
+        for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(v) >= div:
+                return f"{v / div:.2f}{unit}"
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
     return str(v)
 
