@@ -159,6 +159,7 @@ def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
             ax.axhline(base, ls="--", c="gray", label="no defense")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1)  # one scale for every panel: differences of a few points are within run-to-run noise
         ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "privacy-utility.png", dpi=110)

@@ -99,3 +99,16 @@ def test_ushaped_with_dp_sgd_activation_noise_and_topk(tmp_path):
     assert p["accountant"] == "prv" and p["epsilon"] == pytest.approx(5.0, abs=0.1)  # one round = all rounds
     assert p["activation_noise"]["epsilon_per_release"] > 0 and "updates" in p["activation_noise"]["does_not_protect"]
     assert _rows(run)[0]["dataplane_bytes_up"] > 0
+
+
+def test_privacy_utility_quick_writes_its_table(tmp_path):
+    _fsl("run", "privacy-utility", "--quick", "--quiet", f"output_dir={tmp_path}", timeout=600)
+    (root,) = list(tmp_path.glob("privacy-utility-quick-*"))
+    rows = json.loads((root / "privacy-utility.json").read_text())
+    assert [r["mechanism"] for r in rows] == ["none", "dp-sgd", "compression"]
+    for r in rows:
+        assert {"mechanism", "param", "epsilon", "final_accuracy", "bytes_up_per_client_round"} <= set(r)
+    none, dp, int8 = rows
+    assert dp["epsilon"] == pytest.approx(3.0, abs=0.05) and none["epsilon"] == math.inf
+    assert int8["dataplane_ratio"] == pytest.approx(0.25, abs=0.03)  # int8: a quarter of float32's bytes
+    assert (root / "privacy-utility.png").is_file() and (root / "privacy-utility.md").is_file()
