@@ -97,7 +97,10 @@ class ModelConfig:
         if not self.top_cut:
             object.__setattr__(self, "top_cut", spec.cuts[-1])
         _check(self.cut in spec.cuts, f"model.cut: {self.name} can be cut at {list(spec.cuts)}, not {self.cut!r}")
-        _check(self.top_cut in spec.cuts, f"model.top_cut: {self.name} can be cut at {list(spec.cuts)}, not {self.top_cut!r}")
+        _check(
+            self.top_cut in spec.cuts,
+            f"model.top_cut: {self.name} can be cut at {list(spec.cuts)}, not {self.top_cut!r}",
+        )
         if self.ushaped:
             _check(
                 spec.cuts.index(self.top_cut) > spec.cuts.index(self.cut),
@@ -192,7 +195,9 @@ class HybridConfig:
 
     def __post_init__(self) -> None:
         _check(self.groups >= 0, f"hybrid.groups must be >= 0, got {self.groups}")
-        _check(self.group_by in GROUP_RULES, f"hybrid.group_by must be one of {list(GROUP_RULES)}, not {self.group_by!r}")
+        _check(
+            self.group_by in GROUP_RULES, f"hybrid.group_by must be one of {list(GROUP_RULES)}, not {self.group_by!r}"
+        )
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,13 @@ def split_costs(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes
         )
         smashed = (h1[0].numel() + h2[0].numel()) * 4
         return SplitCosts(
-            client / batch, server / batch, full / batch, params(u.bottom) + params(u.top), params(u.middle), act / batch, smashed
+            client / batch,
+            server / batch,
+            full / batch,
+            params(u.bottom) + params(u.top),
+            params(u.middle),
+            act / batch,
+            smashed,
         )
     s = split_model(model, cfg.model.cut)
     h = s.client(x).detach()
@@ -96,4 +102,6 @@ def split_costs(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes
     server = _train_flops(s.server, h)
     act = saved_activation_bytes(lambda: s.client(x).sum().backward())
     smashed = int(torch.tensor(cut_shape(s.client, input_shape)).prod()) * 4
-    return SplitCosts(client / batch, server / batch, full / batch, params(s.client), params(s.server), act / batch, smashed)
+    return SplitCosts(
+        client / batch, server / batch, full / batch, params(s.client), params(s.server), act / batch, smashed
+    )

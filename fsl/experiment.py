@@ -11,7 +11,15 @@ from fsl.config import ExperimentConfig, from_dict, to_dict
 from fsl.data import Dataset, Partition, client_partition, load_dataset, subset
 from fsl.models import Split, build_model, split_model, split_model_u
 
-__all__ = ["build_model_for", "build_split", "client_part", "config_from_json", "config_to_json", "experiment_dataset", "local_partition"]
+__all__ = [
+    "build_model_for",
+    "build_split",
+    "client_part",
+    "config_from_json",
+    "config_to_json",
+    "experiment_dataset",
+    "local_partition",
+]
 
 
 def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:

@@ -89,7 +89,12 @@ def test_half_precision_wire_stays_within_dtype_tolerance(wire_dtype, tol, kind)
     assert any(e > 0 for e in errs.values()), "the wire should have rounded the gradient"
 
 
-U_CASES = [("cnn", "conv1", "fc1"), ("cnn", "conv2", "fc1"), ("resnet", "stem", "layer3"), ("resnet", "layer1", "layer2")]
+U_CASES = [
+    ("cnn", "conv1", "fc1"),
+    ("cnn", "conv2", "fc1"),
+    ("resnet", "stem", "layer3"),
+    ("resnet", "layer1", "layer2"),
+]
 
 
 @pytest.mark.parametrize("kind", ["memory", "grpc"])
@@ -108,7 +113,13 @@ def test_ushaped_step_equals_unsplit_step(model_name, cut, top_cut, batch, kind)
     reference = copy.deepcopy(model)
     u = split_model_u(model, cut, top_cut)
     state = SplitServerState(
-        u.middle, sample_shape=cut_shape(u.bottom, shape), num_classes=10, lr=0.1, momentum=0.0, device="cpu", ushaped=True
+        u.middle,
+        sample_shape=cut_shape(u.bottom, shape),
+        num_classes=10,
+        lr=0.1,
+        momentum=0.0,
+        device="cpu",
+        ushaped=True,
     )
     x, y = torch.rand(batch, *shape), torch.randint(0, 10, (batch,))
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.0)
