@@ -63,8 +63,20 @@ class LogReporter:
         )
 
 
-def make_strategy(cfg: ExperimentConfig) -> fl_strategy.FedAvg:
-    """The Flower strategy named by ``cfg.train.strategy``, sampling as configured."""
+def make_strategy(cfg: ExperimentConfig) -> Any:
+    """The Flower strategy named by ``cfg.train.strategy``, sampling as configured, wrapped in Flower's
+    server-side fixed-clipping central-DP strategy when ``privacy.central_dp_clip`` is set."""
+    base = _base_strategy(cfg)
+    p = cfg.privacy
+    if not p.central_dp:
+        return base
+    sampled = max(1, min(cfg.train.min_clients, cfg.clients), int(cfg.clients * cfg.train.fraction_train))
+    return fl_strategy.DifferentialPrivacyServerSideFixedClipping(
+        base, noise_multiplier=p.central_dp_noise, clipping_norm=p.central_dp_clip, num_sampled_clients=sampled
+    )
+
+
+def _base_strategy(cfg: ExperimentConfig) -> fl_strategy.FedAvg:
     n = cfg.clients
     common: dict[str, Any] = {
         "fraction_train": cfg.train.fraction_train,

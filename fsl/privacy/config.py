@@ -55,6 +55,12 @@ class PrivacyConfig:
     compression: str = "none"  # data plane: "none" (train.wire_dtype), "int8" (linear, one scale), "topk" (sparse)
     topk_ratio: float = 0.1  # topk: share of the largest-magnitude entries kept per tensor
     secure_aggregation: bool = False  # pairwise-masked sum of client segments (server never sees one alone)
+    # central DP (Flower's DifferentialPrivacyServerSideFixedClipping around the strategy): the server clips each
+    # client's segment update to central_dp_clip and adds Gaussian noise of std central_dp_noise * clip / clients
+    # to the average. Protects the aggregated client segment against whoever sees it after the round; the server
+    # itself sees every individual update (so it cannot be combined with secure_aggregation).
+    central_dp_noise: float = 0.0  # noise multiplier (0 with central_dp_clip = 0: off)
+    central_dp_clip: float = 0.0  # L2 bound of each client's update (0 = off)
 
     def __post_init__(self) -> None:
         _check(self.nopeek_weight >= 0, f"privacy.nopeek_weight must be >= 0, got {self.nopeek_weight}")
@@ -63,6 +69,17 @@ class PrivacyConfig:
             f"privacy.compression must be one of {list(COMPRESSIONS)}, not {self.compression!r}",
         )
         _check(0 < self.topk_ratio <= 1, f"privacy.topk_ratio must lie in (0, 1], got {self.topk_ratio}")
+        _check(self.central_dp_noise >= 0, f"privacy.central_dp_noise must be >= 0, got {self.central_dp_noise}")
+        _check(self.central_dp_clip >= 0, f"privacy.central_dp_clip must be >= 0, got {self.central_dp_clip}")
+        _check(
+            self.central_dp_noise == 0 or self.central_dp_clip > 0,
+            "privacy.central_dp_noise needs privacy.central_dp_clip > 0 (the noise is scaled to the clipping bound)",
+        )
+
+    @property
+    def central_dp(self) -> bool:
+        """Whether Flower's server-side central-DP wrapper aggregates the client segments."""
+        return self.central_dp_clip > 0
 
 
 def check_privacy(cfg: Any, error: type[Exception] = ValueError) -> None:
@@ -91,6 +108,15 @@ def check_privacy(cfg: Any, error: type[Exception] = ValueError) -> None:
             )
     if (p.nopeek_weight > 0 or p.compression != "none") and cfg.mode in ("fl", "central"):
         raise error(f"privacy.nopeek_weight and privacy.compression act at the cut; mode {cfg.mode!r} has none")
+    if p.central_dp and p.secure_aggregation:
+        raise error(
+            "privacy.central_dp_* clips each client's update on the server, which needs the individual updates; "
+            "privacy.secure_aggregation hides them: use one of the two"
+        )
+    if p.central_dp and cfg.mode in ("sl", "psl", "central"):
+        raise error(
+            f"privacy.central_dp_* acts on the aggregation of client segments; mode {cfg.mode!r} aggregates none"
+        )
     if p.secure_aggregation and cfg.train.strategy not in ("fedavg", "fedprox"):
         raise error(
             f"privacy.secure_aggregation yields only the weighted sum of the client segments, which fits FedAvg "
