@@ -42,6 +42,12 @@ class TrainStats:
     bytes_up: int = 0
     bytes_down: int = 0
 
+    def finish(self, loss_sum: float, correct: int) -> TrainStats:
+        """Turn the running sums into per-sample means."""
+        self.loss = loss_sum / max(1, self.examples)
+        self.accuracy = correct / max(1, self.examples)
+        return self
+
 
 @dataclass
 class EvalStats:
@@ -97,9 +103,7 @@ def train_segment(
             t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             _backward(h, step.grad, penalty, x[idx])  # finish backprop through the client segment
-            for p, p0 in zip(segment.parameters(), start, strict=False):
-                if p.grad is not None:
-                    p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+            _add_proximal(segment.parameters(), start, proximal_mu)
             opt.step()
             t3 = time.perf_counter()
             stats.compute_s += (t1 - t0) + (t3 - t2)
@@ -110,17 +114,36 @@ def train_segment(
             correct += step.correct
             if on_batch is not None:
                 on_batch(len(idx))
-    stats.loss = loss_sum / max(1, stats.examples)
-    stats.accuracy = correct / max(1, stats.examples)
     stats.bytes_up = channel.bytes_up - up0
     stats.bytes_down = channel.bytes_down - down0
-    return stats
+    return stats.finish(loss_sum, correct)
 
 
 def _shuffled(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     perm = torch.randperm(n, generator=gen)
     for i in range(0, n, batch_size):
         yield perm[i : i + batch_size]
+
+
+def _add_proximal(params: Iterable[torch.Tensor], start: list[torch.Tensor], mu: float) -> None:
+    """FedProx: add ``mu * (w - w_start)`` to each gradient (no-op when ``start`` is empty)."""
+    for p, p0 in zip(params, start, strict=False):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - p0, alpha=mu)
+
+
+def _evaluate(
+    logits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> EvalStats:
+    """Loss and accuracy of ``logits_of`` over (x, y) in batches; the labels stay here."""
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        logits = logits_of(x[i : i + batch_size])  # (B, num_classes)
+        yb = y[i : i + batch_size]
+        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = len(y)
+    return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
 
 
 def _backward(
@@ -163,29 +186,19 @@ def evaluate_split(
     computed here.
     """
     segment.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(y), batch_size):
-        h = segment(x[i : i + batch_size])
-        logits = channel.infer(h if release is None else release(h))  # (B, num_classes)
-        yb = y[i : i + batch_size]
-        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    n = len(y)
-    return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
+
+    def logits_of(xb: torch.Tensor) -> torch.Tensor:
+        h = segment(xb)
+        return channel.infer(h if release is None else release(h))
+
+    return _evaluate(logits_of, x, y, batch_size)
 
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> EvalStats:
     """Evaluate a whole (joined) model locally."""
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(y), batch_size):
-        logits = model(x[i : i + batch_size])
-        yb = y[i : i + batch_size]
-        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    n = len(y)
-    return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
+    return _evaluate(model, x, y, batch_size)
 
 
 def train_segment_u(
@@ -244,9 +257,7 @@ def train_segment_u(
             g1 = channel.backward(h2.grad, fwd_step)  # dL/dh1 from the server
             t4 = time.perf_counter()
             _backward(h1, g1, penalty, x[idx])  # privacy: plus the NoPeek term when set
-            for p, p0 in zip(params, start, strict=False):
-                if p.grad is not None:
-                    p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+            _add_proximal(params, start, proximal_mu)
             opt.step()
             t5 = time.perf_counter()
             stats.compute_s += (t1 - t0) + (t3 - t2) + (t5 - t4)
@@ -255,11 +266,9 @@ def train_segment_u(
             stats.examples += len(idx)
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
-    stats.loss = loss_sum / max(1, stats.examples)
-    stats.accuracy = correct / max(1, stats.examples)
     stats.bytes_up = channel.bytes_up - up0
     stats.bytes_down = channel.bytes_down - down0
-    return stats
+    return stats.finish(loss_sum, correct)
 
 
 @torch.no_grad()
@@ -269,14 +278,7 @@ def evaluate_split_u(
     """U-shaped split inference: the server returns the middle output, the top runs here."""
     bottom.eval()
     top.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(y), batch_size):
-        logits = top(channel.infer(bottom(x[i : i + batch_size])))
-        yb = y[i : i + batch_size]
-        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    n = len(y)
-    return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
+    return _evaluate(lambda xb: top(channel.infer(bottom(xb))), x, y, batch_size)
 
 
 def train_local(
@@ -300,23 +302,17 @@ def train_local(
     stats = TrainStats()
     loss_sum, correct, n = 0.0, 0, len(y)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
+        for idx in _shuffled(n, batch_size, gen):
             t0 = time.perf_counter()
             logits = model(x[idx])
             loss = nn.functional.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for p, p0 in zip(model.parameters(), start, strict=False):
-                if p.grad is not None:
-                    p.grad.add_(p.detach() - p0, alpha=proximal_mu)
+            _add_proximal(model.parameters(), start, proximal_mu)
             opt.step()
             stats.compute_s += time.perf_counter() - t0
             stats.batches += 1
             stats.examples += len(idx)
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
-    stats.loss = loss_sum / max(1, stats.examples)
-    stats.accuracy = correct / max(1, stats.examples)
-    return stats
+    return stats.finish(loss_sum, correct)
