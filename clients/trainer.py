@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fsl.channel import SplitChannel, StepResult
+from fsl.inference.exits import exit_loss
 
 __all__ = [
     "EvalStats",
@@ -74,6 +75,7 @@ def train_segment(
     optimizer: torch.optim.Optimizer | None = None,  # privacy: e.g. Opacus' DPOptimizer (fsl/privacy/dp.py)
     batches: Callable[[], Iterable[torch.Tensor]] | None = None,  # privacy: index batches per epoch (Poisson)
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # privacy: NoPeek(x, h)
+    exit_weight: float = 0.5,  # multi-exit segments: weight of each exit's loss
 ) -> TrainStats:
     """Train the client segment on (x, y) through the split server for ``epochs`` passes.
 
@@ -102,7 +104,7 @@ def train_segment(
             step = channel.train_step(sent, y[idx]) if len(idx) else StepResult(torch.zeros_like(h), 0.0, 0)
             t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            _backward(h, step.grad, penalty, x[idx])  # finish backprop through the client segment
+            _backward(h, step.grad, penalty, x[idx], exit_loss(segment, y[idx], exit_weight))  # finish backprop
             _add_proximal(segment.parameters(), start, proximal_mu)
             opt.step()
             t3 = time.perf_counter()
@@ -146,17 +148,25 @@ def _evaluate(
     return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
 
 
+def _plus(loss: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    return loss if extra is None else loss + extra
+
+
 def _backward(
     h: torch.Tensor,
     grad: torch.Tensor,
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     xb: torch.Tensor,
+    local_loss: torch.Tensor | None = None,
 ) -> None:
-    """``h.backward(grad)``, plus the gradient of a client-side ``penalty(x, h)`` when one is set (privacy)."""
-    if penalty is None or h.shape[0] < 2:
+    """``h.backward(grad)``, plus the gradients of client-side losses: a ``penalty(x, h)`` (privacy)
+    and ``local_loss`` (the exits of a multi-exit client segment)."""
+    extra = local_loss
+    if penalty is not None and h.shape[0] >= 2:
+        extra = _plus(penalty(xb, h), extra)
+    if extra is None:
         h.backward(grad)
         return
-    extra = penalty(xb, h)
     torch.autograd.backward([h, extra], [grad, torch.ones_like(extra)])
 
 
@@ -219,6 +229,7 @@ def train_segment_u(
     optimizer: torch.optim.Optimizer | None = None,  # privacy: as in train_segment
     batches: Callable[[], Iterable[torch.Tensor]] | None = None,  # privacy
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # privacy: NoPeek(x, h1)
+    exit_weight: float = 0.5,  # multi-exit segments: weight of each exit's loss
 ) -> TrainStats:
     """Label-private U-shaped training: bottom and top segments here, the middle on the server.
 
@@ -251,12 +262,12 @@ def train_segment_u(
             logits = top(h2)  # (B, num_classes)
             loss = nn.functional.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            _plus(loss, exit_loss(top, y[idx], exit_weight)).backward()
             assert h2.grad is not None
             t3 = time.perf_counter()
             g1 = channel.backward(h2.grad, fwd_step)  # dL/dh1 from the server
             t4 = time.perf_counter()
-            _backward(h1, g1, penalty, x[idx])  # privacy: plus the NoPeek term when set
+            _backward(h1, g1, penalty, x[idx], exit_loss(bottom, y[idx], exit_weight))  # privacy: + NoPeek
             _add_proximal(params, start, proximal_mu)
             opt.step()
             t5 = time.perf_counter()
@@ -293,6 +304,7 @@ def train_local(
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
     seed: int = 0,
+    exit_weight: float = 0.5,  # multi-exit models: weight of each exit's loss
 ) -> TrainStats:
     """Train a whole model on local data (the `fl` and `central` baselines)."""
     model.train()
@@ -307,7 +319,7 @@ def train_local(
             logits = model(x[idx])
             loss = nn.functional.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            _plus(loss, exit_loss(model, y[idx], exit_weight)).backward()  # multi-exit: every exit here
             _add_proximal(model.parameters(), start, proximal_mu)
             opt.step()
             stats.compute_s += time.perf_counter() - t0

@@ -86,6 +86,8 @@ class ModelConfig:
     norm: str = ""  # normalisation layers ("" = the model's default)
     ushaped: bool = False  # label-private U-shape: the client also keeps the blocks after top_cut
     top_cut: str = ""  # U-shaped only: last block on the server ("" = the deepest cut point)
+    exits: bool = False  # an exit classifier after every cut point, trained jointly (fsl.inference.exits)
+    exit_weight: float = 0.5  # weight of each exit's cross entropy next to the final loss
 
     def __post_init__(self) -> None:
         _check(self.name in MODELS, f"model.name: unknown model {self.name!r}; choose one of {sorted(MODELS)}")
@@ -101,6 +103,7 @@ class ModelConfig:
             self.top_cut in spec.cuts,
             f"model.top_cut: {self.name} can be cut at {list(spec.cuts)}, not {self.top_cut!r}",
         )
+        _check(self.exit_weight >= 0, f"model.exit_weight must be >= 0, not {self.exit_weight}")
         if self.ushaped:
             _check(
                 spec.cuts.index(self.top_cut) > spec.cuts.index(self.cut),

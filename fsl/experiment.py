@@ -9,7 +9,7 @@ from torch import nn
 
 from fsl.config import ExperimentConfig, from_dict, to_dict
 from fsl.data import Dataset, Partition, client_partition, load_dataset, subset
-from fsl.models import Split, build_model, split_model, split_model_u
+from fsl.models import Split, build_model, model_spec, split_model, split_model_u
 
 __all__ = [
     "build_model_for",
@@ -23,8 +23,16 @@ __all__ = [
 
 
 def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
-    """The experiment's whole model, seeded (the same initial weights on every node)."""
-    return build_model(cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed)
+    """The experiment's whole model, seeded (the same initial weights on every node).
+
+    With ``model.exits`` every cut point gets an exit classifier (:mod:`fsl.inference.exits`).
+    """
+    model = build_model(cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed)
+    if cfg.model.exits:
+        from fsl.inference.exits import add_exits
+
+        model = add_exits(model, input_shape, num_classes, at=model_spec(cfg.model.name).cuts, seed=cfg.seed)
+    return model
 
 
 def build_split(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> Split:

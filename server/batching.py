@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsl.inference.exits import exit_loss_per_sample
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from server.split_server import InvalidRequest, SplitServerState
@@ -344,6 +345,9 @@ class RequestBatcher:
         replica.optimizer.zero_grad(set_to_none=True)
         logits = seg(h)  # (N, num_classes)
         per_sample = nn.functional.cross_entropy(logits, y, reduction="none")  # (N,)
+        extra = exit_loss_per_sample(seg, y, st.exit_weight)  # exits in the server segment, if any
+        if extra is not None:
+            per_sample = per_sample + extra
         per_client = torch.zeros(len(jobs), device=dev).index_add_(0, owner, per_sample.detach() * weight)  # (K,)
         hits = torch.zeros(len(jobs), device=dev).index_add_(0, owner, (logits.detach().argmax(1) == y).float())
         losses, correct = per_client.cpu().tolist(), hits.cpu().tolist()

@@ -67,6 +67,7 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
             momentum=cfg.train.momentum,
             weight_decay=cfg.train.weight_decay,
             seed=cfg.seed * 100_003 + rnd,
+            exit_weight=cfg.model.exit_weight,
         )
         ev = evaluate_model(model, ds.x_test, ds.y_test, cfg.train.eval_batch_size)
         row = {

@@ -171,6 +171,7 @@ class RoundRunner:
             mode=c.mode,
             ushaped=ushaped,
             max_message_bytes=c.server.max_message_mb * 1024 * 1024,
+            exit_weight=c.model.exit_weight,
         )
 
     # ------------------------------------------------------------ checkpoints

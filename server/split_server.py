@@ -25,6 +25,7 @@ from torch import nn
 
 from fsl.auth import AuthError, ExpiredCredential, RoundAuthority
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from fsl.inference.exits import exit_loss
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import dataplane_pb2_grpc as pb_grpc
@@ -106,6 +107,7 @@ class SplitServerState:
     mode: str = "fsl"
     ushaped: bool = False  # train through Forward/Backward; the server never sees labels
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    exit_weight: float = 0.5  # multi-exit models: weight of each server-side exit's loss (fsl.inference.exits)
     # called with (header, activations, labels) of every accepted training request: what an
     # honest-but-curious server sees (the observation recorder of the attack suite hooks in here);
     # in U-shaped splits labels is None
@@ -269,6 +271,9 @@ class SplitServerState:
         rep.optimizer.zero_grad(set_to_none=True)
         logits = rep.segment(h)  # (B, num_classes)
         loss = self.loss_fn(logits, y)
+        extra = exit_loss(rep.segment, y, self.exit_weight)  # exits in the server segment, if any
+        if extra is not None:
+            loss = loss + extra
         if not torch.isfinite(loss):
             raise InvalidRequest("the batch gives a non-finite loss; the server segment was not updated")
         loss.backward()
