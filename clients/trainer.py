@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 
+# record(indices into the local data (B,), p(true label) (B,), epoch): data cartography (issue 9)
+Record = Callable[[torch.Tensor, torch.Tensor, int], None]
+
+
 @dataclass
 class TrainStats:
     """What one client's local training did, for the round's metrics."""
@@ -76,6 +80,7 @@ def train_segment(
     batches: Callable[[], Iterable[torch.Tensor]] | None = None,  # privacy: index batches per epoch (Poisson)
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # privacy: NoPeek(x, h)
     exit_weight: float = 0.5,  # multi-exit segments: weight of each exit's loss
+    cartography: Record | None = None,  # record(indices, p_true, epoch): data cartography (issue 9)
 ) -> TrainStats:
     """Train the client segment on (x, y) through the split server for ``epochs`` passes.
 
@@ -94,7 +99,7 @@ def train_segment(
     loss_sum = 0.0
     correct = 0
     n = len(y)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for idx in batches() if batches is not None else _shuffled(n, batch_size, gen):  # privacy: batches
             t0 = time.perf_counter()
             h = segment(x[idx])  # (B, ...) smashed activations at the cut
@@ -114,6 +119,8 @@ def train_segment(
             stats.examples += len(idx)
             loss_sum += step.loss * len(idx)
             correct += step.correct
+            if cartography is not None and step.confidence is not None:
+                cartography(idx, step.confidence, epoch)
             if on_batch is not None:
                 on_batch(len(idx))
     stats.bytes_up = channel.bytes_up - up0
@@ -146,6 +153,11 @@ def _evaluate(
         correct += int((logits.argmax(1) == yb).sum())
     n = len(y)
     return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
+
+
+def _p_true(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) probability of the true label (data cartography's confidence)."""
+    return torch.softmax(logits.detach().float(), dim=1).gather(1, y.view(-1, 1)).view(-1)
 
 
 def _plus(loss: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
@@ -230,6 +242,7 @@ def train_segment_u(
     batches: Callable[[], Iterable[torch.Tensor]] | None = None,  # privacy
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # privacy: NoPeek(x, h1)
     exit_weight: float = 0.5,  # multi-exit segments: weight of each exit's loss
+    cartography: Record | None = None,  # record(indices, p_true, epoch): data cartography (issue 9)
 ) -> TrainStats:
     """Label-private U-shaped training: bottom and top segments here, the middle on the server.
 
@@ -246,7 +259,7 @@ def train_segment_u(
     up0, down0 = channel.bytes_up, channel.bytes_down
     loss_sum, correct, n = 0.0, 0, len(y)
     mid: tuple[int, ...] | None = None
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for idx in batches() if batches is not None else _shuffled(n, batch_size, gen):  # privacy: batches
             if not len(idx):  # privacy: an empty Poisson batch: no traffic, a noise-only DP-SGD step
                 if mid is not None:  # (before the first real batch the middle's output shape is unknown: skipped)
@@ -277,6 +290,8 @@ def train_segment_u(
             stats.examples += len(idx)
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
+            if cartography is not None:
+                cartography(idx, _p_true(logits, y[idx]), epoch)
     stats.bytes_up = channel.bytes_up - up0
     stats.bytes_down = channel.bytes_down - down0
     return stats.finish(loss_sum, correct)
@@ -305,6 +320,7 @@ def train_local(
     proximal_mu: float = 0.0,
     seed: int = 0,
     exit_weight: float = 0.5,  # multi-exit models: weight of each exit's loss
+    cartography: Record | None = None,  # record(indices, p_true, epoch): data cartography (issue 9)
 ) -> TrainStats:
     """Train a whole model on local data (the `fl` and `central` baselines)."""
     model.train()
@@ -313,7 +329,7 @@ def train_local(
     gen = torch.Generator().manual_seed(seed)
     stats = TrainStats()
     loss_sum, correct, n = 0.0, 0, len(y)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for idx in _shuffled(n, batch_size, gen):
             t0 = time.perf_counter()
             logits = model(x[idx])
@@ -327,4 +343,6 @@ def train_local(
             stats.examples += len(idx)
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
+            if cartography is not None:
+                cartography(idx, _p_true(logits, y[idx]), epoch)
     return stats.finish(loss_sum, correct)

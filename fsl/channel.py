@@ -29,6 +29,7 @@ class StepResult:
     grad: torch.Tensor  # (B, ...) dL/dh at the cut, same shape as the activations
     loss: float  # mean loss over the batch
     correct: int
+    confidence: torch.Tensor | None = None  # (B,) p(true label) under the server's classifier, if sent
 
 
 @dataclass
@@ -88,7 +89,14 @@ class SplitChannel:
         grad = codec.decode(rep.grad, name="grad")
         if grad.shape != h.shape:
             raise codec.WireError(f"server returned a gradient of shape {tuple(grad.shape)} for {tuple(h.shape)}")
-        return StepResult(grad=grad.to(h.dtype), loss=rep.loss, correct=int(rep.correct))
+        conf = None
+        if rep.HasField("confidence"):
+            conf = codec.decode(rep.confidence, name="confidence")
+            if conf.shape != (h.shape[0],):
+                raise codec.WireError(
+                    f"server returned confidences of shape {tuple(conf.shape)} for a batch of {h.shape[0]}"
+                )
+        return StepResult(grad=grad.to(h.dtype), loss=rep.loss, correct=int(rep.correct), confidence=conf)
 
     def infer(self, h: torch.Tensor) -> torch.Tensor:
         """Send activations ``h`` (B, ...); return the logits (B, num_classes)."""

@@ -64,7 +64,7 @@ from torch import nn
 from fsl.inference.exits import exit_loss_per_sample
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
-from server.split_server import InvalidRequest, SplitServerState
+from server.split_server import InvalidRequest, SplitServerState, true_label_probability
 
 __all__ = ["BatchingError", "RequestBatcher", "batchnorm_problem"]
 
@@ -351,6 +351,7 @@ class RequestBatcher:
         per_client = torch.zeros(len(jobs), device=dev).index_add_(0, owner, per_sample.detach() * weight)  # (K,)
         hits = torch.zeros(len(jobs), device=dev).index_add_(0, owner, (logits.detach().argmax(1) == y).float())
         losses, correct = per_client.cpu().tolist(), hits.cpu().tolist()
+        confidence = true_label_probability(logits.detach(), y).cpu()  # (N,) for data cartography
         bad = [j for j, v in zip(jobs, losses, strict=True) if not math.isfinite(v)]
         if bad:
             return bad
@@ -368,6 +369,7 @@ class RequestBatcher:
             b = a + job.h.shape[0]
             reply = pb.TrainReply(loss=loss, correct=int(hit), server_step=server_step)
             codec.encode_into(reply.grad, grad[a:b], codec.wire_format(job.wire_dtype))  # in the sender's format
+            codec.encode_into(reply.confidence, confidence[a:b])
             job.reply = reply
             a = b
         return []

@@ -284,6 +284,7 @@ class SplitServerState:
         correct = int((logits.argmax(1) == y).sum())
         reply = pb.TrainReply(loss=float(loss.detach()), correct=correct, server_step=self.steps)
         codec.encode_into(reply.grad, h.grad, codec.wire_format(wire_dtype))  # (B, ...) dL/dh, sender's format
+        codec.encode_into(reply.confidence, true_label_probability(logits.detach(), y).cpu())  # (B,) cartography
         return reply
 
     def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
@@ -428,6 +429,11 @@ class SplitServerState:
     def traffic(self) -> dict[str, ClientStats]:
         with self._lock:
             return {k: ClientStats(**vars(v)) for k, v in self.stats.items()}
+
+
+def true_label_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 softmax probability of each sample's label: data cartography's confidence."""
+    return torch.softmax(logits.float(), dim=1).gather(1, y.view(-1, 1)).view(-1)
 
 
 def _remap_optimizer_state(src: torch.optim.Optimizer, dst: torch.optim.Optimizer) -> dict[str, Any]:

@@ -72,3 +72,36 @@ def test_split_training_trains_client_and_server_exits(digits, batched):
     train_segment(split.client, part.x_train, part.y_train, ch, epochs=5, lr=0.05, exit_weight=0.5)
     acc = _accuracies(model, digits)
     assert min(acc.values()) > 0.8, acc  # conv1's exit learned on the client, conv2/fc1's on the server
+
+
+@pytest.mark.parametrize("mode", ["split", "local"])
+def test_training_reports_true_label_confidence_per_sample(digits, mode):
+    """The split server returns p(true label) per sample; the client files it under its own indices."""
+    torch.manual_seed(0)
+    model = build_model("cnn", digits.input_shape, seed=0)
+    seen: dict[int, list[float]] = {}
+
+    def record(idx, p, epoch):
+        assert p.shape == idx.shape and bool(((p >= 0) & (p <= 1)).all())
+        for i, v in zip(idx.tolist(), p.tolist(), strict=True):
+            seen.setdefault(i, []).append(v)
+
+    x, y = digits.x_train, digits.y_train
+    n = len(y)
+    if mode == "split":
+        split = split_model(model, "conv1")
+        state = SplitServerState(
+            split.server,
+            sample_shape=cut_shape(split.client, digits.input_shape),
+            num_classes=10,
+            lr=0.05,
+            momentum=0.9,
+            device="cpu",
+        )
+        train_segment(split.client, x, y, InMemoryChannel(server=state), epochs=3, cartography=record)
+    else:
+        train_local(model, x, y, epochs=3, cartography=record)
+    assert sorted(seen) == list(range(n)) and all(len(v) == 3 for v in seen.values())
+    first = sum(v[0] for v in seen.values()) / n
+    last = sum(v[-1] for v in seen.values()) / n
+    assert first < 0.5 < last, (first, last)  # confidence in the true label grows as the model learns

@@ -45,30 +45,40 @@ class TrainRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class TrainReply(_message.Message):
-    __slots__ = ("grad", "loss", "correct", "server_step")
+    __slots__ = ("grad", "loss", "correct", "server_step", "confidence")
     GRAD_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     CORRECT_FIELD_NUMBER: _ClassVar[int]
     SERVER_STEP_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     grad: Tensor
     loss: float
     correct: int
     server_step: int
-    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., correct: _Optional[int] = ..., server_step: _Optional[int] = ...) -> None: ...
+    confidence: Tensor
+    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., correct: _Optional[int] = ..., server_step: _Optional[int] = ..., confidence: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("header", "activations")
+    __slots__ = ("header", "activations", "budget_ms")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     header: Header
     activations: Tensor
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    budget_ms: float
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., budget_ms: _Optional[float] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("logits",)
+    __slots__ = ("logits", "queue_ms", "compute_ms", "batch")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    queue_ms: float
+    compute_ms: float
+    batch: int
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("header", "activations")
