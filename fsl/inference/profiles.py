@@ -130,6 +130,22 @@ class ModelProfile:
         d["input_shape"] = tuple(d["input_shape"])
         return cls(**d)
 
+    def scaled(self, time_factor: float) -> ModelProfile:
+        """A what-if copy whose latencies and FLOPs are ``time_factor`` times this one's.
+
+        Bytes and memory are unchanged: it stands for a model of the same shape that is
+        ``time_factor`` times heavier to compute (or for this model on a slower host).
+        """
+        if time_factor <= 0:
+            raise ValueError(f"time_factor must be positive, got {time_factor}")
+        return replace(
+            self,
+            block_ms={b: [t * time_factor for t in ts] for b, ts in self.block_ms.items()},
+            total_ms=[t * time_factor for t in self.total_ms],
+            block_flops={b: f * time_factor for b, f in self.block_flops.items()},
+            host=f"{self.host} (x{time_factor:g})",
+        )
+
     # ------------------------------------------------------------------ blocks and cuts
     @property
     def last_block(self) -> str:

@@ -92,6 +92,7 @@ def predict(
     server_batch: int = 1,
     exit_probability: float = 0.0,
     network_factor: float = 1.0,
+    device_wait_ms: float = 0.0,
 ) -> Plan:
     """Predicted latency and server cost of one request (batch 1 on the device) at ``cut``.
 
@@ -114,6 +115,9 @@ def predict(
         Fraction of requests that exit on the device at ``cut``.
     network_factor : float
         Multiplier on transfer times (a learned correction; 1 = as the profile says).
+    device_wait_ms : float
+        Time until the device is free to compute (its backlog); only cuts that compute on the
+        device wait for it.
 
     Returns
     -------
@@ -123,19 +127,20 @@ def predict(
     if not 0.0 <= exit_probability <= 1.0:
         raise ValueError(f"exit probability at {cut!r} must be in [0, 1], got {exit_probability}")
     device_ms = device.compute_ms(profile, profile.client_blocks(cut), 1)
+    local_ms = device_ms + (device_wait_ms if device_ms > 0 else 0.0)  # until the device is done
     remote = profile.server_blocks(cut)
     if not remote:  # all on the device: no network, no server
-        return Plan(cut, device_ms, 0.0, device_ms, 0, True, tail_ms=device_ms, exit_probability=exit_probability)
+        return Plan(cut, local_ms, 0.0, device_ms, 0, True, tail_ms=local_ms, exit_probability=exit_probability)
     bytes_up = profile.cut_bytes(cut)
     network_ms = network_factor * (
         network.transfer_ms(bytes_up, "up") + network.transfer_ms(profile.logits_bytes, "down")
     )
     service_ms = server.compute_ms(profile, remote, server_batch)  # the whole batch's service time
-    tail = device_ms + network_ms + server_wait_ms + service_ms
+    tail = local_ms + network_ms + server_wait_ms + service_ms
     p = 0.0 if cut == INPUT else exit_probability  # nothing runs on the device to exit from
     return Plan(
         cut=cut,
-        predicted_ms=p * device_ms + (1 - p) * tail,
+        predicted_ms=p * local_ms + (1 - p) * tail,
         server_ms=(1 - p) * service_ms / server_batch,
         device_ms=device_ms,
         bytes_up=bytes_up,
@@ -209,6 +214,11 @@ class Scheduler:
         ``"expected"``: when the expected latency does.
     networks : mapping, optional
         Current figures of named networks (updated by :meth:`observe_network`).
+    forget : float
+        Fraction of the learned corrections forgotten at every plan for a device (in log space
+        for speed and network factor, towards the declared values). A device moved off a cut
+        is no longer observed there; forgetting makes the planner try it again now and then
+        instead of trusting a stale measurement forever. 0 keeps corrections until observed.
     """
 
     def __init__(
@@ -221,6 +231,7 @@ class Scheduler:
         alpha: float = 0.3,
         meet_on: str = "tail",
         networks: Mapping[str, NetworkProfile] | None = None,
+        forget: float = 0.02,
     ) -> None:
         if meet_on not in ("tail", "expected"):
             raise ValueError(f"meet_on must be 'tail' or 'expected', not {meet_on!r}")
@@ -239,6 +250,9 @@ class Scheduler:
                 raise ValueError(f"exit probability {p} at {c!r}: need a known cut and 0 <= p <= 1")
         self.server_batch = server_batch
         self.alpha = alpha
+        if not 0.0 <= forget < 1.0:
+            raise ValueError(f"forget must be in [0, 1), got {forget}")
+        self.forget = forget
         self.meet_on = meet_on
         self.networks: dict[str, NetworkProfile] = dict(networks or {})
         self._learned: dict[str, _Learned] = {}
@@ -254,11 +268,22 @@ class Scheduler:
         return self.networks.get(network.name, network)
 
     def plans(
-        self, device: DeviceProfile, network: NetworkProfile, target_ms: float, server_wait_ms: float = 0.0
+        self,
+        device: DeviceProfile,
+        network: NetworkProfile,
+        target_ms: float,
+        server_wait_ms: float = 0.0,
+        device_wait_ms: float = 0.0,
     ) -> list[Plan]:
         """Every candidate cut's plan, feasibility decided against ``target_ms``."""
         learned = self._learned.setdefault(device.name, _Learned())
         learned.device, learned.network = device, network
+        if self.forget and learned.observations:
+            keep = 1.0 - self.forget
+            if learned.speed is not None:
+                learned.speed = device.speed * (learned.speed / device.speed) ** keep
+            learned.network_factor **= keep
+            learned.extra_wait_ms *= keep
         dev, net = self.effective_device(device), self.effective_network(network)
         out = []
         for cut in self.cuts:
@@ -272,6 +297,7 @@ class Scheduler:
                 server_batch=self.server_batch,
                 exit_probability=self.exit_probability.get(cut, 0.0),
                 network_factor=learned.network_factor,
+                device_wait_ms=device_wait_ms,
             )
             if not self.profile.server_blocks(cut):  # all local: nothing waits at the server
                 plan = replace(plan, wait_ms=0.0)
@@ -281,15 +307,24 @@ class Scheduler:
         return out
 
     def plan(
-        self, device: DeviceProfile, network: NetworkProfile, target_ms: float, server_wait_ms: float = 0.0
+        self,
+        device: DeviceProfile,
+        network: NetworkProfile,
+        target_ms: float,
+        server_wait_ms: float = 0.0,
+        device_wait_ms: float = 0.0,
     ) -> Plan:
         """The plan for one request of ``device`` over ``network`` with a latency target.
+
+        ``server_wait_ms`` is the queue / batching wait expected at the server (what
+        observations taught is added to it); ``device_wait_ms`` is the device's own backlog,
+        which delays every cut that computes on the device.
 
         Among cuts that meet ``target_ms`` and whose device segment fits the device's memory,
         the one with the least expected server compute (ties: the lowest latency). When none
         meets the target, the lowest-latency plan that fits in memory, marked infeasible.
         """
-        plans = self.plans(device, network, target_ms, server_wait_ms)
+        plans = self.plans(device, network, target_ms, server_wait_ms, device_wait_ms)
         feasible = [p for p in plans if p.feasible]
         if feasible:
             return min(feasible, key=lambda p: (round(p.server_ms, 9), p.predicted_ms))
@@ -320,7 +355,7 @@ class Scheduler:
         cut : str
             The cut it was served at.
         measured_ms : float
-            Its end-to-end latency.
+            Its end-to-end latency, less any wait for the device's own backlog.
         device_ms, network_ms : float, optional
             The device's own compute time and the uplink + downlink time, when known (a device
             times its own segment; the network time follows from server timestamps in the reply).
