@@ -19,7 +19,7 @@ import torch
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 
-__all__ = ["ChannelIdentity", "DataPlaneServer", "InMemoryChannel", "SplitChannel", "StepResult"]
+__all__ = ["ChannelIdentity", "DataPlaneServer", "InMemoryChannel", "InferInfo", "SplitChannel", "StepResult"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,15 @@ class StepResult:
     loss: float  # mean loss over the batch
     correct: int
     confidence: torch.Tensor | None = None  # (B,) p(true label) under the server's classifier, if sent
+
+
+@dataclass(frozen=True)
+class InferInfo:
+    """What the server reported about one inference call."""
+
+    queue_ms: float = 0.0  # waited on the server for its batch
+    compute_ms: float = 0.0  # server-segment compute of that batch
+    batch: int = 0  # samples in that batch
 
 
 @dataclass
@@ -65,6 +74,7 @@ class SplitChannel:
     bytes_up: int = 0
     bytes_down: int = 0
     requests: int = 0
+    last_infer: InferInfo = field(default_factory=lambda: InferInfo())
     _step: int = 0
 
     def _header(self) -> pb.Header:
@@ -98,14 +108,24 @@ class SplitChannel:
                 )
         return StepResult(grad=grad.to(h.dtype), loss=rep.loss, correct=int(rep.correct), confidence=conf)
 
-    def infer(self, h: torch.Tensor) -> torch.Tensor:
-        """Send activations ``h`` (B, ...); return the logits (B, num_classes)."""
-        req = pb.InferRequest(header=self._header(), activations=codec.encode(h, self.wire_dtype))
+    def infer(self, h: torch.Tensor, budget_ms: float = 0.0) -> torch.Tensor:
+        """Send activations ``h`` (B, ...); return the logits (B, num_classes).
+
+        ``budget_ms`` is the latency the request may still spend (0: none): a batching server
+        holds it for company only while that budget allows. What the server reports about the
+        call (its queueing and compute time, the batch it ran in) is kept in :attr:`last_infer`.
+        """
+        req = pb.InferRequest(header=self._header(), budget_ms=budget_ms)
+        codec.encode_into(req.activations, h, self.wire_dtype)
         rep = self._call_infer(req)
         self.bytes_up += codec.message_size(req)
         self.bytes_down += codec.message_size(rep)
         self.requests += 1
-        return codec.decode(rep.logits, name="logits").float()
+        self.last_infer = InferInfo(queue_ms=rep.queue_ms, compute_ms=rep.compute_ms, batch=int(rep.batch))
+        logits = codec.decode(rep.logits, name="logits").float()
+        if logits.shape[0] != h.shape[0]:
+            raise codec.WireError(f"server returned {logits.shape[0]} rows of logits for a batch of {h.shape[0]}")
+        return logits
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, int]:
         """U-shaped step 1: bottom activations ``h`` up, the middle's output down (no labels).

@@ -227,7 +227,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 # Packages that add subcommands: each has a module with `register(subparsers) -> dict[name, handler]`.
-PLUGIN_MODULES = ("attacks.cli", "fsl.deploy")  # deploy: certs, superlink, supernode, launch
+PLUGIN_MODULES = ("attacks.cli", "fsl.deploy", "server.serve")  # deploy: certs, superlink, ...; serve, predict
 
 
 def _register_plugins(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:

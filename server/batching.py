@@ -170,6 +170,7 @@ class RequestBatcher:
     def train(self, request: pb.TrainRequest) -> pb.TrainReply:
         """Validate ``request`` like :meth:`SplitServerState.train`, then train it in a batch."""
         st = self.state
+        st._check_trainable()
         if st.ushaped:
             raise InvalidRequest("this split is U-shaped: labels must not be sent; use Forward/Backward")
         hdr = request.header

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class SplitServerState:
     mode: str = "fsl"
     ushaped: bool = False  # train through Forward/Backward; the server never sees labels
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    inference_only: bool = False  # fsl serve: refuse Train/Forward/Backward (rounds belong to the ServerApp)
     exit_weight: float = 0.5  # multi-exit models: weight of each server-side exit's loss (fsl.inference.exits)
     # called with (header, activations, labels) of every accepted training request: what an
     # honest-but-curious server sees (the observation recorder of the attack suite hooks in here);
@@ -187,6 +189,10 @@ class SplitServerState:
             return self._replicas.get(rid, self.global_replica) if rid is not None else self.global_replica
 
     # ---------------------------------------------------------------- checks
+    def _check_trainable(self) -> None:
+        if self.inference_only:
+            raise InvalidRequest("this server serves inference only (fsl serve); training runs under the ServerApp")
+
     def _authenticate(self, h: pb.Header) -> None:
         if self.authority is not None:
             self.authority.verify(h.run_id, h.round, h.client_id, h.token)
@@ -244,6 +250,7 @@ class SplitServerState:
     # ---------------------------------------------------------------- calls
     def train(self, request: pb.TrainRequest) -> pb.TrainReply:
         """One training step of the server segment on a client's batch (activations + labels)."""
+        self._check_trainable()
         if self.ushaped:
             raise InvalidRequest("this split is U-shaped: labels must not be sent; use Forward/Backward")
         hdr = request.header
@@ -289,6 +296,7 @@ class SplitServerState:
 
     def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
         """U-shaped step 1: run the middle segment and keep its graph for the backward."""
+        self._check_trainable()
         if not self.ushaped:
             raise InvalidRequest("this split is not U-shaped: use Train")
         hdr = request.header
@@ -364,11 +372,13 @@ class SplitServerState:
         self._authenticate(request.header)
         h = self._activations(request.activations)
         rep = self._replica_for(request.header.client_id)
+        t0 = time.perf_counter()
         with rep.lock:
             rep.segment.eval()
             with torch.no_grad():
-                out = rep.segment(h.to(self.torch_device, dtype=torch.float32))
-        reply = pb.InferReply(logits=codec.encode(out.float()))
+                out = rep.segment(h.to(self.torch_device, dtype=torch.float32)).float().cpu()
+        ms = (time.perf_counter() - t0) * 1000.0
+        reply = pb.InferReply(logits=codec.encode(out), compute_ms=ms, batch=int(h.shape[0]))
         self._count(request.header.client_id, codec.message_size(request), codec.message_size(reply), train=False)
         return reply
 
@@ -460,9 +470,11 @@ _Rep = TypeVar("_Rep")
 class SplitServicer(pb_grpc.SplitDataPlaneServicer):
     """Thin gRPC layer: decode nothing itself, call the state, map errors to status codes."""
 
-    def __init__(self, state: SplitServerState, batcher: Any | None = None) -> None:
+    def __init__(self, state: SplitServerState, batcher: Any | None = None, infer_batcher: Any | None = None) -> None:
         self.state = state
         self.train_fn = state.train if batcher is None else batcher.train  # issue 8: server.batching.RequestBatcher
+        # issue 9: server.infer_batching.InferBatcher batches Infer under the requests' latency budgets
+        self.infer_fn = state.infer if infer_batcher is None else infer_batcher.infer
 
     @staticmethod
     def _run(fn: Callable[[_Req], _Rep], request: _Req, context: grpc.ServicerContext) -> _Rep:
@@ -484,7 +496,7 @@ class SplitServicer(pb_grpc.SplitDataPlaneServicer):
         return self._run(self.train_fn, request, context)
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:  # noqa: N802
-        return self._run(self.state.infer, request, context)
+        return self._run(self.infer_fn, request, context)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:  # noqa: N802
         return self._run(lambda _r: self.state.info(), request, context)
@@ -509,6 +521,7 @@ class SplitServer:
         *,
         max_workers: int = 16,
         batcher: Any | None = None,  # issue 8: a server.batching.RequestBatcher serves Train in batches
+        infer_batcher: Any | None = None,  # issue 9: a server.infer_batching.InferBatcher serves Infer in batches
         certificate_chain: bytes | str | Path | None = None,
         private_key: bytes | str | Path | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
@@ -520,7 +533,7 @@ class SplitServer:
             interceptors=list(interceptors),
         )
         codec.tune_allocator()  # issue 8: reuse large message buffers (see fsl.wire.codec.tune_allocator)
-        pb_grpc.add_SplitDataPlaneServicer_to_server(SplitServicer(state, batcher), self._server)
+        pb_grpc.add_SplitDataPlaneServicer_to_server(SplitServicer(state, batcher, infer_batcher), self._server)
         host = address.rsplit(":", 1)[0]
         if certificate_chain is not None and private_key is not None:
             creds = grpc.ssl_server_credentials([(_pem(private_key), _pem(certificate_chain))])

@@ -105,3 +105,14 @@ def test_training_reports_true_label_confidence_per_sample(digits, mode):
     first = sum(v[0] for v in seen.values()) / n
     last = sum(v[-1] for v in seen.values()) / n
     assert first < 0.5 < last, (first, last)  # confidence in the true label grows as the model learns
+
+
+def test_a_used_multi_exit_segment_can_be_copied():
+    """Server replicas deep-copy the segment mid-training: the kept logits (with their graph) must not travel."""
+    import copy
+
+    model = add_exits(build_model("cnn", seed=0), (1, 28, 28), 10, ("conv1", "conv2", "fc1"))
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    twin = copy.deepcopy(model)
+    assert all(m.logits is None for m in twin if isinstance(m, ExitBlock))
+    assert all(m.logits is not None for m in model if isinstance(m, ExitBlock))

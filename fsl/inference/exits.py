@@ -69,6 +69,12 @@ class ExitBlock(nn.Module):
         self.head = head
         self.logits: torch.Tensor | None = None  # (B, num_classes) from the last forward
 
+    def __getstate__(self) -> dict[str, object]:
+        # copies (server replicas, checkpoints) never carry the last batch's logits and their graph
+        state = dict(super().__getstate__())
+        state["logits"] = None
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)  # (B, ...) the block's output, what travels if this is the cut
         self.logits = self.head(out)  # (B, num_classes)

@@ -1,0 +1,226 @@
+"""Serving a trained split model: ``fsl serve``, ``fsl serve-token`` and ``fsl predict``.
+
+``fsl serve RUN_DIR`` loads the server segment of a run's newest checkpoint and serves split
+inference on the same data plane as training (raw tensor buffers, TLS, per-client
+credentials), batching concurrent requests under their latency budgets
+(:class:`server.infer_batching.InferBatcher`). Training RPCs are refused: rounds belong to
+the ServerApp.
+
+Credentials: the server keeps a secret in ``RUN_DIR/serve.secret`` (created on first use,
+mode 0600); ``fsl serve-token RUN_DIR CLIENT`` prints the token that client presents. Tokens
+are bound to the run, the client and a *serving epoch* (``--epoch``): restarting the server
+with a new epoch revokes every token handed out before (PERMISSION_DENIED).
+
+``fsl predict RUN_DIR --server HOST:PORT --token T`` is the client: it runs the client segment
+of the same checkpoint on the run's test data, sends the activations (or answers on the
+device when a multi-exit segment is sure enough) and prints accuracy and latency percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ServedModel", "load_served_model", "register", "serving_authority"]
+
+
+@dataclass
+class ServedModel:
+    cfg: Any  # ExperimentConfig
+    client: Any  # nn.Module, the client segment (bottom, for U-shaped)
+    server: Any  # nn.Module, the server segment
+    input_shape: tuple[int, ...]
+    num_classes: int
+    round: int
+    run_id: str
+
+
+def load_served_model(run_dir: str | Path, dataset: Any | None = None) -> ServedModel:
+    """Both segments of ``run_dir``'s newest checkpoint, built from the run's own config."""
+    from fsl.config import load_experiment
+    from fsl.experiment import build_model_for, experiment_dataset
+    from fsl.models import split_model
+    from fsl.rundir import RunDir
+
+    run = RunDir(run_dir)
+    if not run.config_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml)")
+    cfg = load_experiment(str(run.config_path))
+    if cfg.mode in ("fl", "central") or cfg.model.ushaped:
+        raise ValueError(f"fsl serve serves split models; this run is {cfg.mode!r} (ushaped={cfg.model.ushaped})")
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to serve")
+    ds = dataset if dataset is not None else experiment_dataset(cfg)
+    split = split_model(build_model_for(cfg, ds.input_shape, ds.num_classes), cfg.model.cut)
+    split.client.load_state_dict(ckpt.client)
+    split.server.load_state_dict({k[len("segment.") :]: v for k, v in ckpt.server.items() if k.startswith("segment.")})
+    return ServedModel(
+        cfg=cfg,
+        client=split.client.eval(),
+        server=split.server.eval(),
+        input_shape=tuple(ds.input_shape),
+        num_classes=ds.num_classes,
+        round=ckpt.round,
+        run_id=f"serve:{Path(run_dir).resolve().name}",
+    )
+
+
+def serving_authority(run_dir: str | Path, epoch: int = 0, create: bool = True) -> Any:
+    """The :class:`fsl.auth.RoundAuthority` of ``run_dir``'s inference service (epoch ``epoch`` open)."""
+    from fsl.auth import RoundAuthority
+
+    path = Path(run_dir) / "serve.secret"
+    if not path.exists():
+        if not create:
+            raise FileNotFoundError(f"{path} does not exist: start `fsl serve {run_dir}` once first")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    secret = bytes.fromhex(path.read_text().strip())
+    auth = RoundAuthority(f"serve:{Path(run_dir).resolve().name}", secret=secret)
+    auth.open_round(epoch)
+    return auth
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from fsl.models import cut_shape
+    from server.infer_batching import InferBatcher
+    from server.split_server import SplitServer, SplitServerState
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    m = load_served_model(args.run_dir)
+    auth = serving_authority(args.run_dir, args.epoch)
+    state = SplitServerState(
+        m.server,
+        sample_shape=cut_shape(m.client, m.input_shape),
+        num_classes=m.num_classes,
+        device=args.device,
+        authority=auth,
+        model_name=m.cfg.model.name,
+        cut=m.cfg.model.cut,
+        mode=m.cfg.mode,
+        inference_only=True,
+    )
+    batcher = (
+        None if args.no_batching else InferBatcher(state, max_samples=args.max_batch, max_wait_ms=args.max_wait_ms)
+    )
+    tls: dict[str, Any] = {}
+    if args.tls_certfile or args.tls_keyfile:
+        if not (args.tls_certfile and args.tls_keyfile):
+            print("error: TLS needs both --tls-certfile and --tls-keyfile", file=sys.stderr)
+            return 2
+        tls = {"certificate_chain": Path(args.tls_certfile), "private_key": Path(args.tls_keyfile)}
+    server = SplitServer(state, args.address, infer_batcher=batcher, **tls)
+    server.start()
+    info = {
+        "address": server.address,
+        "tls": server.tls,
+        "device": str(state.torch_device),
+        "round": m.round,
+        "model": m.cfg.model.name,
+        "cut": m.cfg.model.cut,
+        "epoch": args.epoch,
+        "batching": batcher is not None,
+    }
+    print(json.dumps(info), flush=True)  # one line that scripts (and tests) read
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=1.0)
+    if batcher is not None:
+        batcher.close()
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    auth = serving_authority(args.run_dir, args.epoch, create=False)
+    print(auth.issue(args.epoch, args.client))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from clients.predictor import SplitPredictor
+    from fsl.channel import ChannelIdentity
+    from fsl.config import load_experiment
+    from fsl.experiment import experiment_dataset
+    from fsl.grpc_channel import GrpcChannel
+    from fsl.rundir import RunDir
+
+    cfg = load_experiment(str(RunDir(args.run_dir).config_path))
+    ds = experiment_dataset(cfg)
+    m = load_served_model(args.run_dir, dataset=ds)
+    ident = ChannelIdentity(run_id=m.run_id, round=args.epoch, client_id=args.client, token=args.token)
+    ch = GrpcChannel(address=args.server, identity=ident, root_certificates=args.root_certificates)
+    pred = SplitPredictor(m.client, ch, exit_threshold=args.exit_threshold)
+    n = min(args.n, len(ds.y_test))
+    lat, correct, exited = [], 0, 0
+    t0 = time.perf_counter()
+    try:
+        for i in range(0, n, args.batch_size):
+            xb, yb = ds.x_test[i : i + args.batch_size], ds.y_test[i : i + args.batch_size]
+            p = pred.predict(xb, budget_ms=args.budget_ms)
+            lat.append(p.latency_ms)
+            correct += int((p.logits.argmax(1) == yb).sum())
+            exited += int(p.exited.sum())
+    finally:
+        ch.close()
+    q = np.percentile(np.array(lat), [50, 95, 99]).tolist()
+    out = {
+        "samples": n,
+        "accuracy": correct / max(1, n),
+        "exited_on_device": exited / max(1, n),
+        "latency_ms_p50": q[0],
+        "latency_ms_p95": q[1],
+        "latency_ms_p99": q[2],
+        "wall_s": time.perf_counter() - t0,
+    }
+    print(json.dumps(out))
+    del torch
+    return 0
+
+
+def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    p = sub.add_parser("serve", help="serve split inference from a run's newest checkpoint (batching, TLS, tokens)")
+    p.add_argument("run_dir")
+    p.add_argument("--address", default="127.0.0.1:50061", help="host:port to listen on (port 0: any)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--epoch", type=int, default=0, help="serving epoch: tokens of other epochs are refused")
+    p.add_argument("--max-batch", type=int, default=256, help="most samples in one server batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for requests without a budget")
+    p.add_argument("--no-batching", action="store_true", help="serve every request on its own")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--tls-certfile", default="", help="PEM certificate chain (with --tls-keyfile: TLS)")
+    p.add_argument("--tls-keyfile", default="")
+    q = sub.add_parser("serve-token", help="print the data-plane token of a client of `fsl serve RUN_DIR`")
+    q.add_argument("run_dir")
+    q.add_argument("client")
+    q.add_argument("--epoch", type=int, default=0)
+    r = sub.add_parser("predict", help="split inference on a run's test data against `fsl serve`")
+    r.add_argument("run_dir")
+    r.add_argument("--server", required=True, help="host:port of `fsl serve`")
+    r.add_argument("--client", default="client-0")
+    r.add_argument("--token", required=True, help="from `fsl serve-token RUN_DIR CLIENT`")
+    r.add_argument("--epoch", type=int, default=0)
+    r.add_argument("--root-certificates", default=None, help="CA PEM when the server uses TLS")
+    r.add_argument("--n", type=int, default=1000, help="test samples")
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--budget-ms", type=float, default=0.0, help="latency target per request (0: none)")
+    r.add_argument("--exit-threshold", type=float, default=None, help="answer on the device above this confidence")
+    return {"serve": _cmd_serve, "serve-token": _cmd_token, "predict": _cmd_predict}
