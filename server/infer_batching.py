@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fsl.inference.scheduler import deadline_wait_ms
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from server.split_server import SplitServerState
@@ -159,16 +160,20 @@ class InferBatcher:
                 return [job]
             if n >= self.max_samples or self._queue or self._closed:
                 return batch
-            tightest = min(j.deadline for j in batch)
-            latest_start = tightest - self.service.predict(n + 1) / 1000.0 - self.margin_s
+            now = time.monotonic()
             oldest = min(j.arrival for j in batch)
-            wait = min(latest_start, oldest + self.max_wait_s) - time.monotonic()
-            if wait <= 0:
+            wait_s = (
+                deadline_wait_ms(
+                    [j.deadline * 1000.0 for j in batch],
+                    now * 1000.0,
+                    self.service.predict(n + 1) + self.margin_s * 1000.0,  # if one more request joins
+                    max_wait_ms=max(0.0, oldest + self.max_wait_s - now) * 1000.0,
+                )
+                / 1000.0
+            )
+            if wait_s <= 0:
                 return batch
-            self._cond.wait(timeout=wait)
-            if not self._queue:  # woke without company: the wait ran out (or close)
-                if time.monotonic() >= min(latest_start, oldest + self.max_wait_s):
-                    return batch
+            self._cond.wait(timeout=wait_s)
 
     def _run(self, batch: list[_Job]) -> None:
         st = self.state
