@@ -8,9 +8,10 @@ which plans with a :class:`~fsl.inference.scheduler.Scheduler` and feeds back me
 
 A device runs one request at a time (later ones queue on it), then sends the cut's activations
 up; the server (:class:`ServerConfig`) has ``workers`` parallel lanes and batches requests of
-the same cut, up to ``max_batch``, waiting for a fuller batch only as long as the tightest
-deadline in it allows (:func:`~fsl.inference.scheduler.deadline_wait_ms`) and never more than
-``max_wait_ms``. A batch's service time is the model profile's latency of the server segment at
+the same cut, most urgent first, up to ``max_batch``: it waits for a fuller batch only as long
+as the tightest deadline in it allows (:func:`~fsl.inference.scheduler.deadline_wait_ms`) and
+never more than ``max_wait_ms``, and it does not grow a batch past the size whose service time
+would make its most urgent request late (unless that request is late anyway). A batch's service time is the model profile's latency of the server segment at
 that batch size and the server's speed. Times are in milliseconds on one simulated clock; the
 event queue is a heap ordered by (time, sequence number), so a run is deterministic given its
 seed.
@@ -400,21 +401,27 @@ def simulate(
             # the cut whose most urgent request is the most urgent of all goes first
             for cut in sorted((c for c in queues if queues[c]), key=lambda c: queues[c][0][:2]):
                 heap = queues[cut]
-                if len(heap) >= server.max_batch:
-                    dispatch(now, cut, [heapq.heappop(heap)[2] for _ in range(server.max_batch)])
-                    progressed = True
-                    break
-                pending = [r for _, _, r in sorted(heap)]
-                held_for = now - min(r.server_in for r in pending)
-                wait = deadline_wait_ms(
-                    [r.deadline for r in pending],
-                    now,
-                    service_ms(cut, len(pending)),
-                    max_wait_ms=max(0.0, server.max_wait_ms - held_for),
-                )
-                if wait <= 1e-9:
-                    heap.clear()
-                    dispatch(now, cut, pending)
+                # the most urgent requests of this cut, up to a full batch, in deadline order
+                pending = [heapq.heappop(heap)[2] for _ in range(min(len(heap), server.max_batch))]
+                # the largest batch that still meets the most urgent deadline
+                fit = 0
+                while fit < len(pending) and now + service_ms(cut, fit + 1) <= pending[0].deadline + 1e-9:
+                    fit += 1
+                if fit == len(pending) < server.max_batch:  # all of them fit: may wait for more
+                    held_for = now - min(r.server_in for r in pending)
+                    wait = deadline_wait_ms(
+                        [r.deadline for r in pending],
+                        now,
+                        service_ms(cut, len(pending)),
+                        max_wait_ms=max(0.0, server.max_wait_ms - held_for),
+                    )
+                else:  # a full batch; or a bigger one would be late; or the most urgent is late anyway
+                    wait = 0.0
+                take = pending[: fit or len(pending)] if wait <= 1e-9 else []
+                for r in pending[len(take) :]:
+                    heapq.heappush(heap, (r.deadline, r.rid, r))
+                if take:
+                    dispatch(now, cut, take)
                     progressed = True
                     break
                 if timer_at is None or now + wait < timer_at - 1e-9:
