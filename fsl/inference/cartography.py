@@ -280,6 +280,7 @@ def record_epochs(
     recorder: Cartography | None = None,
     indices: torch.Tensor | None = None,
     eval_batch_size: int = 1024,
+    during: bool = False,
 ) -> Cartography:
     """Train ``model`` locally for ``epochs`` and record ``p_true`` on the training data after each epoch.
 
@@ -287,6 +288,11 @@ def record_epochs(
     batches, seed ``seed + epoch``; the momentum buffer starts afresh every epoch), then the
     model, in eval mode, scores all of ``x`` with classifier ``head`` (``"final"`` or an exit
     name) and the recorder gets every sample's ``p_true`` and correctness for that epoch.
+
+    With ``during`` the records are instead taken *while* training, as split training takes
+    them: one ``train_local`` call of ``epochs`` epochs whose ``cartography`` hook passes each
+    batch's ``p_true`` under the final classifier in train mode (Swayamdipta et al.'s recipe;
+    correctness is then unknown and ``head`` must be ``"final"``).
 
     Parameters
     ----------
@@ -308,11 +314,38 @@ def record_epochs(
     """
     rec = Cartography() if recorder is None else recorder
     keys = torch.arange(len(y)) if indices is None else torch.as_tensor(indices)
+    if during:
+        if head != FINAL:
+            raise ValueError("records taken during training are the final classifier's: head must be 'final'")
+
+        def hook(idx: torch.Tensor, p: torch.Tensor, epoch: int) -> None:
+            rec.update(keys[idx], p, epoch)
+
+        train_local(
+            model,
+            x,
+            y,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            seed=seed,
+            exit_weight=exit_weight,
+            cartography=hook,
+        )
+        return rec
     for epoch in range(epochs):
         train_local(
-            model, x, y, epochs=1, batch_size=batch_size, lr=lr, momentum=momentum, seed=seed + epoch,
+            model,
+            x,
+            y,
+            epochs=1,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            seed=seed + epoch,
             exit_weight=exit_weight,
-        )  # fmt: skip
+        )
         rec.update_from_logits(keys, _head_logits(model, x, head, eval_batch_size), y, epoch)
     return rec
 
