@@ -851,7 +851,7 @@ def fashion_mnist_routing(
     val_size: int = 5000,
     router_holdout: float = 0.1,
     epochs: int = 5,
-    lr: float = 0.05,
+    lr: float = 0.02,  # with momentum 0.9: lr 0.05 oscillated (final classifier 85.9 %, below its own exits)
     batch_size: int = 64,
     exit_weight: float = 0.5,
     lam: float = 0.05,
