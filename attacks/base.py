@@ -63,10 +63,14 @@ class Observation:
     client_segment: dict[str, torch.Tensor] | None = None  # weights, unless secure aggregation hides them
     server_segment: dict[str, torch.Tensor] | None = None  # the server's own weights
     keys: tuple[str, ...] = ()  # one id per sample, "round/client/step/index", to match ground truth
+    # gradient inversion (attacks/gradient_inversion.py); all optional, None when not observed
+    cut_gradients: torch.Tensor | None = None  # (N, ...) dL/dh the split server sent back for these rows
+    client_update: dict[str, torch.Tensor] | None = None  # the segment one client returned after its step(s)
+    weight_gradient: dict[str, torch.Tensor] | None = None  # that client's segment gradient, when known directly
 
     def __post_init__(self) -> None:
         n = self.activations.shape[0]
-        for name in ("labels", "gradients", "server_outputs"):
+        for name in ("labels", "gradients", "server_outputs", "cut_gradients"):
             t = getattr(self, name)
             if t is not None and t.shape[0] != n:
                 raise ValueError(f"observation: {name} has {t.shape[0]} rows for {n} activations")
@@ -77,12 +81,18 @@ class Observation:
         return int(self.activations.shape[0])
 
     def subset(self, index: torch.Tensor | slice) -> Observation:
-        """The same observation restricted to rows ``index`` (segments and architecture kept)."""
+        """The same observation restricted to rows ``index`` (segments and architecture kept).
+
+        ``client_update`` and ``weight_gradient`` belong to the whole batch they were computed
+        on: they are kept only when ``index`` selects every row, and dropped otherwise.
+        """
         pick = lambda t: None if t is None else t[index]  # noqa: E731
+        n = len(self)
+        rows = list(range(n)[index]) if isinstance(index, slice) else torch.arange(n)[index].flatten().tolist()
+        whole = sorted(rows) == list(range(n))
         keys = self.keys
         if keys:
-            idx = range(len(keys))[index] if isinstance(index, slice) else index.tolist()
-            keys = tuple(keys[i] for i in idx)
+            keys = tuple(keys[i] for i in rows)
         return Observation(
             activations=self.activations[index],
             model=self.model,
@@ -96,6 +106,9 @@ class Observation:
             client_segment=self.client_segment,
             server_segment=self.server_segment,
             keys=keys,
+            cut_gradients=pick(self.cut_gradients),
+            client_update=self.client_update if whole else None,
+            weight_gradient=self.weight_gradient if whole else None,
         )
 
 

@@ -35,7 +35,11 @@ def _parse_option(text: str) -> tuple[str, Any]:
 def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     p = sub.add_parser("attack", help="run a privacy attack on what the split server observed in a run")
     p.add_argument("run_dir", help="a run directory with observations/ (record.enabled=true)")
-    p.add_argument("--attack", required=True, help="rmle, inverse-network, query-free, label-inference, fsha")
+    p.add_argument(
+        "--attack",
+        required=True,
+        help="rmle, inverse-network, query-free, label-inference, gradient-inversion, fsha",
+    )
     p.add_argument("--round", type=int, default=None, help="recorded round to attack (default: the last)")
     p.add_argument("--n-images", type=int, default=64, help="attack at most this many recorded samples")
     p.add_argument(
@@ -115,17 +119,21 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         f"[bold]{args.attack}[/] on {len(obs)} samples at cut {obs.cut} ({meta.get('dataset', '?')}) -> {out}"
     )
     bar, update = _progress(console)
-    with bar:
-        row = score_and_write(
-            args.run_dir,
-            args.attack,
-            obs,
-            threat,
-            out,
-            options=options,
-            dataset=meta.get("dataset", ""),
-            progress=update,
-        )
+    try:
+        with bar:
+            row = score_and_write(
+                args.run_dir,
+                args.attack,
+                obs,
+                threat,
+                out,
+                options=options,
+                dataset=meta.get("dataset", ""),
+                progress=update,
+            )
+    except ValueError as e:  # what the attack needs and the observation lacks, said by the attack
+        console.print(f"error: {e}", style="red")
+        return 2
     _print_row(console, row)
     return 0
 

@@ -19,16 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from attacks.base import Observation, sample_keys
 from attacks.defenses import Defense, calibrated_noise, topk_release, train_client_custom
 from attacks.ground_truth import GroundTruthTap
 from attacks.models import segments
-from clients.trainer import evaluate_split, train_segment
+from clients.trainer import evaluate_split, train_local, train_segment
 from fsl.channel import ChannelIdentity, InMemoryChannel
 from fsl.models import cut_shape
-from server.recorder import ObservationRecorder
+from server.recorder import ExchangeRecorder, ObservationRecorder
 from server.split_server import SplitServerState
 
-__all__ = ["TrainedSplit", "record_round", "train_split"]
+__all__ = ["TrainedSplit", "fl_step_observation", "record_gradient_step", "record_round", "train_split"]
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TrainedSplit:
     input_shape: tuple[int, ...]
     num_classes: int
     defense: Defense
+    next_round: int = 2_000  # record_gradient_step: a fresh round each (the server caches step replies)
 
     def channel(self, rnd: int, client: str = "0") -> InMemoryChannel:
         return InMemoryChannel(
@@ -145,6 +147,110 @@ def record_round(
     )
     tap.save(run_path, rnd, client)
     return run_path
+
+
+def record_gradient_step(
+    trained: TrainedSplit,
+    run_path: str | Path,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    rnd: int | None = None,
+    client: str = "0",
+    lr: float = 0.05,
+    defense: Defense | None = None,
+    dataset: str = "",
+    seed: int = 0,
+) -> Path:
+    """One local step of the client on the batch (x, y), the server recording the exchange both ways.
+
+    What gradient inversion needs from an unsecured round, all of it the server's own view: the
+    client segment it sent (before), the activations and labels it received, the ``dL/dh`` it
+    sent back (through :class:`server.recorder.ExchangeRecorder`) and the segment the client
+    returned (after). The step is plain SGD on one batch of ``len(y)`` samples, so
+    ``before - after = lr * dL/dW``. ``defense`` ``dpsgd`` makes it a DP-SGD step (per-sample
+    clipping to 1 plus Gaussian noise of std ``param``); otherwise the trained split's release
+    (activation noise, compression) applies. ``trained`` keeps the step, as a real client would.
+    ``rnd`` defaults to a round not used before: the server answers a repeated (round, client,
+    step) from its retry cache, so two steps must not share one.
+    """
+    if rnd is None:
+        rnd = trained.next_round
+    trained.next_round = max(trained.next_round, rnd) + 1
+    run_path = Path(run_path)
+    defense = defense or Defense()
+    recorder = ObservationRecorder(
+        run_path,
+        meta={
+            "model": trained.model,
+            "cut": trained.cut,
+            "norm": "",
+            "dataset": dataset,
+            "mode": "sl",
+            "num_classes": trained.num_classes,
+            "input_shape": list(trained.input_shape),
+            "sample_shape": list(trained.state.sample_shape),
+            "labels_sent": True,
+            "defense": defense.label if defense.kind != "none" else trained.defense.label,
+            "local_steps": 1,
+            "client_lr": lr,
+        },
+        rounds=(rnd,),
+        max_batches=1,
+    )
+    start = copy.deepcopy(trained.client.state_dict())
+    tap = GroundTruthTap(trained.client, max_batches=1)
+    exchange = ExchangeRecorder(trained.state, recorder)
+    ch = InMemoryChannel(server=exchange, identity=ChannelIdentity(run_id="leakage", round=rnd, client_id=client))
+    n = len(y)
+    if defense.kind == "dpsgd":
+        train_client_custom(tap, x, y, ch, defense, batch_size=n, lr=lr, momentum=0.0, seed=seed)
+    elif defense.kind == "none":
+        train_segment(tap, x, y, ch, batch_size=n, lr=lr, momentum=0.0, seed=seed, release=trained.release)
+    else:
+        raise ValueError(f"record_gradient_step runs defense none or dpsgd, not {defense.kind!r}")
+    recorder.end_round(
+        rnd,
+        client_segment=start,
+        server_segment=trained.state.segment_state_dict(),
+        updates=[(client, trained.client.state_dict())],
+    )
+    tap.save(run_path, rnd, client)
+    return run_path
+
+
+def fl_step_observation(
+    model: nn.Module,
+    model_name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_classes: int = 10,
+    lr: float = 0.05,
+    rnd: int = 1,
+    client: str = "0",
+) -> Observation:
+    """What a federated-learning server sees of one client's local step on the batch (x, y).
+
+    The client trains ``model`` (the global model it received; it keeps the step) with the
+    framework's :func:`clients.trainer.train_local`: one epoch of plain SGD with the whole
+    batch, so ``before - after = lr * dL/dW``. No activations travel in FL; the observation's
+    ``activations`` is a (N, 0) placeholder that carries the batch size, and its keys name the
+    rows of (x, y) in the order given (a gradient does not reveal the order).
+    """
+    n = len(y)
+    before = copy.deepcopy(model.state_dict())
+    train_local(model, x, y, epochs=1, batch_size=n, lr=lr, momentum=0.0)
+    return Observation(
+        activations=torch.zeros(n, 0),
+        model=model_name,
+        cut="",
+        input_shape=tuple(x.shape[1:]),
+        num_classes=num_classes,
+        client_segment=before,
+        client_update=copy.deepcopy(model.state_dict()),
+        keys=tuple(sample_keys(rnd, client, 1, n)),
+    )
 
 
 def ushaped_label_run(

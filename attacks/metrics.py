@@ -19,6 +19,7 @@ from torch.nn import functional as F  # noqa: N812
 __all__ = [
     "image_scores",
     "label_accuracy",
+    "label_multiset_accuracy",
     "match_by_assignment",
     "match_by_key",
     "mse",
@@ -126,6 +127,19 @@ def match_by_assignment(reconstructed: torch.Tensor, original: torch.Tensor) -> 
 
 def label_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> float:
     return float((predicted.long() == true.long()).float().mean()) if len(true) else math.nan
+
+
+def label_multiset_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> float:
+    """Fraction of ``true`` labels found in ``predicted`` counted as multisets (for a batch whose order is lost)."""
+    if not len(true):
+        return math.nan
+    left = predicted.long().tolist()
+    hits = 0
+    for y in true.long().tolist():
+        if y in left:
+            left.remove(y)
+            hits += 1
+    return hits / len(true)
 
 
 def roc_auc(scores: torch.Tensor, true: torch.Tensor) -> float:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from attacks.base import Observation, sample_keys
+from server.recorder import update_file
 
 __all__ = ["load_meta", "load_observation", "recorded_rounds"]
 
@@ -55,11 +56,14 @@ def load_observation(
     d = Path(run_path) / "observations" / f"round-{rnd:04d}"
     index = json.loads((d / "index.json").read_text())
     data = _load(d / "data.safetensors") or {}
-    parts: dict[str, list[torch.Tensor]] = {"activations": [], "labels": [], "gradients": [], "server_outputs": []}
+    names = ("activations", "labels", "gradients", "server_outputs", "cut_gradients")
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     keys: list[str] = []
+    clients: set[str] = set()
     for row in index:
         if client is not None and row["client"] != client:
             continue
+        clients.add(row["client"])
         prefix = f"{row['client']}/{row['step']}"
         for name, bucket in parts.items():
             t = data.get(f"{prefix}/{name}")
@@ -72,6 +76,9 @@ def load_observation(
         )
     cat = {k: (torch.cat(v) if v else None) for k, v in parts.items()}
     n = len(keys) if max_images is None else min(len(keys), max_images)
+    # the segment a client returned belongs to its rows only: loaded when every row is one client's
+    only = next(iter(clients)) if len(clients) == 1 else None
+    update = _load(update_file(d, only)) if only is not None else None
     obs = Observation(
         activations=cat["activations"],  # type: ignore[arg-type]
         model=meta["model"],
@@ -85,5 +92,7 @@ def load_observation(
         client_segment=_load(d / "client_segment.safetensors"),
         server_segment=_load(d / "server_segment.safetensors"),
         keys=tuple(keys),
+        cut_gradients=cat["cut_gradients"],
+        client_update=update,
     )
     return obs.subset(slice(0, n))

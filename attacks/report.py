@@ -26,7 +26,15 @@ import torch
 
 from attacks.base import AttackResult, Observation, Progress, ThreatModel, get_attack
 from attacks.ground_truth import load_ground_truth, load_ground_truth_labels
-from attacks.metrics import image_scores, label_accuracy, match_by_assignment, match_by_key, roc_auc, summarize
+from attacks.metrics import (
+    image_scores,
+    label_accuracy,
+    label_multiset_accuracy,
+    match_by_assignment,
+    match_by_key,
+    roc_auc,
+    summarize,
+)
 
 __all__ = ["auxiliary_threat", "save_grid", "score_and_write", "score_images"]
 
@@ -157,8 +165,12 @@ def score_and_write(
         truth_y = load_ground_truth_labels(run_path)
         rows = [i for i, k in enumerate(obs.keys) if k in truth_y and i not in threat.known_labels]
         y = torch.tensor([truth_y[obs.keys[i]] for i in rows])
-        row["label_accuracy"] = label_accuracy(result.labels[rows], y)
-        row["auc"] = roc_auc(result.scores[rows], y) if result.scores is not None else None
+        if result.extra.get("unordered"):  # a batch's labels without their order (gradient inversion, FL)
+            row["label_accuracy"] = label_multiset_accuracy(result.labels[rows], y)
+            row["auc"] = None
+        else:
+            row["label_accuracy"] = label_accuracy(result.labels[rows], y)
+            row["auc"] = roc_auc(result.scores[rows], y) if result.scores is not None else None
         row["n_labels"] = len(rows)
     row["extra"] = {k: v for k, v in result.extra.items() if k != "unordered"}
     row = _json_ready(row)

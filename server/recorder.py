@@ -13,7 +13,8 @@ Layout under the run directory (safetensors and JSON only, never pickle)::
 
     observations/meta.json                       architecture, cut, input shape, classes, dataset, rounds
     observations/round-NNNN/data.safetensors     "<client>/<step>/activations", ".../labels", ".../gradients",
-                                                 ".../server_outputs" (U-shaped)
+                                                 ".../server_outputs" (U-shaped), ".../cut_gradients"
+                                                 (dL/dh sent back; only through :class:`ExchangeRecorder`)
     observations/round-NNNN/client_segment.safetensors   the segment sent to clients this round
     observations/round-NNNN/server_segment.safetensors   the server's own segment at the round's end
     observations/round-NNNN/updates/<client>.safetensors each client's returned segment
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["NullRecorder", "ObservationRecorder", "attach_recorder", "round_dir"]
+__all__ = ["ExchangeRecorder", "NullRecorder", "ObservationRecorder", "attach_recorder", "round_dir", "update_file"]
 
 
 def round_dir(run_path: str | Path, rnd: int) -> Path:
@@ -44,6 +45,11 @@ def round_dir(run_path: str | Path, rnd: int) -> Path:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
+
+
+def update_file(round_path: Path, client: str) -> Path:
+    """Where :meth:`ObservationRecorder.end_round` writes the segment ``client`` returned."""
+    return round_path / "updates" / f"{_safe(client)}.safetensors"
 
 
 def _save(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -95,8 +101,12 @@ class ObservationRecorder:
         labels: torch.Tensor | None = None,
         gradients: torch.Tensor | None = None,
         server_outputs: torch.Tensor | None = None,
+        cut_gradients: torch.Tensor | None = None,
     ) -> bool:
-        """Keep one batch if its round is recorded and the client has not used up its batches; True if kept."""
+        """Keep one batch if its round is recorded and the client has not used up its batches; True if kept.
+
+        ``cut_gradients`` (B, ...) is the gradient dL/dh the server sent back for the batch.
+        """
         if not self.wants(rnd):
             return False
         with self._lock:
@@ -107,7 +117,13 @@ class ObservationRecorder:
             store = self._data.setdefault(rnd, {})
             prefix = f"{client}/{step}"
             store[f"{prefix}/activations"] = activations.detach().cpu().float().clone()
-            for name, t in (("labels", labels), ("gradients", gradients), ("server_outputs", server_outputs)):
+            sent = (
+                ("labels", labels),
+                ("gradients", gradients),
+                ("server_outputs", server_outputs),
+                ("cut_gradients", cut_gradients),
+            )
+            for name, t in sent:
                 if t is not None:
                     store[f"{prefix}/{name}"] = t.detach().cpu().clone()
             self._index.setdefault(rnd, []).append({"client": client, "step": step, "n": int(activations.shape[0])})
@@ -135,9 +151,54 @@ class ObservationRecorder:
         if server_segment is not None:
             _save(dict(server_segment), d / "server_segment.safetensors")
         for client, seg in updates:
-            _save(dict(seg), d / "updates" / f"{_safe(client)}.safetensors")
+            _save(dict(seg), update_file(d, client))
         (d / "index.json").write_text(json.dumps(index, indent=2) + "\n")
         return d
+
+
+class ExchangeRecorder:
+    """A data-plane server that forwards to ``state`` and records each training exchange both ways.
+
+    The state's ``observer`` sees a training request before the step, so it cannot keep the
+    gradient the server sends back. This wrapper sits where the state does (an
+    :class:`fsl.channel.InMemoryChannel`'s ``server``, or ``SplitServer(state, batcher=...)``,
+    whose ``train`` it replaces) and records the activations, the labels and the reply's
+    ``dL/dh`` together, once per (round, client, step): a retried request is not recorded twice.
+    Leave ``state.observer`` unset while it records, or the batch is counted twice.
+    """
+
+    def __init__(self, state: Any, recorder: ObservationRecorder) -> None:
+        self.state = state
+        self.recorder = recorder
+        self._seen: set[tuple[int, str, int]] = set()
+
+    def train(self, request: Any) -> Any:
+        from fsl.wire import codec
+
+        reply = self.state.train(request)  # validates, authenticates and steps; raises on a bad request
+        hdr = request.header
+        key = (int(hdr.round), str(hdr.client_id), int(hdr.step))
+        if key not in self._seen and self.recorder.wants(key[0]):
+            self._seen.add(key)
+            self.recorder.record(
+                *key,
+                codec.decode(request.activations, name="activations"),  # (B, ...) as received
+                labels=codec.decode(request.labels, name="labels"),  # (B,)
+                cut_gradients=codec.decode(reply.grad, name="grad").float(),  # (B, ...) dL/dh as sent
+            )
+        return reply
+
+    def forward(self, request: Any) -> Any:
+        return self.state.forward(request)
+
+    def backward(self, request: Any) -> Any:
+        return self.state.backward(request)
+
+    def infer(self, request: Any) -> Any:
+        return self.state.infer(request)
+
+    def info(self) -> Any:
+        return self.state.info()
 
 
 class NullRecorder:
