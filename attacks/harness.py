@@ -173,6 +173,12 @@ def record_gradient_step(
     (activation noise, compression) applies. ``trained`` keeps the step, as a real client would.
     ``rnd`` defaults to a round not used before: the server answers a repeated (round, client,
     step) from its retry cache, so two steps must not share one.
+
+    Returns
+    -------
+    Path
+        ``run_path``, with ``observations/`` (read by :func:`attacks.observe.load_observation`,
+        ``cut_gradients`` and ``client_update`` included) and ``ground_truth/``.
     """
     if rnd is None:
         rnd = trained.next_round
@@ -237,6 +243,11 @@ def fl_step_observation(
     batch, so ``before - after = lr * dL/dW``. No activations travel in FL; the observation's
     ``activations`` is a (N, 0) placeholder that carries the batch size, and its keys name the
     rows of (x, y) in the order given (a gradient does not reveal the order).
+
+    Returns
+    -------
+    Observation
+        ``client_segment`` (before) and ``client_update`` (after) of the whole model, ``cut=""``.
     """
     n = len(y)
     before = copy.deepcopy(model.state_dict())
