@@ -1,6 +1,7 @@
 """``fsl run inference``: split inference across device, edge and cloud (issue 9).
 
-One run directory, five parts, each a JSON file (and ``summary.json`` with the headline figures):
+One run directory, five parts, each a JSON file (``inference.json`` has the headline figures and the
+per-baseline rows, ``summary.json`` a longer digest):
 
 1. ``profiles.json`` — measured per-block latency/FLOPs/bytes of ``cnn`` and ``resnet`` on this
    host (1 thread), the declared device and network profiles used below.
@@ -8,7 +9,8 @@ One run directory, five parts, each a JSON file (and ``summary.json`` with the h
    ResNet-8 requests with a latency target, simulated (discrete events, batching server) under
    all-cloud inference, the best fixed cut and the latency-aware scheduler (re-planning from
    measured latencies, a Pi slowed down 3x half-way): target attainment, latency percentiles per
-   device type, server compute. ``latency_cdf.png`` draws them.
+   device type, server compute. ``latency_cdf.png`` draws them. ``sensitivity.json`` (+
+   ``decisions.png``): the cut the scheduler picks as a device gets faster or its uplink slower.
 3. ``validation.json`` — the simulator against real split inference on loopback (real gRPC, real
    compute, batching under budgets; device speed and links emulated): a calibration run fixes
    the per-request software overhead the simulator does not model, a second run with other
@@ -123,6 +125,85 @@ def _scheduler(out: Path, profile: Any, quick: bool) -> dict[str, Any]:
     (out / "scheduler.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
     _plot_cdf(out / "latency_cdf.png", {k: results[k] for k in ("all-cloud", "scheduler")}, target)
     return doc
+
+
+def _sensitivity(out: Path, profile: Any) -> dict[str, Any]:
+    """How the scheduler's decision moves when a device gets faster or its network slower."""
+    from dataclasses import replace
+
+    from fsl.inference.profiles import DEVICES, NETWORKS
+    from fsl.inference.scheduler import Scheduler
+
+    target = 100.0  # tighter than the fleet's 150 ms, so that no device at its declared speed runs all of it
+    server = DEVICES["gpu-server"]
+    speed_factors = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    bandwidth_factors = [4.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.02]
+    cases = [("pi4", "wifi"), ("pi5", "4g"), ("phone", "4g"), ("laptop", "wifi")]
+
+    def row(dev: Any, net: Any) -> dict[str, Any]:
+        plan = Scheduler(profile, server).plan(dev, net, target)  # a fresh scheduler: declared figures only
+        return {
+            "cut": plan.cut,
+            "cut_index": profile.cuts.index(plan.cut),
+            "predicted_ms": plan.predicted_ms,
+            "server_ms": plan.server_ms,
+            "feasible": plan.feasible,
+        }
+
+    doc: dict[str, Any] = {"target_ms": target, "cuts": profile.cuts, "device_speed": {}, "network_bandwidth": {}}
+    for d, n in cases:
+        dev, net = DEVICES[d], NETWORKS[n]
+        doc["device_speed"][f"{d}-{n}"] = [
+            {"speed_factor": f, "speed": dev.speed * f, **row(replace(dev, speed=dev.speed * f), net)}
+            for f in speed_factors
+        ]
+        doc["network_bandwidth"][f"{d}-{n}"] = [
+            {"bandwidth_factor": f, "bandwidth_mbps": net.bandwidth_mbps * f,
+             **row(dev, net.with_(bandwidth_mbps=net.bandwidth_mbps * f))}
+            for f in bandwidth_factors
+        ]  # fmt: skip
+    # the decision must move towards the device as it gets faster, and away from the server as the link slows
+    doc["moves_with_device_speed"] = (
+        all(rows[-1]["cut_index"] > rows[0]["cut_index"] for rows in doc["device_speed"].values())
+        and all(  # never back towards the server as the device gets faster
+            b["cut_index"] >= a["cut_index"]
+            for rows in doc["device_speed"].values()
+            for a, b in zip(rows, rows[1:], strict=False)
+        )
+    )
+    doc["moves_with_network"] = any(
+        rows[-1]["cut_index"] != rows[0]["cut_index"] for rows in doc["network_bandwidth"].values()
+    )
+    (out / "sensitivity.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    _plot_sensitivity(out / "decisions.png", doc)
+    return doc
+
+
+def _plot_sensitivity(path: Path, doc: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for name, rows in doc["device_speed"].items():
+        axes[0].plot([r["speed_factor"] for r in rows], [r["cut_index"] for r in rows], marker="o", label=name)
+    for name, rows in doc["network_bandwidth"].items():
+        axes[1].plot([r["bandwidth_factor"] for r in rows], [r["cut_index"] for r in rows], marker="o", label=name)
+    axes[0].set_xscale("log")
+    axes[1].set_xscale("log")
+    axes[1].invert_xaxis()
+    axes[0].set_xlabel("device speed (x declared)")
+    axes[1].set_xlabel("uplink bandwidth (x declared; slower to the right)")
+    axes[0].set_yticks(range(len(doc["cuts"])), doc["cuts"])
+    axes[0].set_ylabel("cut chosen (blocks on the device)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"scheduler decision, target {doc['target_ms']:.0f} ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _plot_cdf(path: Path, results: dict[str, Any], target: float) -> None:
@@ -245,6 +326,7 @@ def main(args: argparse.Namespace) -> int:
     prof = _profiles(root, quick)
     print(f"[1/5] profiles ({time.perf_counter() - t0:.0f}s)")
     sched = _scheduler(root, prof["resnet"].scaled(HEAVY), quick)
+    sens = _sensitivity(root, prof["resnet"].scaled(HEAVY))
     print(f"[2/5] scheduler ({time.perf_counter() - t0:.0f}s)")
     val = _validation(root, prof["cnn"], quick)
     print(f"[3/5] simulator validation ({time.perf_counter() - t0:.0f}s)")
@@ -284,6 +366,40 @@ def main(args: argparse.Namespace) -> int:
         "provisioning_reduction_same_policy": {k: v["reduction"] for k, v in prov["policies"].items()},
         "wall_s": time.perf_counter() - t0,
     }
+    summary["sensitivity"] = {
+        "moves_with_device_speed": sens["moves_with_device_speed"],
+        "moves_with_network": sens["moves_with_network"],
+    }
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    carto, cloud = table["cartography"], table["cloud-only"]
+    headline = {
+        "server_compute_reduction_vs_cloud": p["scheduler"]["server_compute_reduction_vs_all_cloud"],
+        "sla_attainment": {"scheduler": p["scheduler"]["attainment"], "all_cloud": p["all-cloud"]["attainment"]},
+        "latency_p95_ms": {"scheduler": p["scheduler"]["p95_ms"], "all_cloud": p["all-cloud"]["p95_ms"]},
+        "latency_per_device_type": {name: p[name]["per_kind"] for name in ("scheduler", "all-cloud")},  # fmt: skip
+        "dc_cost_reduction_vs_cloud": carto["cost_reduction_pct"] / 100.0,
+        "dc_accuracy_drop_points": carto["accuracy_drop_points"],
+        "dc_cloud_accuracy": cloud["accuracy"],
+        "provisioning_cost_reduction": prov["best_reduction_vs_baseline"],
+        "provisioning_best_policy": prov.get("best"),
+        "latency_prediction_error": val["calibrated"]["median_rel_error"],
+        "latency_prediction_error_uncalibrated": val["uncalibrated"]["median_rel_error"],
+        "latency_prediction_within_20pct": val["calibrated"]["within_20pct"],
+        "scheduler_baselines": [{"policy": k, **v} for k, v in summary["scheduler"].items()],
+        "routing_baselines": [{"policy": k, **v} for k, v in summary["routing"].items()],
+        "provisioning_policies": [
+            {
+                "policy": k,
+                "exit_aware_cost": v["exit_aware"]["cost"],
+                "full_cost": v["full"]["cost"],
+                "reduction_same_policy": v["reduction"],
+                "reduction_vs_baseline": prov["reduction_vs_baseline"][k],
+            }
+            for k, v in prov["policies"].items()
+        ],  # fmt: skip
+        "sensitivity": summary["sensitivity"],
+        "quick": quick,
+    }
+    (root / "inference.json").write_text(json.dumps(headline, indent=2, default=float) + "\n")
     print(json.dumps(summary, indent=2, default=float))
     return 0
