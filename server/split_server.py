@@ -478,6 +478,8 @@ class SplitServicer(pb_grpc.SplitDataPlaneServicer):
 
     @staticmethod
     def _run(fn: Callable[[_Req], _Rep], request: _Req, context: grpc.ServicerContext) -> _Rep:
+        if isinstance(request, _Undecodable):  # bytes that are not the method's message
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
         try:
             return fn(request)
         except (codec.WireError, InvalidRequest) as e:
@@ -508,6 +510,52 @@ class SplitServicer(pb_grpc.SplitDataPlaneServicer):
         return self._run(self.state.backward, request, context)
 
 
+class _Undecodable:
+    """What a request's bytes became when they do not parse as the method's message."""
+
+    def __init__(self, message: str, error: Exception) -> None:
+        self.text = f"the request is not a valid {message}: {error}"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _lenient(cls: Any) -> Callable[[bytes], Any]:
+    """``cls.FromString`` that hands undecodable bytes to the servicer instead of raising.
+
+    gRPC answers a deserializer's exception with INTERNAL ("Exception deserializing request!"),
+    which reads like a server bug; the servicer answers INVALID_ARGUMENT with what was wrong.
+    """
+
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+            return _Undecodable(cls.DESCRIPTOR.full_name, e)
+
+    return parse
+
+
+def _add_servicer(servicer: SplitServicer, server: grpc.Server) -> None:
+    """Register the data plane's methods (as the generated code does, with lenient parsing)."""
+    methods = {
+        "Train": (servicer.Train, pb.TrainRequest, pb.TrainReply),
+        "Infer": (servicer.Infer, pb.InferRequest, pb.InferReply),
+        "Info": (servicer.Info, pb.InfoRequest, pb.InfoReply),
+        "Forward": (servicer.Forward, pb.ForwardRequest, pb.ForwardReply),
+        "Backward": (servicer.Backward, pb.BackwardRequest, pb.BackwardReply),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=_lenient(req), response_serializer=rep.SerializeToString
+        )
+        for name, (fn, req, rep) in methods.items()
+    }
+    service = pb.DESCRIPTOR.services_by_name["SplitDataPlane"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 class SplitServer:
     """Runs a :class:`SplitServerState` behind gRPC on ``host:port`` (port 0: the OS picks).
 
@@ -533,7 +581,7 @@ class SplitServer:
             interceptors=list(interceptors),
         )
         codec.tune_allocator()  # issue 8: reuse large message buffers (see fsl.wire.codec.tune_allocator)
-        pb_grpc.add_SplitDataPlaneServicer_to_server(SplitServicer(state, batcher, infer_batcher), self._server)
+        _add_servicer(SplitServicer(state, batcher, infer_batcher), self._server)
         host = address.rsplit(":", 1)[0]
         if certificate_chain is not None and private_key is not None:
             creds = grpc.ssl_server_credentials([(_pem(private_key), _pem(certificate_chain))])

@@ -1,0 +1,294 @@
+"""Faults against a live split server on 127.0.0.1 (issue 7).
+
+* fuzz: thousands of malformed requests (random bytes, wrong dtype, shape mismatch, negative or
+  huge dimensions, NaN/Inf, truncated or padded buffers, bad labels, unknown client, wrong round,
+  wrong run): each gets a clear status, the server stays up, the server segment is bit-identical;
+* load: 32 concurrent clients for a full round, latency percentiles per batch;
+* a client process SIGKILLed in the middle of its steps: the server stays consistent (finite
+  parameters, other clients keep training), and the same client joins the next round.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from fsl.channel import ChannelIdentity
+from fsl.grpc_channel import GrpcChannel
+from fsl.wire import codec
+from fsl.wire import dataplane_pb2 as pb
+from fsl.wire import dataplane_pb2_grpc as pb_grpc
+from helpers import authority_and_identity, make_state, params
+from server.split_server import SplitServer
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (16, 14, 14)  # cnn at cut conv1
+CLEAR = {  # a status that tells the client what was wrong; INTERNAL/UNKNOWN would be a server bug
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+@pytest.fixture
+def served():
+    auth, _ = authority_and_identity()
+    _, _, state = make_state("cnn", "conv1", authority=auth, max_batch=64, max_message_bytes=8 * 1024 * 1024)
+    server = SplitServer(state, "127.0.0.1:0").start()
+    channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    yield auth, state, server, channel
+    channel.close()
+    server.stop(grace=None)
+
+
+def _valid(auth, rng: random.Random, client: str = "7", round_: int = 1) -> pb.TrainRequest:
+    b = rng.randint(1, 8)
+    return pb.TrainRequest(
+        header=pb.Header(
+            run_id="run-test",
+            round=round_,
+            client_id=client,
+            step=rng.randint(1, 10**6),
+            token=auth.issue(round_, client),
+        ),  # fmt: skip
+        activations=codec.encode(torch.rand(b, *SHAPE)),
+        labels=codec.encode(torch.randint(0, 10, (b,))),
+    )
+
+
+def _break(req: pb.TrainRequest, auth, rng: random.Random) -> str:
+    """Make ``req`` invalid in one of many ways; return the way."""
+    a, y, hdr = req.activations, req.labels, req.header
+    kind = rng.choice(
+        [
+            "dtype",
+            "rank",
+            "dims",
+            "negative",
+            "huge",
+            "zero-batch",
+            "truncate",
+            "pad",
+            "nan",
+            "inf",
+            "label-range",
+            "label-dtype",
+            "label-count",
+            "label-truncate",
+            "unknown-client",
+            "forged-token",
+            "wrong-round",
+            "wrong-run",
+            "no-token",
+            "batch-limit",
+            "empty",
+        ]  # fmt: skip
+    )
+    if kind == "dtype":
+        a.dtype = rng.choice(["object", "float64", "int64", "", "float32\0", "complex64", "x" * 300])
+    elif kind == "rank":
+        del a.shape[rng.randrange(len(a.shape))]
+    elif kind == "dims":
+        a.shape[rng.randrange(1, len(a.shape))] += rng.choice([-3, -1, 1, 7])
+    elif kind == "negative":
+        a.shape[rng.randrange(len(a.shape))] = -rng.randint(1, 2**40)
+    elif kind == "huge":
+        a.shape[0] = rng.choice([2**31, 2**40, 2**62])
+    elif kind == "zero-batch":
+        a.shape[0] = 0
+    elif kind == "truncate":
+        a.data = a.data[: rng.randrange(len(a.data))]
+    elif kind == "pad":
+        a.data = a.data + os.urandom(rng.randint(1, 64))
+    elif kind in ("nan", "inf"):
+        x = codec.decode(a).clone()
+        x.view(-1)[rng.randrange(x.numel())] = float("nan") if kind == "nan" else rng.choice([1, -1]) * float("inf")
+        a.CopyFrom(codec.encode(x))
+    elif kind == "label-range":
+        z = codec.decode(y).clone()
+        z[rng.randrange(z.numel())] = rng.choice([-1, 10, 2**40])
+        y.CopyFrom(codec.encode(z))
+    elif kind == "label-dtype":
+        y.CopyFrom(codec.encode(codec.decode(y).float()))
+    elif kind == "label-count":
+        y.CopyFrom(codec.encode(torch.zeros(a.shape[0] + rng.randint(1, 5), dtype=torch.int64)))
+    elif kind == "label-truncate":
+        y.data = y.data[:-1]
+    elif kind == "unknown-client":
+        hdr.client_id = f"intruder-{rng.randrange(10**6)}"  # the token is for client 7
+    elif kind == "forged-token":
+        hdr.token = "".join(rng.choice("0123456789abcdef") for _ in range(64))
+    elif kind == "wrong-round":
+        hdr.round = rng.choice([0, 2, 3, -1, 2**40])
+        hdr.token = auth.issue(hdr.round, hdr.client_id)  # a real token, for a round that is not open
+    elif kind == "wrong-run":
+        hdr.run_id = "another-run"
+    elif kind == "no-token":
+        hdr.token = ""
+    elif kind == "batch-limit":
+        req.activations.CopyFrom(codec.encode(torch.rand(65, *SHAPE)))
+        req.labels.CopyFrom(codec.encode(torch.zeros(65, dtype=torch.int64)))
+    elif kind == "empty":
+        req.Clear()
+    return kind
+
+
+def test_fuzz_thousands_of_malformed_requests_leave_the_server_up_and_the_model_bit_identical(served):
+    auth, state, server, channel = served
+    rng = random.Random(1234)
+    stub = pb_grpc.SplitDataPlaneStub(channel)
+    raw = {  # the methods with raw bytes in, so that undecodable protobuf reaches the server too
+        m: channel.unary_unary(f"/fsl.dataplane.v1.SplitDataPlane/{m}", request_serializer=None)
+        for m in ("Train", "Forward", "Backward", "Infer")
+    }
+    before = params(state.segment)
+    codes: dict[str, set[grpc.StatusCode]] = {}
+    n = 0
+    for i in range(3000):
+        if i % 5 == 0:  # random bytes to a random method
+            method = rng.choice(sorted(raw))
+            payload = os.urandom(rng.randint(0, 2048))
+            kind, call = f"bytes->{method}", (lambda p=payload, m=method: raw[m](p, timeout=10))
+        else:
+            req = _valid(auth, rng)
+            kind = _break(req, auth, rng)
+            if rng.random() < 0.2:  # the same garbage on the U-shaped / inference methods
+                which = rng.choice(["Forward", "Infer"])
+                if which == "Forward":
+                    other = pb.ForwardRequest(header=req.header, activations=req.activations)
+                    kind, call = f"forward:{kind}", (lambda r=other: stub.Forward(r, timeout=10))
+                else:
+                    other = pb.InferRequest(header=req.header, activations=req.activations)
+                    kind, call = f"infer:{kind}", (lambda r=other: stub.Infer(r, timeout=10))
+            else:
+                call = lambda r=req: stub.Train(r, timeout=10)  # noqa: E731
+        try:
+            call()
+        except grpc.RpcError as e:
+            codes.setdefault(kind, set()).add(e.code())
+            assert e.code() in CLEAR, (kind, e.code(), e.details())
+            assert e.details(), kind  # a message that says what was wrong
+        else:
+            if not kind.startswith(("infer:", "bytes->Infer")) and "label" not in kind:
+                raise AssertionError(f"{kind} was accepted")
+            codes.setdefault(kind, set()).add(grpc.StatusCode.OK)
+        n += 1
+    assert n == 3000 and len(codes) > 25  # every way of breaking a request was tried
+    for k, v in params(state.segment).items():
+        assert torch.equal(v, before[k]), f"the fuzz changed {k}"
+    assert state.steps == 0
+    # the server is still up and trains on a good request
+    reply = stub.Train(_valid(auth, rng), timeout=10)
+    assert reply.server_step == 1 and torch.isfinite(codec.decode(reply.grad)).all()
+
+
+def test_32_concurrent_clients_for_a_full_round(served):
+    auth, state, server, _ = served
+    n_clients, steps, batch = 32, 8, 16
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(n_clients)
+
+    def client(i: int) -> None:
+        try:
+            ident = ChannelIdentity(run_id="run-test", round=1, client_id=f"c{i}", token=auth.issue(1, f"c{i}"))
+            with GrpcChannel(address=server.address, identity=ident) as ch:
+                start.wait()
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    r = ch.train_step(torch.rand(batch, *SHAPE), torch.randint(0, 10, (batch,)))
+                    dt = time.perf_counter() - t0
+                    assert torch.isfinite(r.grad).all()
+                    with lock:
+                        latencies.append(dt * 1000)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors[:3]
+    assert state.steps == n_clients * steps
+    assert all(s.train_requests == steps for s in state.traffic().values()) and len(state.traffic()) == n_clients
+    assert all(torch.isfinite(v).all() for v in params(state.segment).values())
+    q = statistics.quantiles(latencies, n=100)
+    print(f"\n32 clients x {steps} batches of {batch}: latency per batch p50 {q[49]:.1f} ms, p90 {q[89]:.1f} ms, "
+          f"p99 {q[98]:.1f} ms, max {max(latencies):.1f} ms")  # fmt: skip
+
+
+_VICTIM = textwrap.dedent(
+    """
+    import sys, torch
+    from fsl.channel import ChannelIdentity
+    from fsl.grpc_channel import GrpcChannel
+    address, token = sys.argv[1], sys.argv[2]
+    ident = ChannelIdentity(run_id="run-test", round=1, client_id="victim", token=token)
+    with GrpcChannel(address=address, identity=ident) as ch:
+        step = 0
+        while True:  # until it is killed
+            ch.train_step(torch.rand(32, 16, 14, 14), torch.randint(0, 10, (32,)))
+            step += 1
+            print(step, flush=True)
+    """
+)
+
+
+def test_a_client_killed_mid_round_leaves_the_server_consistent_and_rejoins_next_round(served):
+    auth, state, server, _ = served
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    victim = subprocess.Popen(
+        [sys.executable, "-c", _VICTIM, server.address, auth.issue(1, "victim")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        done = 0
+        deadline = time.monotonic() + 120
+        while done < 5 and time.monotonic() < deadline:  # it is in the middle of its round
+            line = victim.stdout.readline()
+            assert line, "the victim client exited on its own"
+            done = int(line)
+        os.killpg(victim.pid, signal.SIGKILL)  # no goodbye, possibly mid-request
+        victim.wait(timeout=10)
+    finally:
+        if victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+    # the others go on training on the same server
+    ident = ChannelIdentity(run_id="run-test", round=1, client_id="survivor", token=auth.issue(1, "survivor"))
+    x, y = torch.rand(32, *SHAPE), torch.randint(0, 10, (32,))
+    with GrpcChannel(address=server.address, identity=ident) as ch:
+        losses = [ch.train_step(x, y).loss for _ in range(15)]
+    assert all(torch.isfinite(v).all() for v in params(state.segment).values())
+    assert losses[-1] < losses[0]  # the shared segment still learns (same batch: the loss must fall)
+    victim_steps = state.traffic()["victim"].train_requests
+    assert victim_steps >= 5
+    # next round: the killed client joins with the new round's credential; the old one is refused
+    auth.open_round(2)
+    old = ChannelIdentity(run_id="run-test", round=1, client_id="victim", token=auth.issue(1, "victim"))
+    with GrpcChannel(address=server.address, identity=old) as ch, pytest.raises(Exception, match="not valid now"):
+        ch.train_step(x, y)
+    new = ChannelIdentity(run_id="run-test", round=2, client_id="victim", token=auth.issue(2, "victim"))
+    with GrpcChannel(address=server.address, identity=new) as ch:
+        r = ch.train_step(x, y)
+    assert torch.isfinite(r.grad).all() and state.traffic()["victim"].train_requests == victim_steps + 1
