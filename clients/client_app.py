@@ -75,6 +75,8 @@ class _Round:
             address=str(conf["dataplane-address"]),
             root_certificates=roots.encode() if roots else None,
             max_message_bytes=cfg.server.max_message_mb * 1024 * 1024,
+            timeout_s=cfg.server.request_timeout_s,  # faults: a dead link ends this client's round
+            retries=cfg.server.request_retries,  # faults: a reset link is retried
         )
 
 

@@ -154,6 +154,11 @@ class ServerConfig:
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda:0", ...
     threads: int = 0  # torch intra-op threads of the split server (0 = torch's default)
     max_message_mb: int = 64  # largest data-plane message either side accepts
+    # faults: a client's data-plane request fails after request_timeout_s (DEADLINE_EXCEEDED: the client
+    # drops out of the round, which goes on without it); UNAVAILABLE (a reset link) is retried
+    # request_retries times with backoff (the server answers a retried step without training twice)
+    request_timeout_s: float = 120.0
+    request_retries: int = 3
     max_batch: int = 4096
     # issue 8: batch concurrent Train requests into one forward/backward (server/batching.py). Each
     # client still gets its own exact gradient at the cut; one SGD step on the SUM of the clients'
@@ -172,6 +177,8 @@ class ServerConfig:
         _check(self.max_batch_requests >= 1, "server.max_batch_requests must be >= 1")  # issue 8
         _check(self.max_batch_wait_ms >= 0, "server.max_batch_wait_ms must be >= 0")  # issue 8
         _check(":" in self.address, f"server.address must be host:port, got {self.address!r}")
+        _check(self.request_timeout_s > 0, f"server.request_timeout_s must be > 0, got {self.request_timeout_s}")
+        _check(self.request_retries >= 0, f"server.request_retries must be >= 0, got {self.request_retries}")
         _check(
             bool(self.tls_certfile) == bool(self.tls_keyfile),
             "server.tls_certfile and server.tls_keyfile go together",

@@ -262,10 +262,13 @@ class SplitServerState:
             return cached  # type: ignore[no-any-return]  # a retry of a step we already took
         rep = self._replica_for(hdr.client_id)
         with rep.lock:
+            cached = self._cached(hdr)  # a retry that waited here while its first attempt trained
+            if cached is not None:
+                return cached  # type: ignore[no-any-return]
             if self.observer is not None:
                 self.observer(hdr, h, y)
             reply = self._train_locked(rep, h, y, codec.format_of(request.activations))  # privacy: + top-k
-        self._remember(hdr, reply)
+            self._remember(hdr, reply)
         up, down = codec.message_size(request), codec.message_size(reply)  # perf (issue 8): == ByteSize()
         self._count(hdr.client_id, up, down, train=True, samples=h.shape[0])
         return reply
