@@ -91,6 +91,15 @@ class ObservationRecorder:
     def __call__(self, header: Any, activations: torch.Tensor, labels: torch.Tensor | None) -> None:
         self.record(int(header.round), str(header.client_id), int(header.step), activations, labels=labels)
 
+    # the SplitServerState.exchange_observer signature: after the step, with the gradient sent back
+    def exchange(
+        self, header: Any, activations: torch.Tensor, labels: torch.Tensor, cut_gradients: torch.Tensor
+    ) -> None:
+        self.record(
+            int(header.round), str(header.client_id), int(header.step), activations,
+            labels=labels, cut_gradients=cut_gradients,
+        )  # fmt: skip
+
     def record(
         self,
         rnd: int,
@@ -234,7 +243,10 @@ def attach_recorder(cfg: Any, run: Any, state: Any, input_shape: tuple[int, ...]
         rounds=rec_cfg.round_list(cfg.train.rounds),
         max_batches=rec_cfg.max_batches,
     )
-    state.observer = recorder
+    if getattr(cfg.model, "ushaped", False):
+        state.observer = recorder  # U-shaped: the activations of Forward (no labels, no cut gradient)
+    else:
+        state.exchange_observer = recorder.exchange  # activations, labels and the dL/dh sent back
     return recorder
 
 

@@ -114,6 +114,9 @@ class SplitServerState:
     # honest-but-curious server sees (the observation recorder of the attack suite hooks in here);
     # in U-shaped splits labels is None
     observer: Callable[[pb.Header, torch.Tensor, torch.Tensor | None], None] | None = None
+    # called after each accepted training step with (header, activations, labels, dL/dh sent back):
+    # the whole exchange, for the gradient-inversion attack (server/recorder.py sets one or the other)
+    exchange_observer: Callable[[pb.Header, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     stats: dict[str, ClientStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -269,6 +272,8 @@ class SplitServerState:
                 self.observer(hdr, h, y)
             reply = self._train_locked(rep, h, y, codec.format_of(request.activations))  # privacy: + top-k
             self._remember(hdr, reply)
+            if self.exchange_observer is not None:  # attacks: the dL/dh as the client receives it
+                self.exchange_observer(hdr, h, y, codec.decode(reply.grad, name="grad").float())
         up, down = codec.message_size(request), codec.message_size(reply)  # perf (issue 8): == ByteSize()
         self._count(hdr.client_id, up, down, train=True, samples=h.shape[0])
         return reply

@@ -72,7 +72,35 @@ def test_config_drives_the_recorder(tmp_path):
     assert state.observer is None
     on = load_experiment("quickstart", ["record.enabled=true", "record.rounds=last", "record.max_batches=2"])
     rec = attach_recorder(on, RunDir(tmp_path), state, (1, 28, 28))
-    assert state.observer is rec and rec.wants(on.train.rounds) and not rec.wants(1)
+    # the ServerApp's recorder keeps the whole exchange: activations, labels and the dL/dh sent back
+    assert state.observer is None and state.exchange_observer == rec.exchange
+    assert rec.wants(on.train.rounds) and not rec.wants(1)
     assert recorder_config(rec, RunDir(tmp_path))["record-dir"].endswith(tmp_path.name)
     meta = json.loads((tmp_path / "observations" / "meta.json").read_text())
     assert meta["input_shape"] == [1, 28, 28] and meta["model"] == "cnn" and meta["max_batches"] == 2
+
+
+def test_the_servers_recorder_keeps_the_gradient_it_sent_over_grpc(tmp_path):
+    from fsl.grpc_channel import GrpcChannel
+    from server.split_server import SplitServer
+
+    _ref, split, state = make_state("cnn", "conv1", input_shape=(1, 8, 8))
+    rec = ObservationRecorder(tmp_path, meta={"model": "cnn", "cut": "conv1", "input_shape": [1, 8, 8],
+                              "num_classes": 10, "dataset": "digits"}, rounds=(1,), max_batches=2)  # fmt: skip
+    state.exchange_observer = rec.exchange
+    server = SplitServer(state, "127.0.0.1:0").start()
+    received = []
+    try:
+        ident = ChannelIdentity(run_id="r", round=1, client_id="c1")
+        with GrpcChannel(address=server.address, identity=ident) as ch:
+            for _ in range(3):
+                h, y = torch.rand(5, 16, 4, 4), torch.randint(0, 10, (5,))
+                received.append((h, y, ch.train_step(h, y).grad))
+    finally:
+        server.stop(grace=None)
+    rec.end_round(1, split.client.state_dict(), state.segment_state_dict())
+    obs = load_observation(tmp_path)
+    assert obs.activations.shape == (10, 16, 4, 4)  # max_batches=2 of the 3 steps
+    assert torch.equal(obs.activations, torch.cat([r[0] for r in received[:2]]))
+    assert torch.equal(obs.labels, torch.cat([r[1] for r in received[:2]]))
+    assert torch.equal(obs.cut_gradients, torch.cat([r[2] for r in received[:2]]))  # exactly what travelled
