@@ -319,6 +319,10 @@ class RoundRunner:
         for m in replies:
             if m.has_error():
                 log.warning("training failed on node %s: %s", m.metadata.src_node_id, m.error.reason)
+        answered = {m.metadata.src_node_id for m in replies}
+        for n in plan.order:
+            if n not in answered:  # e.g. its SuperNode died mid-round: nothing of its segment is aggregated
+                log.warning("node %s did not answer round %s within %.0f s", n, rnd, cfg.train.round_timeout_s)
         # ---- aggregation
         control_down = self.arrays.count_bytes() * len(plan.order)
         if plan.aggregate_clients and ok:
@@ -394,7 +398,8 @@ class RoundRunner:
             if examples
             else None,  # type: ignore[arg-type]
             "clients": len(ok),
-            "failures": len(replies) - len(ok),
+            "failures": len(plan.order) - len(ok),  # error replies and clients that never answered (timeout)
+            "timeouts": len(plan.order) - len(replies),
             "eval_failures": eval_failures,
             "examples": examples,
             "sequential": plan.sequential,

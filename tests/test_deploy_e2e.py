@@ -259,3 +259,94 @@ def test_deployment_engine_with_tls_node_auth_and_an_authenticated_data_plane(tm
         procs.stop_all()
     assert all(p.poll() is not None for p, _ in procs.procs.values())
     print(f"deployment e2e: {time.monotonic() - t_start:.0f}s")
+
+
+def _rows(run_root: Path) -> list[dict]:
+    dirs = list(run_root.iterdir()) if run_root.exists() else []
+    if not dirs or not (dirs[0] / "metrics.jsonl").exists():
+        return []
+    out = []
+    for line in (dirs[0] / "metrics.jsonl").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            break
+    return out
+
+
+def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_the_next_round(tmp_path, monkeypatch):
+    """SIGKILL a SuperNode (and its ClientApp) while round 2 trains; restart it with the same key.
+
+    Round 2 ends on its timeout with the surviving client only (the dead one's segment is not
+    aggregated), the server segment stays finite, and round 3 has both clients again.
+    """
+    t_start = time.monotonic()
+    certs = tmp_path / "certs"
+    make_certs(certs, nodes=2)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    sl_port = _free_port()
+    superlink = f"127.0.0.1:{sl_port}"
+    procs = Procs(tmp_path, env)
+    runs = tmp_path / "runs"
+
+    def supernode(name: str, i: int) -> subprocess.Popen:
+        return procs.start(
+            name, "supernode", "--superlink", superlink, "--root-certificates", str(certs / "ca.pem"),
+            "--key", str(certs / f"node-{i}.key"), "--partition-id", str(i - 1), "--num-partitions", "2",
+            "--threads", "1", "--port", str(_free_port()),
+        )  # fmt: skip
+
+    launch = None
+    try:
+        sl = procs.start("superlink", "superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(sl_port))
+        _wait_port(sl_port, sl)
+        monkeypatch.setenv("FLWR_HOME", env["FLWR_HOME"])
+        flower_connection(superlink, str(certs / "ca.pem"))
+        for i in (1, 2):
+            reg = _flwr(env, "supernode", "register", str(certs / f"node-{i}.pub"), "fsl")
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+            supernode(f"supernode-{i}", i)
+        launch = subprocess.Popen(
+            [sys.executable, "-m", "fsl.cli", "launch", "quickstart", "data.name=digits", "clients=2",
+             "train.rounds=3", "train.local_epochs=4", "train.fraction_evaluate=0", "train.min_clients=2",
+             "train.round_timeout_s=45", f"server.address=127.0.0.1:{_free_port()}", f"output_dir={runs}",
+             "--superlink", superlink, "--root-certificates", str(certs / "ca.pem"), "--dataplane-certs", str(certs)],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not _rows(runs) and time.monotonic() < deadline:  # round 1 done: round 2 starts now
+            assert launch.poll() is None, launch.stdout.read() if launch.stdout else ""
+            time.sleep(0.2)
+        assert _rows(runs), "round 1 never finished"
+        time.sleep(1.5)  # round 2 is training (4 local epochs take several seconds)
+        victim = procs.procs["supernode-2"][0]
+        os.killpg(victim.pid, signal.SIGKILL)  # the SuperNode and its ClientApp, no goodbye
+        victim.wait(timeout=10)
+        killed_at = time.monotonic()
+        supernode("supernode-2-restarted", 2)  # same key, same partition: it comes back
+        out, _ = launch.communicate(timeout=300)
+        assert launch.returncode == 0, out
+        rows = _rows(runs)
+        assert [r["round"] for r in rows] == [1, 2, 3], rows
+        r1, r2, r3 = rows
+        assert r1["clients"] == 2 and r1["failures"] == 0, r1
+        # round 2: only the survivor's segment was aggregated; the dead node counts as a failure
+        assert r2["clients"] == 1 and r2["failures"] == 1, r2
+        assert r3["clients"] == 2 and r3["failures"] == 0, r3  # the restarted node rejoined
+        acc = [r["accuracy"] for r in rows]
+        assert all(a == a for a in acc) and acc[2] > acc[0] and acc[2] > 0.6, acc  # finite and still rising
+        assert r2["seconds"] < 45 + 30 and time.monotonic() - killed_at < 200
+        summary = json.loads((next(runs.iterdir()) / "summary.json").read_text())
+        assert summary["rounds"] == 3
+    finally:
+        if launch is not None and launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait(timeout=10)
+        procs.stop_all()
+    assert all(p.poll() is not None for p, _ in procs.procs.values())
+    print(f"supernode-kill e2e: {time.monotonic() - t_start:.0f}s")
