@@ -166,11 +166,20 @@ WHEELS_MB=$(du -sm "$WHEELS" | cut -f1)
 TORCH_WHEEL=$(basename "$(find "$WHEELS" -name 'torch-*.whl' | head -n1)")
 TORCH_WHEEL_MB=$(du -m "$WHEELS/$TORCH_WHEEL" | cut -f1)
 echo "$WHEEL_COUNT wheels, $WHEELS_MB MB ($TORCH_WHEEL: $TORCH_WHEEL_MB MB)"
-# the project's own wheel, from this checkout, every run
+# the project's own wheel, from this checkout (its tracked and untracked, not ignored, files), every run;
+# built in a copy so that no stale build/ in the checkout can leak deleted modules into the wheel
 rm -rf "$FSL_WHEEL"
 mkdir -p "$FSL_WHEEL"
-(cd "$SRC" && "$HOST_PY" -m pip wheel --quiet --no-deps -w "$FSL_WHEEL" . >"$FSL_WHEEL.log" 2>&1) \
+BUILD_SRC=$(mktemp -d)
+if git -C "$SRC" rev-parse --git-dir >/dev/null 2>&1; then
+    (cd "$SRC" && git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null) \
+        | tar -xf - -C "$BUILD_SRC"
+else
+    cp -a "$SRC/." "$BUILD_SRC/"
+fi
+(cd "$BUILD_SRC" && "$HOST_PY" -m pip wheel --quiet --no-deps -w "$FSL_WHEEL" . >"$FSL_WHEEL.log" 2>&1) \
     || { cat "$FSL_WHEEL.log" >&2; die "pip wheel . failed"; }
+rm -rf "$BUILD_SRC"
 FSL_WHL=$(basename "$(find "$FSL_WHEEL" -name 'fsl-*.whl' | head -n1)")
 [[ -n $FSL_WHL ]] || die "pip wheel built no fsl wheel"
 PHASE_WHEELS=$(since "$T")
