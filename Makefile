@@ -19,8 +19,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/fsl run quickstart
 
+# two pytest workers (a file per worker at a time): most of the slow tier waits on processes it started
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
