@@ -15,6 +15,7 @@ Two methods:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional as F  # noqa: N812
@@ -36,6 +37,7 @@ class QueryFree:
     lr: float = 0.05
     tv: float = 0.005
     inner: int = 5  # unsplit: clone steps per input step
+    restarts: int = 1  # unsplit: independent clone initialisations; per image, the lowest feature loss wins
     seed: int = 0
     name: str = "query-free"
     needs: tuple[str, ...] = ("server_segment", "auxiliary_data")
@@ -43,6 +45,8 @@ class QueryFree:
     def __post_init__(self) -> None:
         if self.method not in ("shadow", "unsplit"):
             raise ValueError(f"query-free method must be 'shadow' or 'unsplit', not {self.method!r}")
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {self.restarts}")
 
     def run(self, observation: Observation, threat: ThreatModel, progress: Progress | None = None) -> AttackResult:
         if self.method == "unsplit":
@@ -88,14 +92,32 @@ class QueryFree:
         return AttackResult(reconstructed=x, extra={"shadow_train_accuracy": correct / len(y_aux)})
 
     def _unsplit(self, obs: Observation, progress: Progress | None) -> AttackResult:
+        """UnSplit; with ``restarts`` > 1 the attacker keeps, per image, the attempt whose clone
+        explains the observed activation best (its own objective: no ground truth involved)."""
         report = progress_or_silent(progress)
-        clone, _ = segments(obs.model, obs.cut, obs.input_shape, obs.num_classes, obs.norm, seed=self.seed + 2)
-        clone.eval()
         target = obs.activations.float()
+        best_x, best_loss = None, None
+        for r in range(self.restarts):
+            x, loss = self._unsplit_once(obs, target, self.seed + 2 + 1000 * r, report, r)
+            if best_x is None or best_loss is None:
+                best_x, best_loss = x, loss
+                continue
+            better = loss < best_loss  # (N,)
+            best_x[better] = x[better]
+            best_loss = torch.minimum(best_loss, loss)
+        assert best_x is not None
+        return AttackResult(reconstructed=best_x)
+
+    def _unsplit_once(
+        self, obs: Observation, target: torch.Tensor, seed: int, report: Any, attempt: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        clone, _ = segments(obs.model, obs.cut, obs.input_shape, obs.num_classes, obs.norm, seed=seed)
+        clone.eval()
         n = target.shape[0]
         x = torch.full((n, *obs.input_shape), 0.5, requires_grad=True)
         opt_x = torch.optim.Adam([x], lr=self.lr)
         opt_w = torch.optim.Adam(clone.parameters(), lr=1e-3)
+        total = self.iters * self.restarts
         for it in range(self.iters):
             for _ in range(self.inner):  # clone steps with x fixed
                 opt_w.zero_grad(set_to_none=True)
@@ -107,6 +129,9 @@ class QueryFree:
             opt_x.step()
             with torch.no_grad():
                 x.clamp_(0, 1)
+            done = attempt * self.iters + it + 1
             if it % max(1, self.iters // 50) == 0 or it == self.iters - 1:
-                report(it + 1, self.iters, f"query-free (unsplit): loss {float(loss.detach()) / n:.4f}")
-        return AttackResult(reconstructed=x.detach())
+                report(done, total, f"query-free (unsplit): loss {float(loss.detach()) / n:.4f}")
+        with torch.no_grad():
+            final = feature_loss(clone(x), target)  # (N,) how well this attempt explains each activation
+        return x.detach(), final

@@ -103,6 +103,20 @@ def test_query_free_unsplit_beats_a_random_image(clean, baselines):
     assert row["ssim_mean"] > baselines["random"] + 0.3
 
 
+def test_query_free_restarts_pick_per_image_the_attempt_with_the_lowest_feature_loss(clean):
+    """The attacker's own objective chooses among attempts (no ground truth involved)."""
+    obs = load_observation(clean[0])
+    target = obs.activations.float()
+    q = get_attack("query-free", iters=60, restarts=3, seed=1)  # seed 1: its attempts win different images
+    attempts = [q._unsplit_once(obs, target, q.seed + 2 + 1000 * r, lambda *a: None, r) for r in range(3)]
+    xs = torch.stack([x for x, _ in attempts])  # (3, N, C, H, W)
+    losses = torch.stack([loss for _, loss in attempts])  # (3, N)
+    pick = losses.argmin(0)
+    assert len(set(pick.tolist())) > 1  # different images are best explained by different attempts
+    got = q.run(obs, ThreatModel(knows_client_weights=False)).reconstructed
+    assert torch.allclose(got, xs[pick, torch.arange(xs.shape[1])])
+
+
 def test_label_inference_in_a_ushaped_split(tmp_path, digits_mod):
     d = ushaped_label_run(
         tmp_path,
