@@ -19,9 +19,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/fsl run quickstart
 
-# two pytest workers (a file per worker at a time): most of the slow tier waits on processes it started
+# two pytest workers: most of the slow tier waits on processes it started; the Flower simulation
+# (Ray) tests form one group that runs in one worker (xdist_group "ray")
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

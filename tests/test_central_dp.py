@@ -30,6 +30,7 @@ def test_central_dp_wraps_the_strategy_and_is_validated():
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # Flower simulation: with the other Ray tests, one at a time
 def test_clipping_bounds_what_the_aggregate_can_move(tmp_path):
     """With a tiny clipping bound the aggregated client segment stays where it started, while the
     server segment (not covered by central DP) trains as usual."""

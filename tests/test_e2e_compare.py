@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Flower simulation (Ray): one such test at a time, in one pytest worker (two Ray clusters side by side
+# on 2 cores once hung a run whose simulation engine died)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 MODES = {"central", "fl", "sl", "sflv1", "sflv2", "fsl", "psl", "hybrid", "ushaped"}
 
