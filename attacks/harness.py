@@ -26,7 +26,7 @@ from attacks.models import segments
 from clients.trainer import evaluate_split, train_local, train_segment
 from fsl.channel import ChannelIdentity, InMemoryChannel
 from fsl.models import cut_shape
-from server.recorder import ExchangeRecorder, ObservationRecorder
+from server.recorder import ObservationRecorder
 from server.split_server import SplitServerState
 
 __all__ = ["TrainedSplit", "fl_step_observation", "record_gradient_step", "record_round", "train_split"]
@@ -166,7 +166,7 @@ def record_gradient_step(
 
     What gradient inversion needs from an unsecured round, all of it the server's own view: the
     client segment it sent (before), the activations and labels it received, the ``dL/dh`` it
-    sent back (through :class:`server.recorder.ExchangeRecorder`) and the segment the client
+    sent back (the split server's ``exchange_observer``) and the segment the client
     returned (after). The step is plain SGD on one batch of ``len(y)`` samples, so
     ``before - after = lr * dL/dW``. ``defense`` ``dpsgd`` makes it a DP-SGD step (per-sample
     clipping to 1 plus Gaussian noise of std ``param``); otherwise the trained split's release
@@ -206,15 +206,18 @@ def record_gradient_step(
     )
     start = copy.deepcopy(trained.client.state_dict())
     tap = GroundTruthTap(trained.client, max_batches=1)
-    exchange = ExchangeRecorder(trained.state, recorder)
-    ch = InMemoryChannel(server=exchange, identity=ChannelIdentity(run_id="leakage", round=rnd, client_id=client))
-    n = len(y)
-    if defense.kind == "dpsgd":
-        train_client_custom(tap, x, y, ch, defense, batch_size=n, lr=lr, momentum=0.0, seed=seed)
-    elif defense.kind == "none":
-        train_segment(tap, x, y, ch, batch_size=n, lr=lr, momentum=0.0, seed=seed, release=trained.release)
-    else:
+    if defense.kind not in ("none", "dpsgd"):
         raise ValueError(f"record_gradient_step runs defense none or dpsgd, not {defense.kind!r}")
+    ch = InMemoryChannel(server=trained.state, identity=ChannelIdentity(run_id="leakage", round=rnd, client_id=client))
+    n = len(y)
+    trained.state.exchange_observer = recorder.exchange  # the server's own record of the exchange
+    try:
+        if defense.kind == "dpsgd":
+            train_client_custom(tap, x, y, ch, defense, batch_size=n, lr=lr, momentum=0.0, seed=seed)
+        else:
+            train_segment(tap, x, y, ch, batch_size=n, lr=lr, momentum=0.0, seed=seed, release=trained.release)
+    finally:
+        trained.state.exchange_observer = None
     recorder.end_round(
         rnd,
         client_segment=start,

@@ -14,7 +14,7 @@ Layout under the run directory (safetensors and JSON only, never pickle)::
     observations/meta.json                       architecture, cut, input shape, classes, dataset, rounds
     observations/round-NNNN/data.safetensors     "<client>/<step>/activations", ".../labels", ".../gradients",
                                                  ".../server_outputs" (U-shaped), ".../cut_gradients"
-                                                 (dL/dh sent back; only through :class:`ExchangeRecorder`)
+                                                 (dL/dh sent back: ``SplitServerState.exchange_observer``)
     observations/round-NNNN/client_segment.safetensors   the segment sent to clients this round
     observations/round-NNNN/server_segment.safetensors   the server's own segment at the round's end
     observations/round-NNNN/updates/<client>.safetensors each client's returned segment
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ExchangeRecorder", "NullRecorder", "ObservationRecorder", "attach_recorder", "round_dir", "update_file"]
+__all__ = ["NullRecorder", "ObservationRecorder", "attach_recorder", "round_dir", "update_file"]
 
 
 def round_dir(run_path: str | Path, rnd: int) -> Path:
@@ -163,51 +163,6 @@ class ObservationRecorder:
             _save(dict(seg), update_file(d, client))
         (d / "index.json").write_text(json.dumps(index, indent=2) + "\n")
         return d
-
-
-class ExchangeRecorder:
-    """A data-plane server that forwards to ``state`` and records each training exchange both ways.
-
-    The state's ``observer`` sees a training request before the step, so it cannot keep the
-    gradient the server sends back. This wrapper sits where the state does (an
-    :class:`fsl.channel.InMemoryChannel`'s ``server``, or ``SplitServer(state, batcher=...)``,
-    whose ``train`` it replaces) and records the activations, the labels and the reply's
-    ``dL/dh`` together, once per (round, client, step): a retried request is not recorded twice.
-    Leave ``state.observer`` unset while it records, or the batch is counted twice.
-    """
-
-    def __init__(self, state: Any, recorder: ObservationRecorder) -> None:
-        self.state = state
-        self.recorder = recorder
-        self._seen: set[tuple[int, str, int]] = set()
-
-    def train(self, request: Any) -> Any:
-        from fsl.wire import codec
-
-        reply = self.state.train(request)  # validates, authenticates and steps; raises on a bad request
-        hdr = request.header
-        key = (int(hdr.round), str(hdr.client_id), int(hdr.step))
-        if key not in self._seen and self.recorder.wants(key[0]):
-            self._seen.add(key)
-            self.recorder.record(
-                *key,
-                codec.decode(request.activations, name="activations"),  # (B, ...) as received
-                labels=codec.decode(request.labels, name="labels"),  # (B,)
-                cut_gradients=codec.decode(reply.grad, name="grad").float(),  # (B, ...) dL/dh as sent
-            )
-        return reply
-
-    def forward(self, request: Any) -> Any:
-        return self.state.forward(request)
-
-    def backward(self, request: Any) -> Any:
-        return self.state.backward(request)
-
-    def infer(self, request: Any) -> Any:
-        return self.state.infer(request)
-
-    def info(self) -> Any:
-        return self.state.info()
 
 
 class NullRecorder:

@@ -142,29 +142,39 @@ class DataPlaneProbe(threading.Thread):
             plain.close()
 
 
-def test_deployment_engine_with_tls_node_auth_and_an_authenticated_data_plane(tmp_path, monkeypatch):
-    t_start = time.monotonic()
-    certs = tmp_path / "certs"
-    make_certs(certs, nodes=3)
-    env = {
+def _deploy_env(tmp_path: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "FLWR_HOME": str(tmp_path / "flwr-home"),  # Flower's config and installed apps: not ~/.flwr
         "FLWR_TELEMETRY_ENABLED": "0",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+
+
+def _superlink_with_nodes(procs: Procs, env: dict[str, str], certs: Path, port: int, nodes, monkeypatch) -> str:
+    """Start the SuperLink, write the connection ``fsl`` in $FLWR_HOME, register the keys of ``nodes``."""
+    sl = procs.start("superlink", "superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port))
+    _wait_port(port, sl)
+    superlink = f"127.0.0.1:{port}"
+    monkeypatch.setenv("FLWR_HOME", env["FLWR_HOME"])
+    flower_connection(superlink, str(certs / "ca.pem"))
+    for i in nodes:
+        reg = _flwr(env, "supernode", "register", str(certs / f"node-{i}.pub"), "fsl")
+        assert reg.returncode == 0 and "registered" in reg.stdout, reg.stdout + reg.stderr
+    return superlink
+
+
+def test_deployment_engine_with_tls_node_auth_and_an_authenticated_data_plane(tmp_path, monkeypatch):
+    t_start = time.monotonic()
+    certs = tmp_path / "certs"
+    make_certs(certs, nodes=3)
+    env = _deploy_env(tmp_path)
     sl_port, dp_port = _free_port(), _free_port()
-    superlink = f"127.0.0.1:{sl_port}"
     procs = Procs(tmp_path, env)
     probe = DataPlaneProbe(dp_port, (certs / "ca.pem").read_bytes())
     try:
-        sl = procs.start("superlink", "superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(sl_port))
-        _wait_port(sl_port, sl)
-        # the run's connection in $FLWR_HOME/config.toml, then register two of the three node keys
-        monkeypatch.setenv("FLWR_HOME", env["FLWR_HOME"])
-        flower_connection(superlink, str(certs / "ca.pem"))
-        for i in (1, 2):
-            reg = _flwr(env, "supernode", "register", str(certs / f"node-{i}.pub"), "fsl")
-            assert reg.returncode == 0 and "registered" in reg.stdout, reg.stdout + reg.stderr
+        # the run's connection in $FLWR_HOME/config.toml, then two of the three node keys registered
+        superlink = _superlink_with_nodes(procs, env, certs, sl_port, (1, 2), monkeypatch)
         for i in (1, 2, 3):  # node 3 holds a key the SuperLink does not know
             procs.start(
                 f"supernode-{i}",
@@ -284,12 +294,7 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_the_next_round(tmp_
     t_start = time.monotonic()
     certs = tmp_path / "certs"
     make_certs(certs, nodes=2)
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = _deploy_env(tmp_path)
     sl_port = _free_port()
     superlink = f"127.0.0.1:{sl_port}"
     procs = Procs(tmp_path, env)
@@ -304,13 +309,8 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_the_next_round(tmp_
 
     launch = None
     try:
-        sl = procs.start("superlink", "superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(sl_port))
-        _wait_port(sl_port, sl)
-        monkeypatch.setenv("FLWR_HOME", env["FLWR_HOME"])
-        flower_connection(superlink, str(certs / "ca.pem"))
+        _superlink_with_nodes(procs, env, certs, sl_port, (1, 2), monkeypatch)
         for i in (1, 2):
-            reg = _flwr(env, "supernode", "register", str(certs / f"node-{i}.pub"), "fsl")
-            assert reg.returncode == 0, reg.stdout + reg.stderr
             supernode(f"supernode-{i}", i)
         launch = subprocess.Popen(
             [sys.executable, "-m", "fsl.cli", "launch", "quickstart", "data.name=digits", "clients=2",
