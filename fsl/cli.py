@@ -124,6 +124,36 @@ def _quiet_frameworks(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class SimulationFailed(RuntimeError):
+    """The simulation engine (Flower on Ray) failed; the run directory keeps its last checkpoint."""
+
+
+def start_ray(init_args: dict[str, Any], attempts: int = 3) -> None:
+    """Start the local Ray cluster the simulation engine runs on, retrying a slow start.
+
+    Ray gives its raylet a fixed 30 s to register; on a loaded 2-core host that sometimes is not
+    enough ("The current node timed out during startup"). Flower's Ray backend reuses a cluster
+    that is already up, so starting it here with the same arguments lets a slow start be retried.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # what Flower's backend would pass: Ray's workers import this process's modules
+    pythonpath = os.pathsep.join([*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False, **init_args)
+            return
+        except Exception as e:  # Ray raises a bare Exception on a startup timeout
+            ray.shutdown()
+            if attempt == attempts:
+                raise SimulationFailed(f"Ray (Flower's simulation engine) did not start after {attempts} tries: {e}") from e
+            print(f"warning: Ray did not start ({e}); retrying ({attempt}/{attempts - 1})", file=sys.stderr)
+            time.sleep(2.0 * attempt)
+
+
 def run_experiment(cfg: Any, run: Any, reporter: Any = None) -> dict[str, Any]:
     """Run ``cfg`` in Flower's simulation engine (one virtual SuperNode per client).
 
@@ -148,13 +178,22 @@ def run_experiment(cfg: Any, run: Any, reporter: Any = None) -> dict[str, Any]:
             "configure_logging": True,
         },
     }
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.clients,
-        backend_config=backend_config,
-        verbose_logging=cfg.simulation.verbose,
-    )
+    start_ray(backend_config["init_args"])
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.clients,
+            backend_config=backend_config,
+            verbose_logging=cfg.simulation.verbose,
+        )
+    except Exception as e:
+        root: BaseException = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise SimulationFailed(f"Flower's simulation engine failed: {type(root).__name__}: {root}") from e
+    finally:
+        server_app.stop.set()  # type: ignore[attr-defined]  # a failed engine must not leave the round loop waiting
     result: dict[str, Any] = server_app.result.get("summary")  # type: ignore[attr-defined]
     if result is None:
         raise RuntimeError("the simulation ended without a result; rerun with simulation.verbose=true")
@@ -216,7 +255,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     reporter.console.print(f"run directory: {run.path}")
     t0 = time.perf_counter()
-    summary = run_experiment(cfg, run, reporter)
+    try:
+        summary = run_experiment(cfg, run, reporter)
+    except SimulationFailed as e:
+        print(f"error: {e}\nthe run directory keeps its last checkpoint: `fsl run --resume {run.path}`", file=sys.stderr)
+        return 1
     reporter.console.print(reporter.table())
     reporter.console.print(
         f"final test accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "

@@ -18,6 +18,7 @@ import copy
 import logging
 import random
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -513,16 +514,56 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, run: RunDir, reporter: Reporte
     return RoundRunner(grid, cfg, run, reporter).run_all()
 
 
+class RunStopped(RuntimeError):
+    """The engine under the ServerApp went away (e.g. Ray failed to start): stop waiting for replies."""
+
+
+class StoppableGrid:
+    """A Flower grid whose ``send_and_receive`` gives up as soon as ``stop`` is set.
+
+    Flower's simulation engine does not stop the ServerApp thread when the engine itself
+    fails; without this, a ServerApp waiting for replies that can never come keeps the
+    process alive until its round timeout.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event, poll_s: float = 0.1) -> None:
+        self._grid, self._stop, self._poll_s = grid, stop, poll_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        pending = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        out: list[Message] = []
+        while pending:
+            if self._stop.is_set():
+                raise RunStopped("the simulation engine stopped while the ServerApp waited for replies")
+            got = list(self._grid.pull_messages(pending))
+            out += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            self._stop.wait(self._poll_s)
+        return out
+
+
 def make_server_app(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = None) -> ServerApp:
-    """A ServerApp bound to a config and run directory (what `fsl run` uses)."""
+    """A ServerApp bound to a config and run directory (what `fsl run` uses).
+
+    ``app.stop`` (an event) makes the round loop give up waiting for replies; ``app.result``
+    holds the summary once the run finished.
+    """
     sapp = ServerApp()
     out: dict[str, Any] = {}
+    stop = threading.Event()
 
     @sapp.main()
     def _main(grid: Grid, context: Context) -> None:
-        out["summary"] = run_rounds(grid, cfg, run, reporter)
+        out["summary"] = run_rounds(StoppableGrid(grid, stop), cfg, run, reporter)  # type: ignore[arg-type]
 
     sapp.result = out  # type: ignore[attr-defined]
+    sapp.stop = stop  # type: ignore[attr-defined]
     return sapp
 
 

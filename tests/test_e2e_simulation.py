@@ -29,6 +29,19 @@ def _run_dir(stdout):
     return Path(line.split(":", 1)[1].strip())
 
 
+def test_a_failing_simulation_engine_ends_the_run_with_a_clear_error(tmp_path):
+    # 64 CPUs per client on this host: Flower's engine cannot place one actor and stops. The
+    # ServerApp thread is then waiting for its clients to say what they hold (up to 5 minutes); the run
+    # must end now, with the engine's reason, not when that wait expires.
+    t0 = time.monotonic()
+    proc = _fsl("run", "quickstart", *TINY, "train.rounds=1", "simulation.client_cpus=64", f"output_dir={tmp_path}")
+    took = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "error: Flower's simulation engine failed" in proc.stderr and "ActorPool is empty" in proc.stderr
+    assert f"fsl run --resume {_run_dir(proc.stdout)}" in proc.stderr
+    assert took < 120, f"the failed run took {took:.0f} s to exit"
+
+
 def test_cli_runs_a_simulation_writes_results_and_resumes(tmp_path):
     proc = _fsl("run", "quickstart", *TINY, "train.rounds=2", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
