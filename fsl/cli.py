@@ -149,7 +149,9 @@ def start_ray(init_args: dict[str, Any], attempts: int = 3) -> None:
         except Exception as e:  # Ray raises a bare Exception on a startup timeout
             ray.shutdown()
             if attempt == attempts:
-                raise SimulationFailed(f"Ray (Flower's simulation engine) did not start after {attempts} tries: {e}") from e
+                raise SimulationFailed(
+                    f"Ray (Flower's simulation engine) did not start after {attempts} tries: {e}"
+                ) from e
             print(f"warning: Ray did not start ({e}); retrying ({attempt}/{attempts - 1})", file=sys.stderr)
             time.sleep(2.0 * attempt)
 
@@ -258,7 +260,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         summary = run_experiment(cfg, run, reporter)
     except SimulationFailed as e:
-        print(f"error: {e}\nthe run directory keeps its last checkpoint: `fsl run --resume {run.path}`", file=sys.stderr)
+        print(
+            f"error: {e}\nthe run directory keeps its last checkpoint: `fsl run --resume {run.path}`", file=sys.stderr
+        )
         return 1
     reporter.console.print(reporter.table())
     reporter.console.print(
