@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsl.data import load_dataset, subset
+from fsl.data import DatasetNotFound, load_dataset, subset
 from fsl.inference.cartography import (
     EASY,
     HARD,
@@ -182,7 +182,11 @@ def test_records_taken_during_training_cover_every_sample(digits):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def study():
-    ds = subset(load_dataset("fashion-mnist"), 6000, 2000, seed=0)
+    try:
+        full = load_dataset("fashion-mnist")
+    except DatasetNotFound:
+        pytest.skip("dataset-fashion-mnist is not installed (.ci/run installs it)")
+    ds = subset(full, 6000, 2000, seed=0)
     perm = torch.from_numpy(np.random.default_rng(0).permutation(len(ds.y_train)))
     val, tr = perm[:1000].sort().values, perm[1000:].sort().values
     x_tr, y_tr, x_val, y_val = ds.x_train[tr], ds.y_train[tr], ds.x_train[val], ds.y_train[val]

