@@ -293,11 +293,8 @@ def test_comparison_table(study, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bandit_settles_on_a_good_exit_point(study):
-    test, cost = study["test"], study["cost"]
-    alpha, lam = 0.8, 0.05
-    routing, info = bandit_routing(test, cost, alpha=alpha, lam=lam, exploration=0.1, seed=0)
-    # expected label-free reward of each arm, computed here from the definitions
+def _arm_rewards(test, cost, alpha, lam):
+    """Expected label-free reward of each bandit arm, computed here from the definitions."""
     conf = test.confidence
     pc, _ = cost.path()
     hc, _ = cost.heads()
@@ -308,9 +305,42 @@ def test_bandit_settles_on_a_good_exit_point(study):
         r = np.where(stop, conf[:, k] - lam * (pc[k] + hc[k]) / ref, conf[:, 2] - lam * (pc[2] + hc[k]) / ref)
         arm_reward.append(r.mean())
     arm_reward.append((conf[:, 2] - lam).mean())
-    pulls = info["pulls"]
-    late = np.bincount(pulls[len(pulls) // 2 :], minlength=3)
-    settled = int(late.argmax())
-    assert late[settled] > 0.6 * late.sum(), late
-    assert arm_reward[settled] >= max(arm_reward) - 0.01, (arm_reward, late)
+    return np.array(arm_reward)
+
+
+def test_bandit_settles_on_the_exit_point_that_pays(study):
+    # outputs built so that the device exit is clearly the best arm: it is 0.9-1.0 sure of 40% of
+    # the samples (they stop there), the edge exit is never sure, the final classifier 0.6-0.8 sure
+    rng = np.random.default_rng(0)
+    n, c = 2000, 10
+    conf = np.stack(
+        [np.where(rng.random(n) < 0.4, rng.uniform(0.9, 1.0, n), rng.uniform(0.2, 0.5, n)),
+         rng.uniform(0.2, 0.5, n), rng.uniform(0.6, 0.8, n)], 1)  # fmt: skip
+    probs = np.repeat(((1 - conf) / (c - 1))[:, :, None], c, 2)  # (N, 3, C)
+    y = rng.integers(0, c, n)
+    probs[np.arange(n), :, y] = conf
+    test, cost, alpha, lam = TierOutputs(probs, y), study["cost"], 0.8, 0.05
+    arm_reward = _arm_rewards(test, cost, alpha, lam)
+    assert arm_reward[0] - np.sort(arm_reward)[-2] > 0.05, arm_reward  # a gap a bandit must find
+    for seed in range(4):
+        _, info = bandit_routing(test, cost, alpha=alpha, lam=lam, exploration=0.1, seed=seed)
+        late = np.bincount(info["pulls"][n // 2 :], minlength=3)
+        assert late[0] > 0.9 * late.sum(), (seed, late)
+        assert info["mean_reward"] > arm_reward.mean() + 0.03, (seed, info["mean_reward"], arm_reward)
+
+
+def test_bandit_regret_on_a_trained_model_is_small(study):
+    # on the trained model the three arms' rewards lie within 0.02 of each other (0.817 / 0.799 /
+    # 0.805): too close for 2,000 samples to tell apart, so which arm the bandit settles on is a
+    # coin toss (seed 0 settles on the cloud, seed 1 on the device). What it must keep small is
+    # the reward lost against the best arm: measured 0.0003-0.017 per sample over 8 seeds.
+    test, cost, alpha, lam = study["test"], study["cost"], 0.8, 0.05
+    arm_reward = _arm_rewards(test, cost, alpha, lam)
+    regret = []
+    for seed in range(4):
+        _, info = bandit_routing(test, cost, alpha=alpha, lam=lam, exploration=0.1, seed=seed)
+        late = np.bincount(info["pulls"][len(test) // 2 :], minlength=3)
+        assert late.max() > 0.6 * late.sum(), late  # it settles on one arm
+        regret.append(arm_reward.max() - info["mean_reward"])
+    assert max(regret) < 0.03 and np.mean(regret) < 0.015, (regret, arm_reward)
     assert evaluate_routing("cloud", cloud_only(len(test)), test, cost).cost > 0

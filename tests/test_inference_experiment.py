@@ -32,11 +32,12 @@ def test_quick_inference_study_writes_its_tables_and_the_scheduler_responds(tmp_
     doc = json.loads((run / "inference.json").read_text())
     assert KEYS <= set(doc)
     assert set(doc["sla_attainment"]) == {"scheduler", "all_cloud"}
-    # what the quick run must already show: the scheduler saves server compute without losing much
-    # attainment (the quick run times its blocks live: under a loaded CI host its plan moved by up to
-    # 3 points of attainment against all-cloud, measured 0.869 vs 0.902)
-    assert doc["server_compute_reduction_vs_cloud"] > 0.3
-    assert doc["sla_attainment"]["scheduler"] >= doc["sla_attainment"]["all_cloud"] - 0.06
+    # what the quick run must already show: the scheduler saves server compute at no loss of
+    # attainment. The study scales the measured profile to a fixed total, so host load moves only
+    # its shape: with single block timings off by 0.5-10x the scheduler measured 0.984-0.995
+    # attainment (all-cloud 0.902) and 72-88% less server compute.
+    assert doc["server_compute_reduction_vs_cloud"] > 0.5
+    assert doc["sla_attainment"]["scheduler"] >= doc["sla_attainment"]["all_cloud"]
     assert 0.0 <= doc["latency_prediction_error"] < 0.2
     assert doc["sensitivity"] == {"moves_with_device_speed": True, "moves_with_network": True}
     assert {r["policy"] for r in doc["routing_baselines"]} >= {"cloud-only", "random", "confidence-exit", "cartography"}

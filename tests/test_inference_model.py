@@ -153,6 +153,17 @@ def test_scheduler_meets_the_target_at_least_server_cost_and_respects_memory():
     assert s.plan(small, FAST, target_ms=1000).cut == "c"
 
 
+def test_scheduler_headroom_keeps_plans_off_the_edge_of_the_target():
+    p = synthetic_profile()
+    edge = Scheduler(p, SERVER).plan(BIG, FAST, target_ms=54)
+    assert edge.cut == "c" and edge.predicted_ms > 0.9 * 54  # 50.5 ms of 54: any jitter misses
+    safe = Scheduler(p, SERVER, headroom=0.2).plan(BIG, FAST, target_ms=54)
+    assert safe.feasible and safe.predicted_ms <= 0.8 * 54 and safe.cut == "b"  # 41.9 ms
+    assert safe.server_ms > edge.server_ms  # the margin costs server compute
+    with pytest.raises(ValueError, match="headroom"):
+        Scheduler(p, SERVER, headroom=1.0)
+
+
 def test_scheduler_marks_an_unreachable_target_infeasible():
     s = Scheduler(synthetic_profile(), SERVER)
     plan = s.plan(BIG, SLOW, target_ms=5)

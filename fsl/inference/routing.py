@@ -574,7 +574,9 @@ def bandit_routing(
     -------
     routing, info
         The routing (in the original sample order) and ``arm_counts``, ``arm_means``,
-        ``best_arm`` (most pulled) and the arms pulled in stream order (``pulls``).
+        ``best_arm`` (most pulled), the arms pulled in stream order (``pulls``) and the mean
+        reward the stream collected (``mean_reward``: against the best single arm's mean reward,
+        the bandit's regret per sample).
     """
     n = len(outputs)
     arms = bandit_arms(outputs, alpha)
@@ -585,7 +587,7 @@ def bandit_routing(
     pulls = np.zeros(n, dtype=np.int64)
     for step, i in enumerate(order):
         a = ucb.select()
-        ucb.update(a, float(rewards[i, a]))
+        ucb.update(a, float(rewards[i, a]))  # the bandit sees only the reward of the arm it pulled
         chosen[i] = a
         pulls[step] = a
     tier = np.stack([a.tier for a in arms], 1)[np.arange(n), chosen]
@@ -598,6 +600,7 @@ def bandit_routing(
         "arm_means": ucb.means.tolist(),
         "best_arm": int(np.argmax(ucb.counts)),
         "pulls": pulls,
+        "mean_reward": float(rewards[np.arange(n), chosen].mean()) if n else 0.0,
     }
     return Routing(tier, heads), info
 

@@ -219,6 +219,11 @@ class Scheduler:
         for speed and network factor, towards the declared values). A device moved off a cut
         is no longer observed there; forgetting makes the planner try it again now and then
         instead of trusting a stale measurement forever. 0 keeps corrections until observed.
+    headroom : float
+        Fraction of the target kept free for what the latency model does not predict (jitter
+        of compute and links, a batch that fills later than assumed): a plan is feasible when
+        its latency is at most ``(1 - headroom) * target``. 0 plans to the edge of the target,
+        where any variation misses it.
     """
 
     def __init__(
@@ -232,6 +237,7 @@ class Scheduler:
         meet_on: str = "tail",
         networks: Mapping[str, NetworkProfile] | None = None,
         forget: float = 0.02,
+        headroom: float = 0.0,
     ) -> None:
         if meet_on not in ("tail", "expected"):
             raise ValueError(f"meet_on must be 'tail' or 'expected', not {meet_on!r}")
@@ -253,6 +259,9 @@ class Scheduler:
         if not 0.0 <= forget < 1.0:
             raise ValueError(f"forget must be in [0, 1), got {forget}")
         self.forget = forget
+        if not 0.0 <= headroom < 1.0:
+            raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+        self.headroom = headroom
         self.meet_on = meet_on
         self.networks: dict[str, NetworkProfile] = dict(networks or {})
         self._learned: dict[str, _Learned] = {}
@@ -275,7 +284,7 @@ class Scheduler:
         server_wait_ms: float = 0.0,
         device_wait_ms: float = 0.0,
     ) -> list[Plan]:
-        """Every candidate cut's plan, feasibility decided against ``target_ms``."""
+        """Every candidate cut's plan, feasibility decided against ``target_ms`` less the headroom."""
         learned = self._learned.setdefault(device.name, _Learned())
         learned.device, learned.network = device, network
         if self.forget and learned.observations:
@@ -285,6 +294,7 @@ class Scheduler:
             learned.network_factor **= keep
             learned.extra_wait_ms *= keep
         dev, net = self.effective_device(device), self.effective_network(network)
+        budget = target_ms * (1.0 - self.headroom)
         out = []
         for cut in self.cuts:
             plan = predict(
@@ -303,7 +313,7 @@ class Scheduler:
                 plan = replace(plan, wait_ms=0.0)
             latency = plan.tail_ms if self.meet_on == "tail" else plan.predicted_ms
             fits = device.fits(self.profile, self.profile.client_blocks(cut))
-            out.append(replace(plan, feasible=fits and latency <= target_ms))
+            out.append(replace(plan, feasible=fits and latency <= budget))
         return out
 
     def plan(
@@ -320,7 +330,7 @@ class Scheduler:
         observations taught is added to it); ``device_wait_ms`` is the device's own backlog,
         which delays every cut that computes on the device.
 
-        Among cuts that meet ``target_ms`` and whose device segment fits the device's memory,
+        Among cuts that meet ``target_ms`` (less the headroom) and whose device segment fits the device's memory,
         the one with the least expected server compute (ties: the lowest latency). When none
         meets the target, the lowest-latency plan that fits in memory, marked infeasible.
         """
