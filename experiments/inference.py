@@ -116,9 +116,7 @@ def _scheduler(out: Path, profile: Any, quick: bool) -> dict[str, Any]:
         if cut != "input":
             policies[f"fixed-{cut}"] = FixedCut(cut)
     policies["scheduler"] = SchedulerPolicy(Scheduler(profile, server.device, headroom=HEADROOM))
-    policies["scheduler-no-replan"] = SchedulerPolicy(
-        Scheduler(profile, server.device, headroom=HEADROOM), learn=False
-    )
+    policies["scheduler-no-replan"] = SchedulerPolicy(Scheduler(profile, server.device, headroom=HEADROOM), learn=False)
     for name, pol in policies.items():
         res = simulate(profile, fleet, pol, server, duration, seed=0, jitter=0.1)
         results[name] = res
