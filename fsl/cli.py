@@ -156,6 +156,22 @@ def start_ray(init_args: dict[str, Any], attempts: int = 3) -> None:
             time.sleep(2.0 * attempt)
 
 
+def simulation_server_threads(cfg: Any, cpus: int | None = None) -> int:
+    """Torch threads for the split server when the simulated clients share its machine.
+
+    ``server.threads`` when set; otherwise (0, "auto") the cores the clients leave free: Ray runs
+    ``cpus // simulation.client_cpus`` clients at once (at most ``clients``), each with
+    ``simulation.client_threads`` threads, and at least one thread is kept. Torch's default (one
+    thread per core) oversubscribes the cores the clients are using: on 2 cores with 2 clients at
+    once the quickstart trained at 3,700 samples/s with 2 server threads and 4,800 with 1.
+    """
+    if cfg.server.threads:
+        return int(cfg.server.threads)
+    cpus = cpus or os.cpu_count() or 1
+    at_once = min(cfg.clients, max(1, int(cpus // cfg.simulation.client_cpus)))
+    return max(1, cpus - at_once * cfg.simulation.client_threads)
+
+
 def run_experiment(cfg: Any, run: Any, reporter: Any = None) -> dict[str, Any]:
     """Run ``cfg`` in Flower's simulation engine (one virtual SuperNode per client).
 
@@ -171,6 +187,9 @@ def run_experiment(cfg: Any, run: Any, reporter: Any = None) -> dict[str, Any]:
     from server.server_app import make_server_app
 
     _quiet_frameworks(cfg.simulation.verbose)
+    import torch
+
+    torch.set_num_threads(simulation_server_threads(cfg))  # the ServerApp runs in this process
     server_app = make_server_app(cfg, run, reporter)
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": 0.0},

@@ -152,7 +152,9 @@ class TrainConfig:
 class ServerConfig:
     address: str = "127.0.0.1:0"  # where the in-process split server listens (port 0: the OS picks)
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda:0", ...
-    threads: int = 0  # torch intra-op threads of the split server (0 = torch's default)
+    # torch intra-op threads of the split server; 0 = auto: in simulation the cores the clients leave
+    # free (fsl.cli.simulation_server_threads), elsewhere torch's default
+    threads: int = 0
     max_message_mb: int = 64  # largest data-plane message either side accepts
     # faults: a client's data-plane request fails after request_timeout_s (DEADLINE_EXCEEDED: the client
     # drops out of the round, which goes on without it); UNAVAILABLE (a reset link) is retried

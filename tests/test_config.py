@@ -46,3 +46,14 @@ def test_resolved_config_round_trips_through_toml():
     cfg = load_experiment("fashion-mnist", ["model.cut=conv2"])
     again = from_dict(ExperimentConfig, tomllib.loads(to_toml(cfg)))
     assert again == cfg and again.model.norm == "none"  # defaults were resolved and written down
+
+
+def test_the_split_server_leaves_the_simulated_clients_their_cores():
+    from fsl.cli import simulation_server_threads
+
+    quick = load_experiment("quickstart")  # 4 clients, 1 CPU and 1 thread each
+    assert simulation_server_threads(quick, cpus=2) == 1  # 2 clients at once take both cores
+    assert simulation_server_threads(quick, cpus=16) == 12  # 4 at once, 12 cores left
+    two = load_experiment("quickstart", ["clients=2", "simulation.client_cpus=2"])
+    assert simulation_server_threads(two, cpus=16) == 14  # at most 8 at once, but only 2 clients
+    assert simulation_server_threads(load_experiment("quickstart", ["server.threads=3"]), cpus=2) == 3
