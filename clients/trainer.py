@@ -17,6 +17,7 @@ from torch import nn
 
 from fsl.channel import SplitChannel, StepResult
 from fsl.inference.exits import exit_loss
+from fsl.optim import SGD, Stepper
 
 __all__ = [
     "EvalStats",
@@ -76,7 +77,7 @@ def train_segment(
     seed: int = 0,
     release: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_batch: Callable[[int], None] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,  # privacy: e.g. Opacus' DPOptimizer (fsl/privacy/dp.py)
+    optimizer: Stepper | None = None,  # privacy: e.g. Opacus' DPOptimizer (fsl/privacy/dp.py)
     batches: Callable[[], Iterable[torch.Tensor]] | None = None,  # privacy: index batches per epoch (Poisson)
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # privacy: NoPeek(x, h)
     exit_weight: float = 0.5,  # multi-exit segments: weight of each exit's loss
@@ -91,7 +92,7 @@ def train_segment(
     :mod:`fsl.privacy` (DP-SGD, NoPeek); by default plain SGD over shuffled batches.
     """
     segment.train()
-    opt = optimizer or torch.optim.SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = optimizer or SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     start = [p.detach().clone() for p in segment.parameters()] if proximal_mu > 0 else []
     gen = torch.Generator().manual_seed(seed)
     stats = TrainStats()
@@ -172,19 +173,19 @@ def _backward(
     local_loss: torch.Tensor | None = None,
 ) -> None:
     """``h.backward(grad)``, plus the gradients of client-side losses: a ``penalty(x, h)`` (privacy)
-    and ``local_loss`` (the exits of a multi-exit client segment)."""
+    and ``local_loss`` (the exits of a multi-exit client segment).
+
+    The server's gradient enters through the scalar ``sum(h * grad)``, whose gradient at ``h`` is
+    exactly ``grad`` (``1 * grad``, no rounding): a ``backward`` given a gradient tensor makes torch
+    import ``torch.fx``'s symbolic shapes and sympy, about 70 MB of resident memory on a client."""
+    total = (h * grad.to(h.dtype)).sum()  # d total / dh = grad
     extra = local_loss
     if penalty is not None and h.shape[0] >= 2:
         extra = _plus(penalty(xb, h), extra)
-    if extra is None:
-        h.backward(grad)
-        return
-    torch.autograd.backward([h, extra], [grad, torch.ones_like(extra)])
+    _plus(total, extra).backward()
 
 
-def _empty_step(
-    opt: torch.optim.Optimizer, bottom: nn.Module, top: nn.Module, x: torch.Tensor, mid: tuple[int, ...]
-) -> None:
+def _empty_step(opt: Stepper, bottom: nn.Module, top: nn.Module, x: torch.Tensor, mid: tuple[int, ...]) -> None:
     """A U-shaped step on an empty batch (privacy): no traffic; both segments see zero samples, DP-SGD adds noise."""
     h1 = bottom(x[:0])  # (0, ...)
     out = top(torch.zeros((0, *mid), dtype=h1.dtype))  # (0, num_classes)
@@ -238,7 +239,7 @@ def train_segment_u(
     proximal_mu: float = 0.0,
     seed: int = 0,
     release: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,  # privacy: as in train_segment
+    optimizer: Stepper | None = None,  # privacy: as in train_segment
     batches: Callable[[], Iterable[torch.Tensor]] | None = None,  # privacy
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # privacy: NoPeek(x, h1)
     exit_weight: float = 0.5,  # multi-exit segments: weight of each exit's loss
@@ -252,7 +253,7 @@ def train_segment_u(
     params = [*bottom.parameters(), *top.parameters()]
     bottom.train()
     top.train()
-    opt = optimizer or torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)  # privacy
+    opt = optimizer or SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)  # privacy: or DP-SGD's
     start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     gen = torch.Generator().manual_seed(seed)
     stats = TrainStats()
@@ -324,7 +325,7 @@ def train_local(
 ) -> TrainStats:
     """Train a whole model on local data (the `fl` and `central` baselines)."""
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     gen = torch.Generator().manual_seed(seed)
     stats = TrainStats()

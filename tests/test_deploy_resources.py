@@ -84,3 +84,34 @@ assert main(["supernode", "--superlink", "h:1", "--root-certificates", "ca.pem",
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "flower-supernode" in proc.stdout
+
+
+def test_a_client_trains_without_importing_torchs_compiler():
+    """torch.optim imports torch._dynamo and sympy (~75 MB resident); the client's SGD must not."""
+    import subprocess
+    import sys
+
+    from fsl.models import build_model, cut_shape, split_model
+    from server.split_server import SplitServer, SplitServerState
+
+    code = """
+import sys, torch
+from clients.trainer import train_local, train_segment
+from fsl.grpc_channel import GrpcChannel
+from fsl.models import build_model, split_model
+x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+with GrpcChannel(address=sys.argv[1]) as ch:
+    st = train_segment(split_model(build_model("cnn", seed=0), "conv1").client, x, y, ch, batch_size=32)
+assert st.batches == 2
+assert "torch._dynamo" not in sys.modules and "sympy" not in sys.modules, "split client"
+train_local(build_model("cnn", seed=0), x, y, batch_size=32)
+assert "torch._dynamo" not in sys.modules and "sympy" not in sys.modules, "fl client"
+"""
+    split = split_model(build_model("cnn", seed=0), "conv1")
+    state = SplitServerState(split.server, cut_shape(split.client, (1, 28, 28)), 10, device="cpu")
+    server = SplitServer(state, "127.0.0.1:0").start()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, server.address], capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop(grace=None)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,11 +1,12 @@
 """The client trainer learns through the split (in-memory channel, real codec)."""
 
+import pytest
 import torch
 
 from clients.trainer import evaluate_model, evaluate_split, train_segment
 from fsl.channel import InMemoryChannel
 from fsl.data import client_partition
-from fsl.models import join_segments
+from fsl.models import build_model, join_segments
 from helpers import make_state
 
 
@@ -34,3 +35,23 @@ def test_fedprox_term_pulls_towards_the_start(digits):
         train_segment(split.client, part.x_train, part.y_train, InMemoryChannel(server=state), epochs=1, proximal_mu=mu)
         dist[mu] = sum(float((p - s).norm()) for p, s in zip(split.client.parameters(), start, strict=True))
     assert dist[10.0] < 0.8 * dist[0.0]
+
+
+def test_the_client_sgd_is_torchs_sgd_bit_for_bit():
+    from fsl.optim import SGD
+
+    for momentum, wd in ((0.0, 0.0), (0.9, 0.0), (0.9, 5e-4)):
+        a, b = build_model("cnn", seed=0), build_model("cnn", seed=0)
+        ours = SGD(a.parameters(), lr=0.05, momentum=momentum, weight_decay=wd)
+        ref = torch.optim.SGD(b.parameters(), lr=0.05, momentum=momentum, weight_decay=wd)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x, y = torch.rand(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+            for model, opt in ((a, ours), (b, ref)):
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa, pb), (momentum, wd)
+    with pytest.raises(ValueError):
+        SGD(a.parameters(), lr=-1.0)

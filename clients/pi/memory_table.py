@@ -35,12 +35,13 @@ def measure(model: str, cut: str, shape: tuple[int, ...], batch: int) -> dict[st
 
     from clients.resources import estimate_training_memory, peak_rss_mb, rss_mb
     from fsl.models import build_model, split_model
+    from fsl.optim import SGD
 
     torch.set_num_threads(1)
     seg = split_model(build_model(model, shape, 10), cut).client.train()
     est = estimate_training_memory([seg], shape, batch)
     before = rss_mb()
-    opt = torch.optim.SGD(seg.parameters(), lr=0.01, momentum=0.9)
+    opt = SGD(seg.parameters(), lr=0.01, momentum=0.9)  # what the trainer uses
     for _ in range(3):
         h = seg(torch.rand(batch, *shape))  # (B, ...) smashed
         opt.zero_grad(set_to_none=True)

@@ -183,6 +183,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from fsl.channel import ChannelIdentity
     from fsl.grpc_channel import GrpcChannel
     from fsl.models import build_model, model_spec, split_model
+    from fsl.optim import SGD
 
     versions = {"torch": torch.__version__, "numpy": np.__version__}
     if args.import_clientapp:
@@ -213,7 +214,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     identity = ChannelIdentity(
         run_id=ready["run_id"], round=ready["round"], client_id=args.client_id, token=ready["tokens"][args.client_id]
     )
-    opt = torch.optim.SGD(segment.parameters(), lr=args.lr, momentum=args.momentum)
+    opt = SGD(segment.parameters(), lr=args.lr, momentum=args.momentum)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
     per_batch: list[dict[str, float]] = []
     with GrpcChannel(address=ready["address"], identity=identity, timeout_s=args.rpc_timeout) as channel:
