@@ -40,13 +40,16 @@ def mnist():
     return ds.x_train[perm], ds.y_train[perm], ds.x_test.mean(0, keepdim=True)
 
 
-@pytest.fixture(scope="module")
+# A fresh split per test (about 1 s to train): record_gradient_step takes a real step on the model it
+# is given, so a shared one would make each test's figures depend on which tests ran before it in
+# its pytest worker (with two workers that changes from run to run).
+@pytest.fixture
 def split_conv2(mnist):
     x, y, _ = mnist
     return train_split("cnn", "conv2", x[:1000], y[:1000], epochs=1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def split_conv1(mnist):
     x, y, _ = mnist
     return train_split("cnn", "conv1", x[:1000], y[:1000], epochs=1)
@@ -122,8 +125,9 @@ def _fields(obs: Observation) -> dict:
 @pytest.mark.slow
 def test_split_update_and_dl_dh_reconstruct_single_images(split_conv2, mnist, tmp_path):
     # cut conv2 (4,800 client parameters), one image per step, iters 3000 x 2 restarts, ~9 s an image.
-    # Measured mean SSIM over two images: 0.744 (this seed: images 3000, 3010, attack seed 0) and
-    # 0.588 (seed 1: images 3100, 3110, attack seed 1); mean-image baseline 0.142 / 0.159.
+    # Measured mean SSIM over two images on a fresh model: 0.720 (this seed: images 3000, 3010, attack
+    # seed 0); earlier, on a model other tests had stepped, 0.744 and 0.588 (seed 1: images 3100,
+    # 3110); mean-image baseline 0.142 / 0.159.
     ssims, baseline = [], []
     for k, row in enumerate((3000, 3010)):
         obs, orig = _step(split_conv2, tmp_path / str(k), mnist, slice(row, row + 1))
@@ -138,15 +142,16 @@ def test_split_update_and_dl_dh_reconstruct_single_images(split_conv2, mnist, tm
 @pytest.mark.slow
 def test_dp_sgd_on_the_client_step_stops_it(split_conv2, mnist, tmp_path):
     # A DP-SGD step (attacks.defenses, the leakage sweep's dpsgd): each sample's gradient clipped to
-    # norm 1, N(0, sigma^2) added per coordinate. Already sigma = 0.01 (noise norm ~0.7 over 4,800
-    # parameters, against a clipped signal <= 1; no meaningful epsilon) stops it: measured 0.134
-    # (this seed) and 0.326 (seed 1); sigma = 0.1 gives 0.036 / 0.039. Undefended: 0.744 / 0.588.
+    # norm 1, N(0, sigma^2) added per coordinate. Measured on a fresh model (images 3000, 3010):
+    # sigma = 0.1 (noise norm ~7 over 4,800 parameters against a clipped signal <= 1) gives 0.049 /
+    # 0.098; sigma = 0.01 only dents the attack (0.614 / 0.509); undefended 0.740 / 0.699. (An earlier
+    # bar at sigma = 0.01 held only on a model that earlier tests had stepped further.)
     ssims = []
     for k, row in enumerate((3000, 3010)):
-        obs, orig = _step(split_conv2, tmp_path / str(k), mnist, slice(row, row + 1), defense=Defense("dpsgd", 0.01))
+        obs, orig = _step(split_conv2, tmp_path / str(k), mnist, slice(row, row + 1), defense=Defense("dpsgd", 0.1))
         scores, _ = _ssim(obs, orig, iters=3000)
         ssims += scores["ssim"].tolist()
-    assert sum(ssims) / len(ssims) < 0.4
+    assert sum(ssims) / len(ssims) < 0.25
 
 
 @pytest.mark.slow
