@@ -343,8 +343,10 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_the_next_round(tmp_
         assert [r["round"] for r in rows] == [1, 2, 3, 4], rows
         r1, r2, r3, r4 = rows
         assert r1["clients"] == 2 and r1["failures"] == 0, r1
-        # round 2: only the survivor's segment was aggregated; the dead node counts as a failure
-        assert r2["clients"] == 1 and r2["failures"] == 1 and r2["timeouts"] == 1, r2
+        # round 2: only the survivor's segment was aggregated; the dead node counts as a failure: a
+        # timeout, or an error reply when the SuperLink declares the node offline (its heartbeat
+        # expired) before the round's 45 s are up (a clean-clone run on this host saw the latter)
+        assert r2["clients"] == 1 and r2["failures"] == 1 and r2["timeouts"] in (0, 1), r2
         # round 3 may still go to the dead node's id as well (the SuperLink believes it online until
         # two heartbeats are missed): it then times out again
         assert r3["clients"] >= 1, r3
