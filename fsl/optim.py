@@ -3,10 +3,10 @@
 Every ``torch.optim`` optimizer imports ``torch._dynamo`` (and with it sympy) the first time one
 is built: torch wraps ``Optimizer.add_param_group`` in ``torch._disable_dynamo``, which imports
 the compiler lazily, about 70 MB of resident memory that a Raspberry Pi with 1-2 GB does not have
-to spare (a client's ``backward`` with a gradient tensor imports the same; the trainer avoids both:
-peak RSS of a conv1 client 395 -> 326 MB, ``benchmarks/bench_client.py``). :class:`SGD` applies exactly ``torch.optim.SGD``'s update
-(``dampening=0``, no Nesterov; the same operations in the same order, so the same bits) and has
-the two methods the trainers call. The split server and DP-SGD (Opacus wraps a
+to spare (a client's ``backward`` with a gradient tensor imports the same; the trainer avoids
+both: peak RSS of a conv1 client 395 -> 326 MB, ``benchmarks/bench_client.py``). :class:`SGD`
+applies exactly ``torch.optim.SGD``'s update (``dampening=0``, no Nesterov; the same operations in
+the same order, so the same bits) and has the two methods the trainers call. The split server and DP-SGD (Opacus wraps a
 ``torch.optim`` optimizer) keep using ``torch.optim``.
 """
 

@@ -330,7 +330,8 @@ class Scheduler:
         observations taught is added to it); ``device_wait_ms`` is the device's own backlog,
         which delays every cut that computes on the device.
 
-        Among cuts that meet ``target_ms`` (less the headroom) and whose device segment fits the device's memory,
+        Among cuts that meet ``target_ms`` (less the headroom) and whose device segment fits the
+        device's memory,
         the one with the least expected server compute (ties: the lowest latency). When none
         meets the target, the lowest-latency plan that fits in memory, marked infeasible.
         """
