@@ -332,7 +332,8 @@ class Scheduler:
 
         Among cuts that meet ``target_ms`` (less the headroom) and whose device segment fits the
         device's memory, the one with the least expected server compute (ties: the lowest
-        latency). When none meets the target, the lowest-latency plan that fits in memory, marked infeasible.
+        latency). When none meets the target, the lowest-latency plan that fits in memory, marked
+        infeasible.
         """
         plans = self.plans(device, network, target_ms, server_wait_ms, device_wait_ms)
         feasible = [p for p in plans if p.feasible]
