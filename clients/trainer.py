@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fsl.channel import SplitChannel, StepResult
+from fsl.fastmath import flush_denormals
 from fsl.inference.exits import exit_loss
 from fsl.optim import SGD, Stepper
 
@@ -91,6 +92,7 @@ def train_segment(
     ``optimizer``, ``batches`` and ``penalty`` (a client-side loss term on (x, h)) come from
     :mod:`fsl.privacy` (DP-SGD, NoPeek); by default plain SGD over shuffled batches.
     """
+    flush_denormals()  # perf (issue 8): decayed momentum holds denormals, slow on CPUs
     segment.train()
     opt = optimizer or SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     start = [p.detach().clone() for p in segment.parameters()] if proximal_mu > 0 else []
@@ -250,6 +252,7 @@ def train_segment_u(
     Per batch: ``h1 = bottom(x)`` up, ``h2 = middle(h1)`` down, ``loss(top(h2), y)`` here,
     ``dL/dh2`` up, ``dL/dh1`` down, finish backprop through ``bottom``. Labels never leave.
     """
+    flush_denormals()  # perf (issue 8): as in train_segment
     params = [*bottom.parameters(), *top.parameters()]
     bottom.train()
     top.train()
@@ -324,6 +327,7 @@ def train_local(
     cartography: Record | None = None,  # record(indices, p_true, epoch): data cartography (issue 9)
 ) -> TrainStats:
     """Train a whole model on local data (the `fl` and `central` baselines)."""
+    flush_denormals()  # perf (issue 8): as in train_segment, so the baselines get it too
     model.train()
     opt = SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fsl.auth import AuthError, ExpiredCredential, RoundAuthority
+from fsl.fastmath import flush_denormals
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from fsl.inference.exits import exit_loss
 from fsl.wire import codec
@@ -279,6 +280,7 @@ class SplitServerState:
         return reply
 
     def _train_locked(self, rep: Replica, h_in: torch.Tensor, y: torch.Tensor, wire_dtype: str) -> pb.TrainReply:
+        flush_denormals()  # perf (issue 8): this gRPC worker thread's float unit (fsl/fastmath.py)
         dev = self.torch_device
         h = h_in.to(dev, dtype=torch.float32, non_blocking=True).requires_grad_(True)  # (B, ...) smashed
         y = y.to(dev, non_blocking=True)
@@ -348,6 +350,7 @@ class SplitServerState:
             raise InvalidRequest(f"grad for a batch of {g.shape[0]}, but the forward had {p.h.shape[0]}")
         rep = self._replica_for(hdr.client_id)
         with rep.lock:
+            flush_denormals()  # perf (issue 8): as in Train
             out = p.out
             if p.version != rep.steps:
                 # another client stepped this segment since our forward: rebuild the graph with the

@@ -55,3 +55,40 @@ def test_the_client_sgd_is_torchs_sgd_bit_for_bit():
             assert torch.equal(pa, pb), (momentum, wd)
     with pytest.raises(ValueError):
         SGD(a.parameters(), lr=-1.0)
+
+
+def test_training_flushes_denormals_in_its_own_thread(digits):
+    """Decayed momentum holds denormal floats, slow on CPUs (fsl/fastmath.py): the client loop and the
+    split server's step flush them to zero in the thread that trains (the setting is per thread)."""
+    import threading
+
+    from helpers import channel_to
+
+    torch.set_flush_denormal(False)  # this thread, and the threads started from here, keep IEEE denormals
+    tiny = torch.tensor([1e-39])  # a float32 denormal; tiny * 1.0 is 0.0 only with denormals flushed
+    seen: dict[str, float] = {}
+
+    def in_thread(name, fn=lambda: None):
+        def run():
+            fn()
+            seen[name] = float(tiny * 1.0)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+
+    _, split, state = make_state("cnn", "conv1", input_shape=digits.input_shape)
+    part = client_partition(digits, 0, 1, seed=0)
+    x, y = part.x_train[:64], part.y_train[:64]
+    in_thread("untouched")
+    in_thread("client", lambda: train_segment(split.client, x, y, InMemoryChannel(server=state), epochs=1))
+
+    def exchange(hdr, h, y_, grad):  # runs in the split server's gRPC worker thread, right after its step
+        seen["server"] = float(tiny * 1.0)
+
+    state.exchange_observer = exchange
+    with channel_to(state, "grpc") as ch:  # started from this thread: its workers start with denormals kept
+        ch.train_step(split.client(x[:8]).detach(), y[:8])
+    assert seen["untouched"] > 0.0, "denormals were already flushed: the test would prove nothing"
+    assert seen["client"] == 0.0
+    assert seen["server"] == 0.0
