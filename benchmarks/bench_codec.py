@@ -5,6 +5,10 @@ copy protobuf's getter makes of the payload, then a view (``np.frombuffer``, no 
 float16 from float32 also scales (numpy: one pass for the max, one to scale, one to cast) and
 decodes back to float32 (one more pass).
 
+The data plane's training path frames its tensors instead (:mod:`fsl.wire.frame`): encode is the
+one copy from the tensor's memory into the buffer gRPC sends (``frame_bytes``), decode parses the
+small head and views the payload in the received bytes (``parse`` + ``tensor``: no copy, checked).
+
     python -m benchmarks.bench_codec [--quick]
 """
 
@@ -13,11 +17,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks.common import machine, median, table, timeit, write_result
-from fsl.wire import codec
+from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
+from fsl.wire.frame import Framed
 
 MB = 1024 * 1024
 
@@ -44,6 +50,18 @@ def run(quick: bool = False) -> dict[str, Any]:
             t_cpy = median(timeit(lambda arr=arr: arr.copy(), repeat=7, number=3))  # numpy: no thread pool
             back = codec.decode(msg)
             assert back.shape == x.shape
+
+            def frame_encode(x: torch.Tensor = x, wire: Any = wire) -> bytes:
+                framed = Framed(pb.TrainReply())
+                framed.set("grad", x, wire)  # conversions (the scaled float16) included
+                return frame.frame_bytes(framed)
+
+            data = frame_encode()
+            t_fenc = median(timeit(frame_encode, repeat=7, number=3))
+            t_fdec = median(timeit(lambda d=data: frame.parse(pb.TrainReply, d).tensor("grad"), repeat=7, number=3))
+            view = frame.parse(pb.TrainReply, data).tensor("grad")
+            start = np.frombuffer(data, dtype=np.uint8).ctypes.data
+            zero_copy = start <= view.data_ptr() < start + len(data)  # the tensor views the received bytes
             nbytes = x.numel() * x.element_size()
             rows.append(
                 {
@@ -55,6 +73,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                     "encode+decode_GBps": nbytes / (t_enc + t_dec) / 1e9,
                     "memcpy_GBps": nbytes / t_cpy / 1e9,
                     "decode_us": t_dec * 1e6,
+                    "frame_encode_GBps": nbytes / t_fenc / 1e9,
+                    "frame_decode_us": t_fdec * 1e6,
+                    "frame_decode_zero_copy": zero_copy,
                 }
             )
     print(table(rows, title="Codec: encode into a wire Tensor, decode as a view (GB/s of source tensor bytes)"))

@@ -27,6 +27,7 @@ from benchmarks.common import machine, median, table, timeit, write_result
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES, GrpcChannel, grpc_options
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
+from fsl.wire.frame import Framed
 from server.split_server import SplitServer
 
 KB = 1024
@@ -41,15 +42,17 @@ class EchoState:
 
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
     torch_device = torch.device("cpu")
+    accepts_frames = True  # as SplitServerState: framed requests in, framed replies out
 
-    def train(self, request: pb.TrainRequest) -> pb.TrainReply:
-        h = codec.decode(request.activations, name="activations")
-        y = codec.decode(request.labels, name="labels")
+    def train(self, request: pb.TrainRequest | Framed) -> pb.TrainReply | Framed:
+        req = request if isinstance(request, Framed) else Framed(request)
+        h = req.tensor("activations")
+        y = req.tensor("labels")
         if y.shape[0] != h.shape[0] or not codec.all_finite(h):  # the split server's own check
             raise codec.WireError("bad request")
-        reply = pb.TrainReply(loss=0.0, correct=0, server_step=1)
-        codec.encode_into(reply.grad, h)
-        return reply
+        reply = Framed(pb.TrainReply(loss=0.0, correct=0, server_step=1))
+        reply.set("grad", h)
+        return reply if isinstance(request, Framed) else reply.message()
 
     def infer(self, request: pb.InferRequest) -> pb.InferReply:  # pragma: no cover - unused
         raise NotImplementedError

@@ -16,8 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
-from fsl.wire import codec
+from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
+from fsl.wire.frame import Framed
 
 __all__ = ["ChannelIdentity", "DataPlaneServer", "InMemoryChannel", "InferInfo", "SplitChannel", "StepResult"]
 
@@ -54,7 +55,7 @@ class ChannelIdentity:
 class DataPlaneServer(Protocol):
     """The server-side object both channels reach (the split server's state)."""
 
-    def train(self, request: pb.TrainRequest) -> pb.TrainReply: ...
+    def train(self, request: pb.TrainRequest | Framed) -> pb.TrainReply | Framed: ...
 
     def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply: ...
 
@@ -89,24 +90,26 @@ class SplitChannel:
 
     def train_step(self, h: torch.Tensor, y: torch.Tensor) -> StepResult:
         """Send activations ``h`` (B, ...) and labels ``y`` (B,); return the gradient at the cut."""
-        req = pb.TrainRequest(header=self._header())  # data-plane speed: tensors encoded in place
-        codec.encode_into(req.activations, h, self.wire_dtype)
-        codec.encode_into(req.labels, y, torch.int64)
+        # data-plane speed (issue 8): the tensors travel framed beside the message (fsl/wire/frame.py),
+        # sent from their own memory and received as views of the reply's bytes
+        req = Framed(pb.TrainRequest(header=self._header()))
+        req.set("activations", h, self.wire_dtype)
+        codec.encode_into(req.msg.labels, y, torch.int64)  # (B,) small: inline
         rep = self._call_train(req)
-        self.bytes_up += codec.message_size(req)
-        self.bytes_down += codec.message_size(rep)
+        self.bytes_up += req.nbytes()
+        self.bytes_down += rep.nbytes()
         self.requests += 1
-        grad = codec.decode(rep.grad, name="grad")
+        grad = rep.tensor("grad")
         if grad.shape != h.shape:
             raise codec.WireError(f"server returned a gradient of shape {tuple(grad.shape)} for {tuple(h.shape)}")
         conf = None
-        if rep.HasField("confidence"):
-            conf = codec.decode(rep.confidence, name="confidence")
+        if rep.msg.HasField("confidence"):
+            conf = rep.tensor("confidence")
             if conf.shape != (h.shape[0],):
                 raise codec.WireError(
                     f"server returned confidences of shape {tuple(conf.shape)} for a batch of {h.shape[0]}"
                 )
-        return StepResult(grad=grad.to(h.dtype), loss=rep.loss, correct=int(rep.correct), confidence=conf)
+        return StepResult(grad=grad.to(h.dtype), loss=rep.msg.loss, correct=int(rep.msg.correct), confidence=conf)
 
     def infer(self, h: torch.Tensor, budget_ms: float = 0.0) -> torch.Tensor:
         """Send activations ``h`` (B, ...); return the logits (B, num_classes).
@@ -164,7 +167,7 @@ class SplitChannel:
         self.close()
 
     # transport hooks
-    def _call_train(self, req: pb.TrainRequest) -> pb.TrainReply:
+    def _call_train(self, req: Framed) -> Framed:
         raise NotImplementedError
 
     def _call_infer(self, req: pb.InferRequest) -> pb.InferReply:
@@ -192,8 +195,11 @@ class InMemoryChannel(SplitChannel):
         rep = fn(type(req).FromString(req.SerializeToString()))
         return reply_type.FromString(rep.SerializeToString())
 
-    def _call_train(self, req: pb.TrainRequest) -> pb.TrainReply:
-        return self._roundtrip(self.server.train, req, pb.TrainReply)  # type: ignore[union-attr,no-any-return]
+    def _call_train(self, req: Framed) -> Framed:
+        assert self.server is not None, "InMemoryChannel needs a server"
+        sent = frame.parse(pb.TrainRequest, frame.frame_bytes(req))  # the bytes a TrainFrame call carries
+        rep = self.server.train(sent if getattr(self.server, "accepts_frames", False) else sent.message())
+        return frame.parse(pb.TrainReply, frame.frame_bytes(rep))
 
     def _call_infer(self, req: pb.InferRequest) -> pb.InferReply:
         return self._roundtrip(self.server.infer, req, pb.InferReply)  # type: ignore[union-attr,no-any-return]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +11,10 @@ from typing import Any
 import grpc
 
 from fsl.channel import SplitChannel
-from fsl.wire import codec
+from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import dataplane_pb2_grpc as pb_grpc
+from fsl.wire.frame import Framed
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DataPlaneError", "GrpcChannel", "grpc_options"]
 
@@ -58,6 +60,8 @@ class GrpcChannel(SplitChannel):
     retries: int = 3
     _channel: grpc.Channel | None = field(default=None, init=False, repr=False)
     _stub: pb_grpc.SplitDataPlaneStub | None = field(default=None, init=False, repr=False)
+    _train_frame: Any = field(default=None, init=False, repr=False)
+    _frames: bool = field(default=True, init=False, repr=False)  # the server answers TrainFrame
 
     def __post_init__(self) -> None:
         codec.tune_allocator()  # data-plane speed: reuse large message buffers (see codec.tune_allocator)
@@ -71,6 +75,11 @@ class GrpcChannel(SplitChannel):
             creds = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(self.address, creds, options=opts)
         self._stub = pb_grpc.SplitDataPlaneStub(self._channel)
+        self._train_frame = self._channel.unary_unary(  # Train with framed tensors (fsl/wire/frame.py)
+            "/fsl.dataplane.v1.SplitDataPlane/TrainFrame",
+            request_serializer=frame.frame_bytes,
+            response_deserializer=functools.partial(frame.parse, pb.TrainReply),
+        )
 
     def _invoke(self, method: Any, req: Any) -> Any:
         delay = 0.2
@@ -86,9 +95,16 @@ class GrpcChannel(SplitChannel):
                 raise DataPlaneError(code, err.details() or "") from None  # type: ignore[attr-defined]
         raise AssertionError("unreachable")
 
-    def _call_train(self, req: pb.TrainRequest) -> pb.TrainReply:
-        assert self._stub is not None
-        return self._invoke(self._stub.Train, req)  # type: ignore[no-any-return]
+    def _call_train(self, req: Framed) -> Framed:
+        assert self._stub is not None and self._train_frame is not None
+        if self._frames:
+            try:
+                return self._invoke(self._train_frame, req)  # type: ignore[no-any-return]
+            except DataPlaneError as e:
+                if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._frames = False  # a split server from before frames: protobuf from now on
+        return Framed(self._invoke(self._stub.Train, req.message()))
 
     def _call_infer(self, req: pb.InferRequest) -> pb.InferReply:
         assert self._stub is not None

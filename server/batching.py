@@ -65,6 +65,7 @@ from fsl.fastmath import flush_denormals
 from fsl.inference.exits import exit_loss_per_sample
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
+from fsl.wire.frame import Framed
 from server.split_server import InvalidRequest, SplitServerState, true_label_probability
 
 __all__ = ["BatchingError", "RequestBatcher", "batchnorm_problem"]
@@ -92,10 +93,11 @@ def batchnorm_problem(segment: nn.Module) -> str | None:
 @dataclass
 class _Job:
     header: pb.Header
-    request: pb.TrainRequest
+    request: Framed
     h: torch.Tensor  # (B, ...) validated activations (read-only view of the request)
     y: torch.Tensor  # (B,) validated labels
     wire_dtype: str
+    framed: bool = False  # came as a frame (fsl.wire.frame): its bytes are counted as the frame's
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # set instead of a result: this job's thread runs the next batch
     reply: pb.TrainReply | None = None
@@ -137,6 +139,8 @@ class RequestBatcher:
         until the batch is full or ``max_wait_ms`` has passed.
     """
 
+    accepts_frames = True  # train() reads fsl.wire.frame.Framed requests in place
+
     def __init__(
         self,
         state: SplitServerState,
@@ -168,23 +172,30 @@ class RequestBatcher:
         codec.tune_allocator()
 
     # ------------------------------------------------------------------ entry point
-    def train(self, request: pb.TrainRequest) -> pb.TrainReply:
-        """Validate ``request`` like :meth:`SplitServerState.train`, then train it in a batch."""
+    def train(self, request: pb.TrainRequest | Framed) -> pb.TrainReply:
+        """Validate ``request`` like :meth:`SplitServerState.train`, then train it in a batch.
+
+        A framed request (:mod:`fsl.wire.frame`) is read without copying its tensors; replies
+        are protobuf messages (a gRPC frame of one is a frame without payloads).
+        """
         st = self.state
         st._check_trainable()
         if st.ushaped:
             raise InvalidRequest("this split is U-shaped: labels must not be sent; use Forward/Backward")
-        hdr = request.header
+        req = request if isinstance(request, Framed) else Framed(request)
+        hdr = req.msg.header
         st._authenticate(hdr)
-        h = st._activations(request.activations)
-        y = st._labels(request.labels, h.shape[0])
+        h = st._activations(req.msg.activations, req.payloads.get("activations"))
+        y = st._labels(req.msg.labels, h.shape[0], req.payloads.get("labels"))
         cached = st._cached(hdr)
         if cached is not None:
-            return cached  # type: ignore[no-any-return]  # a retry of a step we already took
+            return cached.message() if isinstance(cached, Framed) else cached  # type: ignore[no-any-return]
         replica = st._replica_for(hdr.client_id)
         lane = self._lane(replica)
         key = (hdr.client_id, hdr.round, hdr.step)
-        job = _Job(hdr, request, h, y, codec.format_of(request.activations))  # privacy: + compression
+        job = _Job(
+            hdr, req, h, y, codec.format_of(req.msg.activations), framed=req is request
+        )  # privacy: + compression
         with lane.cond:
             twin = lane.inflight.get(key) if hdr.client_id else None
             if twin is None:
@@ -295,7 +306,7 @@ class RequestBatcher:
                     st.exchange_observer(job.header, job.h, job.y, codec.decode(job.reply.grad, name="grad").float())
                 st._count(
                     job.header.client_id,
-                    codec.message_size(job.request),
+                    job.request.nbytes() if job.framed else codec.message_size(job.request.msg),
                     codec.message_size(job.reply),
                     train=True,
                     samples=job.h.shape[0],

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 import torch
@@ -28,9 +28,10 @@ from fsl.auth import AuthError, ExpiredCredential, RoundAuthority
 from fsl.fastmath import flush_denormals
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from fsl.inference.exits import exit_loss
-from fsl.wire import codec
+from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import dataplane_pb2_grpc as pb_grpc
+from fsl.wire.frame import Framed
 
 __all__ = ["InvalidRequest", "SplitServer", "SplitServerState", "resolve_device"]
 
@@ -94,6 +95,8 @@ class _Pending:
 @dataclass
 class SplitServerState:
     """The server segment(s), the optimizer(s) and the checks every request must pass."""
+
+    accepts_frames: ClassVar[bool] = True  # train() reads fsl.wire.frame.Framed requests in place
 
     segment: nn.Module  # the global server segment (in U-shaped splits: the middle segment)
     sample_shape: tuple[int, ...]  # per-sample activation shape at the cut, e.g. (16, 14, 14)
@@ -201,7 +204,7 @@ class SplitServerState:
         if self.authority is not None:
             self.authority.verify(h.run_id, h.round, h.client_id, h.token)
 
-    def _tensor(self, t: pb.Tensor, what: str, per_sample: tuple[int, ...]) -> torch.Tensor:
+    def _tensor(self, t: pb.Tensor, what: str, per_sample: tuple[int, ...], data: Any = None) -> torch.Tensor:
         if t.dtype not in ACTIVATION_DTYPES:
             raise InvalidRequest(f"{what} must be one of {ACTIVATION_DTYPES}, got {t.dtype!r}")
         shape = tuple(t.shape)  # checked against the segment before any buffer is touched
@@ -212,18 +215,18 @@ class SplitServerState:
             )
         if not 1 <= shape[0] <= self.max_batch:
             raise InvalidRequest(f"batch size {shape[0]} outside [1, {self.max_batch}]")
-        h = codec.decode(t, name=what, max_elements=self.max_batch * max(1, _prod(per_sample)))
+        h = codec.decode(t, name=what, max_elements=self.max_batch * max(1, _prod(per_sample)), data=data)
         if not codec.all_finite(h):  # perf (issue 8): one numpy pass, no thread-pool dispatch
             raise InvalidRequest(f"{what} contain NaN or Inf")
         return h
 
-    def _activations(self, t: pb.Tensor) -> torch.Tensor:
-        return self._tensor(t, "activations", self.sample_shape)
+    def _activations(self, t: pb.Tensor, data: Any = None) -> torch.Tensor:
+        return self._tensor(t, "activations", self.sample_shape, data)
 
-    def _labels(self, t: pb.Tensor, batch: int) -> torch.Tensor:
+    def _labels(self, t: pb.Tensor, batch: int, data: Any = None) -> torch.Tensor:
         if t.dtype != "int64":
             raise InvalidRequest(f"labels must be int64, got {t.dtype!r}")
-        y = codec.decode(t, name="labels", max_elements=self.max_batch)
+        y = codec.decode(t, name="labels", max_elements=self.max_batch, data=data)
         if tuple(y.shape) != (batch,):
             raise InvalidRequest(f"labels of shape {list(y.shape)} for a batch of {batch}: expected ({batch},)")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
@@ -252,34 +255,44 @@ class SplitServerState:
                 self._last[hdr.client_id] = (hdr.round, hdr.step, reply)
 
     # ---------------------------------------------------------------- calls
-    def train(self, request: pb.TrainRequest) -> pb.TrainReply:
-        """One training step of the server segment on a client's batch (activations + labels)."""
+    def train(self, request: pb.TrainRequest | Framed) -> pb.TrainReply | Framed:
+        """One training step of the server segment on a client's batch (activations + labels).
+
+        A framed request (:mod:`fsl.wire.frame`, what :class:`GrpcChannel` sends) is answered with a
+        framed reply whose gradient is sent from the tensor's own memory; a protobuf request with a
+        protobuf reply.
+        """
+        framed = isinstance(request, Framed)
+        req = request if isinstance(request, Framed) else Framed(request)
+        msg = req.msg
         self._check_trainable()
         if self.ushaped:
             raise InvalidRequest("this split is U-shaped: labels must not be sent; use Forward/Backward")
-        hdr = request.header
+        hdr = msg.header
         self._authenticate(hdr)
-        h = self._activations(request.activations)
-        y = self._labels(request.labels, h.shape[0])
+        h = self._activations(msg.activations, req.payloads.get("activations"))
+        y = self._labels(msg.labels, h.shape[0], req.payloads.get("labels"))
         cached = self._cached(hdr)
         if cached is not None:
-            return cached  # type: ignore[no-any-return]  # a retry of a step we already took
+            return _as_sent(cached, framed)  # a retry of a step we already took
         rep = self._replica_for(hdr.client_id)
         with rep.lock:
             cached = self._cached(hdr)  # a retry that waited here while its first attempt trained
             if cached is not None:
-                return cached  # type: ignore[no-any-return]
+                return _as_sent(cached, framed)
             if self.observer is not None:
                 self.observer(hdr, h, y)
-            reply = self._train_locked(rep, h, y, codec.format_of(request.activations))  # privacy: + top-k
+            reply = self._train_locked(rep, h, y, codec.format_of(msg.activations))  # privacy: + top-k
             self._remember(hdr, reply)
             if self.exchange_observer is not None:  # attacks: the dL/dh as the client receives it
-                self.exchange_observer(hdr, h, y, codec.decode(reply.grad, name="grad").float())
-        up, down = codec.message_size(request), codec.message_size(reply)  # perf (issue 8): == ByteSize()
+                self.exchange_observer(hdr, h, y, reply.tensor("grad").float())
+        out = _as_sent(reply, framed)
+        up = request.nbytes() if isinstance(request, Framed) else codec.message_size(request)  # == ByteSize()
+        down = out.nbytes() if isinstance(out, Framed) else codec.message_size(out)
         self._count(hdr.client_id, up, down, train=True, samples=h.shape[0])
-        return reply
+        return out
 
-    def _train_locked(self, rep: Replica, h_in: torch.Tensor, y: torch.Tensor, wire_dtype: str) -> pb.TrainReply:
+    def _train_locked(self, rep: Replica, h_in: torch.Tensor, y: torch.Tensor, wire_dtype: str) -> Framed:
         flush_denormals()  # perf (issue 8): this gRPC worker thread's float unit (fsl/fastmath.py)
         dev = self.torch_device
         h = h_in.to(dev, dtype=torch.float32, non_blocking=True).requires_grad_(True)  # (B, ...) smashed
@@ -299,9 +312,9 @@ class SplitServerState:
         rep.steps += 1
         rep.samples += h.shape[0]
         correct = int((logits.argmax(1) == y).sum())
-        reply = pb.TrainReply(loss=float(loss.detach()), correct=correct, server_step=self.steps)
-        codec.encode_into(reply.grad, h.grad, codec.wire_format(wire_dtype))  # (B, ...) dL/dh, sender's format
-        codec.encode_into(reply.confidence, true_label_probability(logits.detach(), y).cpu())  # (B,) cartography
+        reply = Framed(pb.TrainReply(loss=float(loss.detach()), correct=correct, server_step=self.steps))
+        reply.set("grad", h.grad.cpu(), codec.wire_format(wire_dtype))  # (B, ...) dL/dh, sender's format
+        codec.encode_into(reply.msg.confidence, true_label_probability(logits.detach(), y).cpu())  # (B,) cartography
         return reply
 
     def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
@@ -452,6 +465,13 @@ class SplitServerState:
             return {k: ClientStats(**vars(v)) for k, v in self.stats.items()}
 
 
+def _as_sent(reply: Any, framed: bool) -> Any:
+    """A cached or new reply in the form the request came in (framed, or a protobuf message)."""
+    if framed:
+        return reply if isinstance(reply, Framed) else Framed(reply)
+    return reply.message() if isinstance(reply, Framed) else reply
+
+
 def true_label_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B,) float32 softmax probability of each sample's label: data cartography's confidence."""
     return torch.softmax(logits.float(), dim=1).gather(1, y.view(-1, 1)).view(-1)
@@ -484,6 +504,9 @@ class SplitServicer(pb_grpc.SplitDataPlaneServicer):
     def __init__(self, state: SplitServerState, batcher: Any | None = None, infer_batcher: Any | None = None) -> None:
         self.state = state
         self.train_fn = state.train if batcher is None else batcher.train  # issue 8: server.batching.RequestBatcher
+        # issue 8: TrainFrame hands frames on as they are to what reads them (no copy of the tensors)
+        takes_frames = getattr(state if batcher is None else batcher, "accepts_frames", False)
+        self.train_frame_fn = self.train_fn if takes_frames else (lambda r: self.train_fn(r.message()))
         # issue 9: server.infer_batching.InferBatcher batches Infer under the requests' latency budgets
         self.infer_fn = state.infer if infer_batcher is None else infer_batcher.infer
 
@@ -507,6 +530,10 @@ class SplitServicer(pb_grpc.SplitDataPlaneServicer):
 
     def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> pb.TrainReply:  # noqa: N802
         return self._run(self.train_fn, request, context)
+
+    def TrainFrame(self, request: Framed, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        """``Train`` with the tensors framed beside the message (:mod:`fsl.wire.frame`), both ways."""
+        return self._run(self.train_frame_fn, request, context)
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:  # noqa: N802
         return self._run(self.infer_fn, request, context)
@@ -547,6 +574,18 @@ def _lenient(cls: Any) -> Callable[[bytes], Any]:
     return parse
 
 
+def _lenient_frame(cls: Any) -> Callable[[bytes], Any]:
+    """:func:`fsl.wire.frame.parse` that hands a malformed frame to the servicer (as :func:`_lenient`)."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return frame.parse(cls, data)
+        except codec.WireError as e:
+            return _Undecodable(f"{cls.DESCRIPTOR.full_name} frame", e)
+
+    return parse
+
+
 def _add_servicer(servicer: SplitServicer, server: grpc.Server) -> None:
     """Register the data plane's methods (as the generated code does, with lenient parsing)."""
     methods = {
@@ -562,6 +601,9 @@ def _add_servicer(servicer: SplitServicer, server: grpc.Server) -> None:
         )
         for name, (fn, req, rep) in methods.items()
     }
+    handlers["TrainFrame"] = grpc.unary_unary_rpc_method_handler(  # not in the .proto: bytes, see fsl/wire/frame.py
+        servicer.TrainFrame, request_deserializer=_lenient_frame(pb.TrainRequest), response_serializer=frame.frame_bytes
+    )
     service = pb.DESCRIPTOR.services_by_name["SplitDataPlane"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)

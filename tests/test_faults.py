@@ -22,14 +22,16 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
 from fsl.channel import ChannelIdentity
 from fsl.grpc_channel import GrpcChannel
-from fsl.wire import codec
+from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import dataplane_pb2_grpc as pb_grpc
+from fsl.wire.frame import Framed
 from helpers import authority_and_identity, make_state, params
 from server.split_server import SplitServer
 
@@ -149,13 +151,24 @@ def _break(req: pb.TrainRequest, auth, rng: random.Random) -> str:
     return kind
 
 
+def _framed(req: pb.TrainRequest) -> Framed:
+    """``req`` with its activations' bytes moved beside the message, as a frame carries them."""
+    out = Framed(pb.TrainRequest())
+    out.msg.CopyFrom(req)
+    t = out.msg.activations
+    if req.HasField("activations") and t.data and not t.indices:
+        out.payloads["activations"] = np.frombuffer(t.data, dtype=np.uint8)
+        t.ClearField("data")
+    return out
+
+
 def test_fuzz_thousands_of_malformed_requests_leave_the_server_up_and_the_model_bit_identical(served):
     auth, state, server, channel = served
     rng = random.Random(1234)
     stub = pb_grpc.SplitDataPlaneStub(channel)
     raw = {  # the methods with raw bytes in, so that undecodable protobuf reaches the server too
         m: channel.unary_unary(f"/fsl.dataplane.v1.SplitDataPlane/{m}", request_serializer=None)
-        for m in ("Train", "Forward", "Backward", "Infer")
+        for m in ("Train", "TrainFrame", "Forward", "Backward", "Infer")
     }
     before = params(state.segment)
     codes: dict[str, set[grpc.StatusCode]] = {}
@@ -176,6 +189,9 @@ def test_fuzz_thousands_of_malformed_requests_leave_the_server_up_and_the_model_
                 else:
                     other = pb.InferRequest(header=req.header, activations=req.activations)
                     kind, call = f"infer:{kind}", (lambda r=other: stub.Infer(r, timeout=10))
+            elif rng.random() < 0.3:  # the same garbage framed (fsl/wire/frame.py), as GrpcChannel sends it
+                kind, data = f"frame:{kind}", frame.frame_bytes(_framed(req))
+                call = lambda d=data: raw["TrainFrame"](d, timeout=10)  # noqa: E731
             else:
                 call = lambda r=req: stub.Train(r, timeout=10)  # noqa: E731
         try:

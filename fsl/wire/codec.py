@@ -72,10 +72,24 @@ def encode_into(out: pb.Tensor, x: torch.Tensor, dtype: torch.dtype | Any = None
     constructor by serializing and parsing it again, a second pass over the payload.
     ``dtype`` may be a :class:`fsl.wire.compress.WireFormat` (int8 quantization, top-k; privacy: issue 5).
     """
+    raw = encode_payload(out, x, dtype)
+    if raw is not None:
+        out.data = raw.tobytes()  # the one copy: tensor memory -> the message's buffer
+    return out
+
+
+def encode_payload(out: pb.Tensor, x: torch.Tensor, dtype: torch.dtype | Any = None) -> np.ndarray | None:
+    """Fill ``out``'s dtype, shape and scale for ``x`` and return its raw little-endian elements.
+
+    The array views ``x``'s memory when no conversion is needed (a contiguous CPU tensor of the
+    wire dtype), so a frame (:mod:`fsl.wire.frame`) can send it without copying it into the
+    message. Compressed formats are encoded into ``out`` whole and return ``None``.
+    """
     if dtype is not None and not isinstance(dtype, torch.dtype):  # privacy: compressed formats (issue 5)
         from fsl.wire.compress import encode_compressed
 
-        return encode_compressed(out, x, dtype)
+        encode_compressed(out, x, dtype)
+        return None
     x = x.detach()
     scale = 0.0
     if dtype == torch.float16 and x.is_floating_point() and x.dtype != torch.float16 and x.numel():
@@ -107,9 +121,10 @@ def encode_into(out: pb.Tensor, x: torch.Tensor, dtype: torch.dtype | Any = None
     out.dtype = _NAMES[x.dtype]
     del out.shape[:]
     out.shape.extend(x.shape)
-    out.data = raw.tobytes()  # the one copy: tensor memory -> the message's buffer
+    out.ClearField("data")
+    out.ClearField("indices")
     out.scale = scale
-    return out
+    return raw  # type: ignore[no-any-return]
 
 
 def decode(
@@ -117,9 +132,12 @@ def decode(
     *,
     name: str = "tensor",
     max_elements: int | None = None,
+    data: Any = None,
 ) -> torch.Tensor:
     """Decode a wire ``Tensor`` into a torch tensor that views its bytes.
 
+    ``data``: the tensor's raw bytes when they travelled beside the message (a framed payload,
+    :mod:`fsl.wire.frame`) instead of in ``t.data``.
     Raises :class:`WireError` for an unknown dtype, a negative or oversized shape,
     or a buffer whose length does not match the shape.
     """
@@ -132,10 +150,13 @@ def decode(
     if max_elements is not None and count > max_elements:
         raise WireError(f"{name}: {count} elements exceed the limit of {max_elements}")
     if t.indices:  # privacy: a top-k sparse payload (fsl/wire/compress.py, issue 5)
+        if data is not None:
+            raise WireError(f"{name}: a sparse tensor travels inside its message, not framed")
         from fsl.wire.compress import decode_sparse
 
         return decode_sparse(t, name, count)
-    data = t.data  # read the field once: each access copies the payload out of protobuf
+    if data is None:
+        data = t.data  # read the field once: each access copies the payload out of protobuf
     expected = count * _ITEMSIZE[t.dtype]
     if len(data) != expected:
         raise WireError(f"{name}: buffer holds {len(data)} bytes but shape {list(shape)} of {t.dtype} needs {expected}")
@@ -201,21 +222,22 @@ def _varint_size(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
-def _tensor_size(t: pb.Tensor) -> int:
+def _tensor_size(t: pb.Tensor, framed: bool = False) -> int:
     if t.dtype not in _ITEMSIZE or t.indices:  # privacy: sparse payloads are small; size them exactly
         return t.ByteSize()  # not ours to size cheaply
     head = pb.Tensor(dtype=t.dtype, shape=t.shape, scale=t.scale).ByteSize()
-    n = math.prod(int(d) for d in t.shape) * _ITEMSIZE[t.dtype]
+    n = 0 if framed else math.prod(int(d) for d in t.shape) * _ITEMSIZE[t.dtype]
     return head + (1 + _varint_size(n) + n if n else 0)  # field 3: tag, length, bytes
 
 
-def message_size(msg: Any) -> int:
+def message_size(msg: Any, framed: frozenset[str] | set[str] = frozenset()) -> int:
     """``msg.ByteSize()`` without serializing the tensor payloads.
 
     upb computes ``ByteSize`` by encoding the whole message, a full pass over megabytes of
     activations just to count them. Here a ``Tensor``'s payload length comes from its dtype and
     shape, so the result equals ``ByteSize()`` for every message whose tensors passed
-    :func:`decode`'s length check or were built by :func:`encode`.
+    :func:`decode`'s length check or were built by :func:`encode`. The top-level tensors named
+    in ``framed`` are counted without data (their payloads travel beside the message).
     """
     if isinstance(msg, pb.Tensor):
         return _tensor_size(msg)
@@ -223,7 +245,7 @@ def message_size(msg: Any) -> int:
     small = type(msg)()
     for fd, value in msg.ListFields():
         if fd.message_type is not None and not fd.is_repeated:
-            n = message_size(value)
+            n = _tensor_size(value, framed=True) if fd.name in framed else message_size(value)
             total += _varint_size(fd.number << 3) + _varint_size(n) + n
         elif fd.is_repeated:
             getattr(small, fd.name).extend(value)
