@@ -66,7 +66,7 @@ from fsl.inference.exits import exit_loss_per_sample
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed
-from server.split_server import InvalidRequest, SplitServerState, true_label_probability
+from server.split_server import InvalidRequest, SplitServerState, _as_sent, true_label_probability
 
 __all__ = ["BatchingError", "RequestBatcher", "batchnorm_problem"]
 
@@ -100,7 +100,7 @@ class _Job:
     framed: bool = False  # came as a frame (fsl.wire.frame): its bytes are counted as the frame's
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # set instead of a result: this job's thread runs the next batch
-    reply: pb.TrainReply | None = None
+    reply: Framed | None = None
     error: BaseException | None = None
 
 
@@ -189,7 +189,7 @@ class RequestBatcher:
         y = st._labels(req.msg.labels, h.shape[0], req.payloads.get("labels"))
         cached = st._cached(hdr)
         if cached is not None:
-            return cached.message() if isinstance(cached, Framed) else cached  # type: ignore[no-any-return]
+            return _as_sent(cached, req is request)  # type: ignore[no-any-return]  # a retry of a step we took
         replica = st._replica_for(hdr.client_id)
         lane = self._lane(replica)
         key = (hdr.client_id, hdr.round, hdr.step)
@@ -217,11 +217,12 @@ class RequestBatcher:
         return self._result(job)
 
     @staticmethod
-    def _result(job: _Job) -> pb.TrainReply:
+    def _result(job: _Job) -> pb.TrainReply | Framed:
+        """The job's reply, framed if its request was (its gradient a view of the batch's)."""
         if job.error is not None:
             raise job.error
         assert job.reply is not None
-        return job.reply
+        return job.reply if job.framed else job.reply.message()
 
     def _lane(self, replica: Any) -> _Lane:
         with self._lanes_lock:
@@ -303,11 +304,11 @@ class RequestBatcher:
             if job.reply is not None:
                 st._remember(job.header, job.reply)
                 if st.exchange_observer is not None:  # attacks: the exchange with its dL/dh
-                    st.exchange_observer(job.header, job.h, job.y, codec.decode(job.reply.grad, name="grad").float())
+                    st.exchange_observer(job.header, job.h, job.y, job.reply.tensor("grad").float())
                 st._count(
                     job.header.client_id,
                     job.request.nbytes() if job.framed else codec.message_size(job.request.msg),
-                    codec.message_size(job.reply),
+                    job.reply.nbytes() if job.framed else codec.message_size(job.reply.msg),
                     train=True,
                     samples=job.h.shape[0],
                 )
@@ -383,9 +384,13 @@ class RequestBatcher:
         a = 0
         for job, loss, hit in zip(jobs, losses, correct, strict=True):
             b = a + job.h.shape[0]
-            reply = pb.TrainReply(loss=loss, correct=int(hit), server_step=server_step)
-            codec.encode_into(reply.grad, grad[a:b], codec.wire_format(job.wire_dtype))  # in the sender's format
-            codec.encode_into(reply.confidence, confidence[a:b])
+            reply = Framed(pb.TrainReply(loss=loss, correct=int(hit), server_step=server_step))
+            fmt = codec.wire_format(job.wire_dtype)  # in the sender's format
+            if job.framed:  # a view of the batch's gradient, sent from there (the pinned CUDA staging is reused)
+                reply.set("grad", grad[a:b].clone() if self.cuda else grad[a:b], fmt)
+            else:
+                codec.encode_into(reply.msg.grad, grad[a:b], fmt)
+            codec.encode_into(reply.msg.confidence, confidence[a:b])
             job.reply = reply
             a = b
         return []

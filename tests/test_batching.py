@@ -14,8 +14,9 @@ import torch
 from fsl.channel import ChannelIdentity
 from fsl.grpc_channel import DataPlaneError, GrpcChannel
 from fsl.models import build_model, cut_shape, split_model
-from fsl.wire import codec
+from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
+from fsl.wire.frame import Framed
 from helpers import make_state, params
 from server.batching import BatchingError, RequestBatcher
 from server.split_server import InvalidRequest, SplitServer, SplitServerState
@@ -26,6 +27,13 @@ def _request(client, h, y, step=1, round_=1, wire=None):
     codec.encode_into(req.activations, h, wire)
     codec.encode_into(req.labels, y)
     return req
+
+
+def _as_frame(req):
+    out = Framed(pb.TrainRequest())
+    out.msg.CopyFrom(req)
+    out.set("activations", codec.decode(req.activations))
+    return out
 
 
 def _unbatched(state, h, y):
@@ -57,9 +65,10 @@ def _run_concurrently(batcher, requests):
     return replies, errors
 
 
+@pytest.mark.parametrize("framed", [False, True])
 @pytest.mark.parametrize("cut", ["conv1", "fc1"])
 @pytest.mark.parametrize("sizes", [(1, 5, 3), (4, 4, 4, 4)])
-def test_batched_gradients_equal_unbatched_from_same_weights(cut, sizes):
+def test_batched_gradients_equal_unbatched_from_same_weights(cut, sizes, framed):
     torch.manual_seed(0)
     _, split, state = make_state("cnn", cut, lr=0.1, momentum=0.0)
     batcher = RequestBatcher(state, max_requests=len(sizes), max_wait_ms=5000, adaptive=False)
@@ -68,9 +77,17 @@ def test_batched_gradients_equal_unbatched_from_same_weights(cut, sizes):
     before = params(state.segment)
     oracle = [_unbatched(state, h, y) for h, y in data]
     reqs = [_request(f"c{i}", h, y) for i, (h, y) in enumerate(data)]
+    if framed:  # as TrainFrame delivers them: activations beside the message (fsl/wire/frame.py)
+        reqs = [frame.parse(pb.TrainRequest, frame.frame_bytes(_as_frame(r))) for r in reqs]
     replies, errors = _run_concurrently(batcher, reqs)
     assert errors == [None] * len(sizes)
     assert batcher.batches == 1 and batcher.batched_requests == len(sizes)  # all in one pass
+    if framed:  # framed replies: each gradient is sent from the batch's gradient tensor, no copy
+        assert all(isinstance(r, Framed) and "grad" in r.payloads for r in replies)
+        grads = [r.tensor("grad") for r in replies]
+        replies = [frame.parse(pb.TrainReply, frame.frame_bytes(r)).message() for r in replies]
+        for g, r in zip(grads, replies, strict=True):
+            assert torch.equal(g, codec.decode(r.grad))
     for rep, (g, loss, _) in zip(replies, oracle, strict=True):
         assert torch.allclose(codec.decode(rep.grad), g, atol=1e-6, rtol=1e-5)
         assert rep.loss == pytest.approx(loss, rel=1e-5)
