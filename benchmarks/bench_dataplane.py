@@ -288,6 +288,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         "rtt_ratio_1mb": mb["ratio"],
         "rtt_ratio_max_ge_1mb": max(r["ratio"] for r in big),
         "grpc_floor_ratio_1mb": mb["grpc_floor_ratio"],
+        # ours over grpcio's bytes-in/bytes-out echo: what the codec, the frames, validation and the
+        # servicer add to the transport they run on (1.0 = nothing)
+        "over_grpc_floor_1mb": mb["ours_ms"] / mb["grpc_bytes_ms"],
+        "over_grpc_floor_max_ge_1mb": max(r["ours_ms"] / r["grpc_bytes_ms"] for r in big),
         "wire_overhead_fraction_1mb": mb["wire_overhead"],
         "wire_overhead_fraction_max_ge_1mb": max(r["wire_overhead"] for r in big),
     }

@@ -64,6 +64,7 @@ def main() -> None:
     summary = {
         **{k: v for k, v, _, _ in targets},
         "grpc_floor_ratio_1mb": dp["grpc_floor_ratio_1mb"],
+        "dataplane_over_grpc_floor_1mb": dp["over_grpc_floor_1mb"],
         "batching_speedup_8_clients_fc1": bt["batching_speedup_8_clients_fc1"],
         "sflv1_vmap_speedup_conv1": bt["sflv1_vmap_speedup_conv1"],
         "fsl_vs_central_throughput_after_round1": e2e["fsl_vs_central_throughput_after_round1"],
