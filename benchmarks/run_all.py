@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from benchmarks import bench_batching, bench_client, bench_codec, bench_dataplane, bench_e2e
+from benchmarks import bench_batching, bench_breakdown, bench_client, bench_codec, bench_dataplane, bench_e2e
 from benchmarks.common import machine, table, write_result
 
 
@@ -31,6 +31,7 @@ def main() -> None:
         ("batching", bench_batching),
         ("client", bench_client),
         ("e2e", bench_e2e),
+        ("breakdown", bench_breakdown),
     ]:
         t = time.perf_counter()
         results[name] = mod.run(quick=quick)

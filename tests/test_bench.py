@@ -68,3 +68,13 @@ def test_dataplane_benchmark_round_trips_are_exact_and_overhead_is_counted():
 
 def test_sflv1_vmap_over_copies_equals_the_loop():
     assert sflv1_copies("fc1", 3, "cpu", repeat=1)["equal"]
+
+
+@pytest.mark.integration
+def test_the_breakdown_counts_every_batch_of_every_client():
+    from benchmarks.bench_breakdown import shared
+
+    row = shared(2, 6)
+    assert row["server_steps"] == 12  # each client's 6 batches, warm-up excluded
+    assert 0 < row["server_locked_ms"] < row["server_cpu_ms"]  # the locked step is part of the server's CPU
+    assert 0 < row["client_fwd_ms"] + row["client_bwd_ms"] < row["client_cpu_ms"]
