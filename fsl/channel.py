@@ -61,7 +61,7 @@ class DataPlaneServer(Protocol):
 
     def backward(self, request: pb.BackwardRequest) -> pb.BackwardReply: ...
 
-    def infer(self, request: pb.InferRequest) -> pb.InferReply: ...
+    def infer(self, request: pb.InferRequest | Framed) -> pb.InferReply | Framed: ...
 
     def info(self) -> pb.InfoReply: ...
 
@@ -118,14 +118,15 @@ class SplitChannel:
         holds it for company only while that budget allows. What the server reports about the
         call (its queueing and compute time, the batch it ran in) is kept in :attr:`last_infer`.
         """
-        req = pb.InferRequest(header=self._header(), budget_ms=budget_ms)
-        codec.encode_into(req.activations, h, self.wire_dtype)
+        req = Framed(pb.InferRequest(header=self._header(), budget_ms=budget_ms))  # framed as train_step's
+        req.set("activations", h, self.wire_dtype)
         rep = self._call_infer(req)
-        self.bytes_up += codec.message_size(req)
-        self.bytes_down += codec.message_size(rep)
+        self.bytes_up += req.nbytes()
+        self.bytes_down += rep.nbytes()
         self.requests += 1
-        self.last_infer = InferInfo(queue_ms=rep.queue_ms, compute_ms=rep.compute_ms, batch=int(rep.batch))
-        logits = codec.decode(rep.logits, name="logits").float()
+        msg = rep.msg
+        self.last_infer = InferInfo(queue_ms=msg.queue_ms, compute_ms=msg.compute_ms, batch=int(msg.batch))
+        logits = rep.tensor("logits").float()
         if logits.shape[0] != h.shape[0]:
             raise codec.WireError(f"server returned {logits.shape[0]} rows of logits for a batch of {h.shape[0]}")
         return logits
@@ -170,7 +171,7 @@ class SplitChannel:
     def _call_train(self, req: Framed) -> Framed:
         raise NotImplementedError
 
-    def _call_infer(self, req: pb.InferRequest) -> pb.InferReply:
+    def _call_infer(self, req: Framed) -> Framed:
         raise NotImplementedError
 
     def _call_info(self) -> pb.InfoReply:
@@ -195,14 +196,19 @@ class InMemoryChannel(SplitChannel):
         rep = fn(type(req).FromString(req.SerializeToString()))
         return reply_type.FromString(rep.SerializeToString())
 
+    def _framed(self, fn: Callable[[Any], Any], req: Framed, reply_type: Any) -> Framed:
+        """``fn`` on the frame's bytes as a TrainFrame/InferFrame call carries them, and back."""
+        sent = frame.parse(type(req.msg), frame.frame_bytes(req))
+        rep = fn(sent if getattr(self.server, "accepts_frames", False) else sent.message())
+        return frame.parse(reply_type, frame.frame_bytes(rep))
+
     def _call_train(self, req: Framed) -> Framed:
         assert self.server is not None, "InMemoryChannel needs a server"
-        sent = frame.parse(pb.TrainRequest, frame.frame_bytes(req))  # the bytes a TrainFrame call carries
-        rep = self.server.train(sent if getattr(self.server, "accepts_frames", False) else sent.message())
-        return frame.parse(pb.TrainReply, frame.frame_bytes(rep))
+        return self._framed(self.server.train, req, pb.TrainReply)
 
-    def _call_infer(self, req: pb.InferRequest) -> pb.InferReply:
-        return self._roundtrip(self.server.infer, req, pb.InferReply)  # type: ignore[union-attr,no-any-return]
+    def _call_infer(self, req: Framed) -> Framed:
+        assert self.server is not None, "InMemoryChannel needs a server"
+        return self._framed(self.server.infer, req, pb.InferReply)
 
     def _call_forward(self, req: pb.ForwardRequest) -> pb.ForwardReply:
         return self._roundtrip(self.server.forward, req, pb.ForwardReply)  # type: ignore[union-attr,no-any-return]

@@ -61,6 +61,7 @@ class GrpcChannel(SplitChannel):
     _channel: grpc.Channel | None = field(default=None, init=False, repr=False)
     _stub: pb_grpc.SplitDataPlaneStub | None = field(default=None, init=False, repr=False)
     _train_frame: Any = field(default=None, init=False, repr=False)
+    _infer_frame: Any = field(default=None, init=False, repr=False)
     _frames: bool = field(default=True, init=False, repr=False)  # the server answers TrainFrame
 
     def __post_init__(self) -> None:
@@ -75,10 +76,13 @@ class GrpcChannel(SplitChannel):
             creds = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(self.address, creds, options=opts)
         self._stub = pb_grpc.SplitDataPlaneStub(self._channel)
-        self._train_frame = self._channel.unary_unary(  # Train with framed tensors (fsl/wire/frame.py)
-            "/fsl.dataplane.v1.SplitDataPlane/TrainFrame",
-            request_serializer=frame.frame_bytes,
-            response_deserializer=functools.partial(frame.parse, pb.TrainReply),
+        self._train_frame, self._infer_frame = (  # Train and Infer with framed tensors (fsl/wire/frame.py)
+            self._channel.unary_unary(
+                f"/fsl.dataplane.v1.SplitDataPlane/{name}Frame",
+                request_serializer=frame.frame_bytes,
+                response_deserializer=functools.partial(frame.parse, reply),
+            )
+            for name, reply in (("Train", pb.TrainReply), ("Infer", pb.InferReply))
         )
 
     def _invoke(self, method: Any, req: Any) -> Any:
@@ -95,20 +99,23 @@ class GrpcChannel(SplitChannel):
                 raise DataPlaneError(code, err.details() or "") from None  # type: ignore[attr-defined]
         raise AssertionError("unreachable")
 
-    def _call_train(self, req: Framed) -> Framed:
-        assert self._stub is not None and self._train_frame is not None
+    def _call_framed(self, framed: Any, plain: Any, req: Framed) -> Framed:
         if self._frames:
             try:
-                return self._invoke(self._train_frame, req)  # type: ignore[no-any-return]
+                return self._invoke(framed, req)  # type: ignore[no-any-return]
             except DataPlaneError as e:
                 if e.code != grpc.StatusCode.UNIMPLEMENTED:
                     raise
                 self._frames = False  # a split server from before frames: protobuf from now on
-        return Framed(self._invoke(self._stub.Train, req.message()))
+        return Framed(self._invoke(plain, req.message()))
 
-    def _call_infer(self, req: pb.InferRequest) -> pb.InferReply:
+    def _call_train(self, req: Framed) -> Framed:
         assert self._stub is not None
-        return self._invoke(self._stub.Infer, req)  # type: ignore[no-any-return]
+        return self._call_framed(self._train_frame, self._stub.Train, req)
+
+    def _call_infer(self, req: Framed) -> Framed:
+        assert self._stub is not None
+        return self._call_framed(self._infer_frame, self._stub.Infer, req)
 
     def _call_info(self) -> pb.InfoReply:
         assert self._stub is not None

@@ -26,6 +26,7 @@ import torch
 from fsl.inference.scheduler import deadline_wait_ms
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
+from fsl.wire.frame import Framed
 from server.split_server import SplitServerState
 
 __all__ = ["InferBatcher", "ServiceModel"]
@@ -66,10 +67,11 @@ class ServiceModel:
 
 @dataclass
 class _Job:
-    request: pb.InferRequest
+    request: Framed
     h: torch.Tensor  # (B, ...) validated activations
     arrival: float  # time.monotonic()
     deadline: float  # arrival + budget (or + max_wait when the request has no budget)
+    framed: bool = False  # came as a frame (fsl.wire.frame): answered with one, counted as one
     done: threading.Event = field(default_factory=threading.Event)
     reply: pb.InferReply | None = None
     error: BaseException | None = None
@@ -111,13 +113,16 @@ class InferBatcher:
         self._worker.start()
 
     # ------------------------------------------------------------------ entry point
-    def infer(self, request: pb.InferRequest) -> pb.InferReply:
+    accepts_frames = True  # infer() reads fsl.wire.frame.Framed requests in place
+
+    def infer(self, request: pb.InferRequest | Framed) -> pb.InferReply | Framed:
         st = self.state
-        st._authenticate(request.header)
-        h = st._activations(request.activations)  # (B, ...) validated before it joins a batch
+        req = request if isinstance(request, Framed) else Framed(request)
+        st._authenticate(req.msg.header)
+        h = st._activations(req.msg.activations, req.payloads.get("activations"))  # validated before it joins a batch
         now = time.monotonic()
-        budget = request.budget_ms / 1000.0 if request.budget_ms > 0 else self.max_wait_s
-        job = _Job(request, h, now, now + budget)
+        budget = req.msg.budget_ms / 1000.0 if req.msg.budget_ms > 0 else self.max_wait_s
+        job = _Job(req, h, now, now + budget, framed=req is request)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the inference batcher is closed")
@@ -127,7 +132,7 @@ class InferBatcher:
         if job.error is not None:
             raise job.error
         assert job.reply is not None
-        return job.reply
+        return Framed(job.reply) if job.framed else job.reply
 
     def close(self) -> None:
         with self._cond:
@@ -207,6 +212,8 @@ class InferBatcher:
             reply = pb.InferReply(queue_ms=(t0 - j.arrival) * 1000.0, compute_ms=compute_ms, batch=int(h.shape[0]))
             codec.encode_into(reply.logits, out[a:b])
             j.reply = reply
-            st._count(j.request.header.client_id, codec.message_size(j.request), codec.message_size(reply), train=False)
+            up = j.request.nbytes() if j.framed else codec.message_size(j.request.msg)
+            down = Framed(reply).nbytes() if j.framed else codec.message_size(reply)
+            st._count(j.request.msg.header.client_id, up, down, train=False)
             a = b
             j.done.set()

@@ -391,20 +391,28 @@ class SplitServerState:
         self._count(hdr.client_id, codec.message_size(request), codec.message_size(reply), train=True)
         return reply
 
-    def infer(self, request: pb.InferRequest) -> pb.InferReply:
-        """Split inference: the rest of the model (the middle, if U-shaped) on a client's activations."""
-        self._authenticate(request.header)
-        h = self._activations(request.activations)
-        rep = self._replica_for(request.header.client_id)
+    def infer(self, request: pb.InferRequest | Framed) -> pb.InferReply | Framed:
+        """Split inference: the rest of the model (the middle, if U-shaped) on a client's activations.
+
+        A framed request (:mod:`fsl.wire.frame`) is read in place and answered with a frame.
+        """
+        framed = isinstance(request, Framed)
+        req = request if isinstance(request, Framed) else Framed(request)
+        self._authenticate(req.msg.header)
+        h = self._activations(req.msg.activations, req.payloads.get("activations"))
+        rep = self._replica_for(req.msg.header.client_id)
         t0 = time.perf_counter()
         with rep.lock:
             rep.segment.eval()
             with torch.no_grad():
                 out = rep.segment(h.to(self.torch_device, dtype=torch.float32)).float().cpu()
         ms = (time.perf_counter() - t0) * 1000.0
-        reply = pb.InferReply(logits=codec.encode(out), compute_ms=ms, batch=int(h.shape[0]))
-        self._count(request.header.client_id, codec.message_size(request), codec.message_size(reply), train=False)
-        return reply
+        reply = pb.InferReply(compute_ms=ms, batch=int(h.shape[0]))
+        codec.encode_into(reply.logits, out)  # (B, num_classes): small, inside the message
+        up = req.nbytes() if framed else codec.message_size(request)
+        down = Framed(reply).nbytes() if framed else codec.message_size(reply)
+        self._count(req.msg.header.client_id, up, down, train=False)
+        return Framed(reply) if framed else reply
 
     def info(self) -> pb.InfoReply:
         return pb.InfoReply(
@@ -504,11 +512,14 @@ class SplitServicer(pb_grpc.SplitDataPlaneServicer):
     def __init__(self, state: SplitServerState, batcher: Any | None = None, infer_batcher: Any | None = None) -> None:
         self.state = state
         self.train_fn = state.train if batcher is None else batcher.train  # issue 8: server.batching.RequestBatcher
-        # issue 8: TrainFrame hands frames on as they are to what reads them (no copy of the tensors)
-        takes_frames = getattr(state if batcher is None else batcher, "accepts_frames", False)
-        self.train_frame_fn = self.train_fn if takes_frames else (lambda r: self.train_fn(r.message()))
         # issue 9: server.infer_batching.InferBatcher batches Infer under the requests' latency budgets
         self.infer_fn = state.infer if infer_batcher is None else infer_batcher.infer
+        # issue 8: TrainFrame/InferFrame hand frames on as they are to what reads them (no copy of the
+        # tensors); anything else gets the plain message back
+        takes_frames = getattr(state if batcher is None else batcher, "accepts_frames", False)
+        self.train_frame_fn = self.train_fn if takes_frames else (lambda r: self.train_fn(r.message()))
+        takes_frames = getattr(state if infer_batcher is None else infer_batcher, "accepts_frames", False)
+        self.infer_frame_fn = self.infer_fn if takes_frames else (lambda r: self.infer_fn(r.message()))
 
     @staticmethod
     def _run(fn: Callable[[_Req], _Rep], request: _Req, context: grpc.ServicerContext) -> _Rep:
@@ -537,6 +548,10 @@ class SplitServicer(pb_grpc.SplitDataPlaneServicer):
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferReply:  # noqa: N802
         return self._run(self.infer_fn, request, context)
+
+    def InferFrame(self, request: Framed, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        """``Infer`` with the activations framed beside the message (:mod:`fsl.wire.frame`)."""
+        return self._run(self.infer_frame_fn, request, context)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoReply:  # noqa: N802
         return self._run(lambda _r: self.state.info(), request, context)
@@ -601,9 +616,13 @@ def _add_servicer(servicer: SplitServicer, server: grpc.Server) -> None:
         )
         for name, (fn, req, rep) in methods.items()
     }
-    handlers["TrainFrame"] = grpc.unary_unary_rpc_method_handler(  # not in the .proto: bytes, see fsl/wire/frame.py
-        servicer.TrainFrame, request_deserializer=_lenient_frame(pb.TrainRequest), response_serializer=frame.frame_bytes
-    )
+    for name, fn, req in (
+        ("TrainFrame", servicer.TrainFrame, pb.TrainRequest),
+        ("InferFrame", servicer.InferFrame, pb.InferRequest),
+    ):  # not in the .proto: frames of its messages (fsl/wire/frame.py)
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=_lenient_frame(req), response_serializer=frame.frame_bytes
+        )
     service = pb.DESCRIPTOR.services_by_name["SplitDataPlane"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)

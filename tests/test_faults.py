@@ -20,6 +20,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -151,9 +152,9 @@ def _break(req: pb.TrainRequest, auth, rng: random.Random) -> str:
     return kind
 
 
-def _framed(req: pb.TrainRequest) -> Framed:
+def _framed(req: Any) -> Framed:
     """``req`` with its activations' bytes moved beside the message, as a frame carries them."""
-    out = Framed(pb.TrainRequest())
+    out = Framed(type(req)())
     out.msg.CopyFrom(req)
     t = out.msg.activations
     if req.HasField("activations") and t.data and not t.indices:
@@ -168,7 +169,7 @@ def test_fuzz_thousands_of_malformed_requests_leave_the_server_up_and_the_model_
     stub = pb_grpc.SplitDataPlaneStub(channel)
     raw = {  # the methods with raw bytes in, so that undecodable protobuf reaches the server too
         m: channel.unary_unary(f"/fsl.dataplane.v1.SplitDataPlane/{m}", request_serializer=None)
-        for m in ("Train", "TrainFrame", "Forward", "Backward", "Infer")
+        for m in ("Train", "TrainFrame", "Forward", "Backward", "Infer", "InferFrame")
     }
     before = params(state.segment)
     codes: dict[str, set[grpc.StatusCode]] = {}
@@ -186,9 +187,13 @@ def test_fuzz_thousands_of_malformed_requests_leave_the_server_up_and_the_model_
                 if which == "Forward":
                     other = pb.ForwardRequest(header=req.header, activations=req.activations)
                     kind, call = f"forward:{kind}", (lambda r=other: stub.Forward(r, timeout=10))
-                else:
+                elif rng.random() < 0.5:
                     other = pb.InferRequest(header=req.header, activations=req.activations)
                     kind, call = f"infer:{kind}", (lambda r=other: stub.Infer(r, timeout=10))
+                else:  # framed, as GrpcChannel.infer sends it
+                    other = pb.InferRequest(header=req.header, activations=req.activations)
+                    data = frame.frame_bytes(_framed(other))
+                    kind, call = f"infer:frame:{kind}", (lambda d=data: raw["InferFrame"](d, timeout=10))
             elif rng.random() < 0.3:  # the same garbage framed (fsl/wire/frame.py), as GrpcChannel sends it
                 kind, data = f"frame:{kind}", frame.frame_bytes(_framed(req))
                 call = lambda d=data: raw["TrainFrame"](d, timeout=10)  # noqa: E731

@@ -157,6 +157,22 @@ def test_malformed_frames_over_grpc_get_invalid_argument_and_change_nothing():
         server.stop(None)
 
 
+def test_inference_is_framed_and_answers_like_the_plain_call():
+    from helpers import channel_to
+
+    _, split, state = make_state("cnn", "conv1")
+    h = split.client(torch.rand(6, 1, 28, 28)).detach()
+    with channel_to(state, "grpc") as ch:
+        framed = ch.infer(h)
+        assert ch._frames is True
+        req = pb.InferRequest(header=pb.Header(client_id="p", step=1))
+        codec.encode_into(req.activations, h)
+        plain = codec.decode(state.infer(req).logits)
+    assert torch.equal(framed, plain)
+    stats = state.traffic()
+    assert sum(s.infer_requests for s in stats.values()) == 2
+
+
 def test_a_client_falls_back_to_protobuf_against_a_server_without_frames():
     """A split server from before frames answers TrainFrame with UNIMPLEMENTED; the client switches to Train."""
     _, split, state = make_state("cnn", "conv1")
@@ -171,5 +187,6 @@ def test_a_client_falls_back_to_protobuf_against_a_server_without_frames():
                 r = ch.train_step(split.client(x).detach(), torch.arange(4))
                 assert r.grad.shape == (4, 16, 14, 14)
             assert ch._frames is False and state.steps == 2
+            assert ch.infer(split.client(x).detach()).shape == (4, 10)
     finally:
         server.stop(None)

@@ -7,7 +7,7 @@ import torch
 from clients.trainer import evaluate_split_u, train_segment_u
 from fsl.grpc_channel import DataPlaneError, GrpcChannel
 from fsl.models import build_model, cut_shape, split_model_u
-from fsl.wire import codec
+from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
 from server.split_server import SplitServer, SplitServerState
 
@@ -57,15 +57,16 @@ def test_ushaped_training_sends_no_labels():
         server.stop(grace=None)
     assert stats.examples == 64 and state.steps == 8
     methods = [m.rsplit("/", 1)[1] for m, _ in rec.requests]
-    assert methods.count("Forward") == 8 and methods.count("Backward") == 8 and "Infer" in methods
+    assert methods.count("Forward") == 8 and methods.count("Backward") == 8 and "InferFrame" in methods
     label_bytes = codec.encode(y[:8]).data
     for method, raw in rec.requests:
         if method.endswith(("Train", "TrainFrame")):
             continue  # the refused probe above
         assert label_bytes not in raw, method
-        msg = {"Forward": pb.ForwardRequest, "Backward": pb.BackwardRequest, "Infer": pb.InferRequest}[
-            method.rsplit("/", 1)[1]
-        ]
-        parsed = msg.FromString(raw)
+        name = method.rsplit("/", 1)[1]
+        if name == "InferFrame":  # a frame (fsl/wire/frame.py): the message and its activations' bytes
+            parsed = frame.parse(pb.InferRequest, raw).msg
+        else:
+            parsed = {"Forward": pb.ForwardRequest, "Backward": pb.BackwardRequest}[name].FromString(raw)
         tensors = [f for f, _ in parsed.ListFields() if f.message_type is not None and f.message_type.name == "Tensor"]
         assert all(f.name in ("activations", "grad") for f in tensors), (method, [f.name for f in tensors])
