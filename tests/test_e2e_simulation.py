@@ -122,19 +122,25 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert not (run / "summary.json").exists()
     done = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("round-????"))
     assert done < 4
+    rows = (run / "metrics.jsonl").read_text().splitlines()[:done]  # (a later row may be torn by the kill)
+    before = [json.loads(x) for x in rows]
     res = _fsl("run", "--resume", str(run))
     assert res.returncode == 0, res.stdout + res.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert [h["round"] for h in summary["history"]] == [1, 2, 3, 4]
+    after = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert after[:done] == before  # the checkpointed rounds are kept as they were
     assert summary["final_accuracy"] > 0.6
     # the resumed run is no worse than the same run without the crash, within noise (parallel
-    # clients interleave on the shared server segment, so runs with one seed differ by up to ~5
-    # points: measured 0.891 vs 0.914 and 0.908 vs 0.858); one-sided: better is no defect
+    # clients interleave on the shared server segment, so runs with one seed differ: measured
+    # 0.891 vs 0.914, 0.908 vs 0.858 and, in a clean-clone CI run, 0.864 vs 0.944); one-sided:
+    # better is no defect. A resume that restarted from scratch is caught by the rows above and
+    # by the 0.6 floor (4 rounds from scratch reach it, so that floor alone would not)
     ref = _fsl("run", "quickstart", *TINY, "train.rounds=4", f"output_dir={tmp_path / 'uninterrupted'}", "--quiet")
     assert ref.returncode == 0, ref.stdout + ref.stderr
     (ref_dir,) = (tmp_path / "uninterrupted").glob("quickstart-*")  # (rich may wrap the printed path)
     uninterrupted = json.loads((ref_dir / "summary.json").read_text())["final_accuracy"]
-    assert summary["final_accuracy"] > uninterrupted - 0.08, (summary["final_accuracy"], uninterrupted)
+    assert summary["final_accuracy"] > uninterrupted - 0.12, (summary["final_accuracy"], uninterrupted)
     print(f"\nresumed {summary['final_accuracy']:.4f}, uninterrupted {uninterrupted:.4f}")
 
 
