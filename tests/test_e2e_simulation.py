@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -131,16 +132,20 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     after = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert after[:done] == before  # the checkpointed rounds are kept as they were
     assert summary["final_accuracy"] > 0.6
-    # the resumed run is no worse than the same run without the crash, within noise (parallel
-    # clients interleave on the shared server segment, so runs with one seed differ: measured
-    # 0.891 vs 0.914, 0.908 vs 0.858 and, in a clean-clone CI run, 0.864 vs 0.944); one-sided:
-    # better is no defect. A resume that restarted from scratch is caught by the rows above and
-    # by the 0.6 floor (4 rounds from scratch reach it, so that floor alone would not)
+    # the resumed run is no worse than the same run without the crash, within noise. Parallel
+    # clients interleave on the shared server segment, so runs with one seed differ, and one
+    # round's accuracy on digits' 359 test images swings by 5-10 points (uninterrupted runs here:
+    # 0.816 0.847 0.947 0.925 and 0.894 0.925 0.958 0.972; clean-clone CI runs ended 0.864 vs
+    # 0.944 and 0.791 vs 0.922 on their last round). So the rounds trained after the crash are
+    # compared as a mean, against the same rounds of the uninterrupted run; one-sided: better is
+    # no defect. A resume that restarted from scratch is caught by the kept rows above.
     ref = _fsl("run", "quickstart", *TINY, "train.rounds=4", f"output_dir={tmp_path / 'uninterrupted'}", "--quiet")
     assert ref.returncode == 0, ref.stdout + ref.stderr
     (ref_dir,) = (tmp_path / "uninterrupted").glob("quickstart-*")  # (rich may wrap the printed path)
-    uninterrupted = json.loads((ref_dir / "summary.json").read_text())["final_accuracy"]
-    assert summary["final_accuracy"] > uninterrupted - 0.12, (summary["final_accuracy"], uninterrupted)
+    ref_hist = json.loads((ref_dir / "summary.json").read_text())["history"]
+    resumed = statistics.fmean(h["accuracy"] for h in summary["history"][done:])
+    uninterrupted = statistics.fmean(h["accuracy"] for h in ref_hist[done:])
+    assert resumed > uninterrupted - 0.1, (summary["history"], ref_hist)
     print(f"\nresumed {summary['final_accuracy']:.4f}, uninterrupted {uninterrupted:.4f}")
 
 
