@@ -105,7 +105,9 @@ def test_a_tight_budget_is_not_held_for_company(digits):
     batcher.close()
     # not held: it runs as soon as the worker wakes (a few ms idle; a loaded 2-core CI host can add tens)
     assert tight.queue_ms < 50.0, tight.queue_ms
-    assert 100.0 < loose.queue_ms < 300.0, loose.queue_ms  # held (there might be company) yet within budget
+    # held (there might be company), released for its budget: the batcher plans the release before
+    # the deadline; a loaded CI host woke it 0.24 ms past it once, so the OS's wake-up jitter is allowed
+    assert 100.0 < loose.queue_ms < 300.0 + 25.0, loose.queue_ms
     assert no_budget.queue_ms > 500.0, no_budget.queue_ms
 
 
