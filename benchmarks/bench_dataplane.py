@@ -27,7 +27,7 @@ from benchmarks.common import machine, median, table, timeit, write_result
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES, GrpcChannel, grpc_options
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
-from fsl.wire.frame import Framed
+from fsl.wire.frame import Framed, as_framed, as_sent
 from server.split_server import SplitServer
 
 KB = 1024
@@ -45,14 +45,14 @@ class EchoState:
     accepts_frames = True  # as SplitServerState: framed requests in, framed replies out
 
     def train(self, request: pb.TrainRequest | Framed) -> pb.TrainReply | Framed:
-        req = request if isinstance(request, Framed) else Framed(request)
+        req = as_framed(request)
         h = req.tensor("activations")
         y = req.tensor("labels")
         if y.shape[0] != h.shape[0] or not codec.all_finite(h):  # the split server's own check
             raise codec.WireError("bad request")
         reply = Framed(pb.TrainReply(loss=0.0, correct=0, server_step=1))
         reply.set("grad", h)
-        return reply if isinstance(request, Framed) else reply.message()
+        return as_sent(reply, req is request)
 
     def infer(self, request: pb.InferRequest) -> pb.InferReply:  # pragma: no cover - unused
         raise NotImplementedError

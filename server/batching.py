@@ -65,8 +65,8 @@ from fsl.fastmath import flush_denormals
 from fsl.inference.exits import exit_loss_per_sample
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
-from fsl.wire.frame import Framed
-from server.split_server import InvalidRequest, SplitServerState, _as_sent, true_label_probability
+from fsl.wire.frame import Framed, as_framed, as_sent, wire_size
+from server.split_server import InvalidRequest, SplitServerState, true_label_probability
 
 __all__ = ["BatchingError", "RequestBatcher", "batchnorm_problem"]
 
@@ -93,15 +93,18 @@ def batchnorm_problem(segment: nn.Module) -> str | None:
 @dataclass
 class _Job:
     header: pb.Header
-    request: Framed
+    request: pb.TrainRequest | Framed  # as it came (a frame is answered with a frame)
     h: torch.Tensor  # (B, ...) validated activations (read-only view of the request)
     y: torch.Tensor  # (B,) validated labels
     wire_dtype: str
-    framed: bool = False  # came as a frame (fsl.wire.frame): its bytes are counted as the frame's
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # set instead of a result: this job's thread runs the next batch
     reply: Framed | None = None
     error: BaseException | None = None
+
+    @property
+    def framed(self) -> bool:
+        return isinstance(self.request, Framed)
 
 
 @dataclass
@@ -182,20 +185,18 @@ class RequestBatcher:
         st._check_trainable()
         if st.ushaped:
             raise InvalidRequest("this split is U-shaped: labels must not be sent; use Forward/Backward")
-        req = request if isinstance(request, Framed) else Framed(request)
+        req = as_framed(request)
         hdr = req.msg.header
         st._authenticate(hdr)
         h = st._activations(req.msg.activations, req.payloads.get("activations"))
         y = st._labels(req.msg.labels, h.shape[0], req.payloads.get("labels"))
         cached = st._cached(hdr)
         if cached is not None:
-            return _as_sent(cached, req is request)  # type: ignore[no-any-return]  # a retry of a step we took
+            return as_sent(cached, req is request)  # type: ignore[no-any-return]  # a retry of a step we took
         replica = st._replica_for(hdr.client_id)
         lane = self._lane(replica)
         key = (hdr.client_id, hdr.round, hdr.step)
-        job = _Job(
-            hdr, req, h, y, codec.format_of(req.msg.activations), framed=req is request
-        )  # privacy: + compression
+        job = _Job(hdr, request, h, y, codec.format_of(req.msg.activations))  # privacy: + compression
         with lane.cond:
             twin = lane.inflight.get(key) if hdr.client_id else None
             if twin is None:
@@ -222,7 +223,7 @@ class RequestBatcher:
         if job.error is not None:
             raise job.error
         assert job.reply is not None
-        return job.reply if job.framed else job.reply.message()
+        return as_sent(job.reply, job.framed)  # type: ignore[no-any-return]
 
     def _lane(self, replica: Any) -> _Lane:
         with self._lanes_lock:
@@ -307,8 +308,8 @@ class RequestBatcher:
                     st.exchange_observer(job.header, job.h, job.y, job.reply.tensor("grad").float())
                 st._count(
                     job.header.client_id,
-                    job.request.nbytes() if job.framed else codec.message_size(job.request.msg),
-                    job.reply.nbytes() if job.framed else codec.message_size(job.reply.msg),
+                    wire_size(job.request),
+                    wire_size(as_sent(job.reply, job.framed)),
                     train=True,
                     samples=job.h.shape[0],
                 )

@@ -26,7 +26,7 @@ import torch
 from fsl.inference.scheduler import deadline_wait_ms
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
-from fsl.wire.frame import Framed
+from fsl.wire.frame import Framed, as_framed, as_sent, wire_size
 from server.split_server import SplitServerState
 
 __all__ = ["InferBatcher", "ServiceModel"]
@@ -67,11 +67,11 @@ class ServiceModel:
 
 @dataclass
 class _Job:
-    request: Framed
+    request: pb.InferRequest | Framed  # as it came (a frame is answered with a frame)
+    client_id: str
     h: torch.Tensor  # (B, ...) validated activations
     arrival: float  # time.monotonic()
     deadline: float  # arrival + budget (or + max_wait when the request has no budget)
-    framed: bool = False  # came as a frame (fsl.wire.frame): answered with one, counted as one
     done: threading.Event = field(default_factory=threading.Event)
     reply: pb.InferReply | None = None
     error: BaseException | None = None
@@ -117,12 +117,12 @@ class InferBatcher:
 
     def infer(self, request: pb.InferRequest | Framed) -> pb.InferReply | Framed:
         st = self.state
-        req = request if isinstance(request, Framed) else Framed(request)
+        req = as_framed(request)
         st._authenticate(req.msg.header)
         h = st._activations(req.msg.activations, req.payloads.get("activations"))  # validated before it joins a batch
         now = time.monotonic()
         budget = req.msg.budget_ms / 1000.0 if req.msg.budget_ms > 0 else self.max_wait_s
-        job = _Job(req, h, now, now + budget, framed=req is request)
+        job = _Job(request, req.msg.header.client_id, h, now, now + budget)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the inference batcher is closed")
@@ -132,7 +132,7 @@ class InferBatcher:
         if job.error is not None:
             raise job.error
         assert job.reply is not None
-        return Framed(job.reply) if job.framed else job.reply
+        return as_sent(job.reply, isinstance(request, Framed))  # type: ignore[no-any-return]
 
     def close(self) -> None:
         with self._cond:
@@ -212,8 +212,7 @@ class InferBatcher:
             reply = pb.InferReply(queue_ms=(t0 - j.arrival) * 1000.0, compute_ms=compute_ms, batch=int(h.shape[0]))
             codec.encode_into(reply.logits, out[a:b])
             j.reply = reply
-            up = j.request.nbytes() if j.framed else codec.message_size(j.request.msg)
-            down = Framed(reply).nbytes() if j.framed else codec.message_size(reply)
-            st._count(j.request.msg.header.client_id, up, down, train=False)
+            down = wire_size(as_sent(reply, isinstance(j.request, Framed)))
+            st._count(j.client_id, wire_size(j.request), down, train=False)
             a = b
             j.done.set()

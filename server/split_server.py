@@ -31,7 +31,7 @@ from fsl.inference.exits import exit_loss
 from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import dataplane_pb2_grpc as pb_grpc
-from fsl.wire.frame import Framed
+from fsl.wire.frame import Framed, as_framed, as_sent, wire_size
 
 __all__ = ["InvalidRequest", "SplitServer", "SplitServerState", "resolve_device"]
 
@@ -262,9 +262,8 @@ class SplitServerState:
         framed reply whose gradient is sent from the tensor's own memory; a protobuf request with a
         protobuf reply.
         """
-        framed = isinstance(request, Framed)
-        req = request if isinstance(request, Framed) else Framed(request)
-        msg = req.msg
+        req = as_framed(request)
+        framed, msg = req is request, req.msg
         self._check_trainable()
         if self.ushaped:
             raise InvalidRequest("this split is U-shaped: labels must not be sent; use Forward/Backward")
@@ -274,22 +273,20 @@ class SplitServerState:
         y = self._labels(msg.labels, h.shape[0], req.payloads.get("labels"))
         cached = self._cached(hdr)
         if cached is not None:
-            return _as_sent(cached, framed)  # a retry of a step we already took
+            return as_sent(cached, framed)  # a retry of a step we already took
         rep = self._replica_for(hdr.client_id)
         with rep.lock:
             cached = self._cached(hdr)  # a retry that waited here while its first attempt trained
             if cached is not None:
-                return _as_sent(cached, framed)
+                return as_sent(cached, framed)
             if self.observer is not None:
                 self.observer(hdr, h, y)
             reply = self._train_locked(rep, h, y, codec.format_of(msg.activations))  # privacy: + top-k
             self._remember(hdr, reply)
             if self.exchange_observer is not None:  # attacks: the dL/dh as the client receives it
                 self.exchange_observer(hdr, h, y, reply.tensor("grad").float())
-        out = _as_sent(reply, framed)
-        up = request.nbytes() if isinstance(request, Framed) else codec.message_size(request)  # == ByteSize()
-        down = out.nbytes() if isinstance(out, Framed) else codec.message_size(out)
-        self._count(hdr.client_id, up, down, train=True, samples=h.shape[0])
+        out = as_sent(reply, framed)
+        self._count(hdr.client_id, wire_size(request), wire_size(out), train=True, samples=h.shape[0])
         return out
 
     def _train_locked(self, rep: Replica, h_in: torch.Tensor, y: torch.Tensor, wire_dtype: str) -> Framed:
@@ -396,8 +393,7 @@ class SplitServerState:
 
         A framed request (:mod:`fsl.wire.frame`) is read in place and answered with a frame.
         """
-        framed = isinstance(request, Framed)
-        req = request if isinstance(request, Framed) else Framed(request)
+        req = as_framed(request)
         self._authenticate(req.msg.header)
         h = self._activations(req.msg.activations, req.payloads.get("activations"))
         rep = self._replica_for(req.msg.header.client_id)
@@ -409,10 +405,9 @@ class SplitServerState:
         ms = (time.perf_counter() - t0) * 1000.0
         reply = pb.InferReply(compute_ms=ms, batch=int(h.shape[0]))
         codec.encode_into(reply.logits, out)  # (B, num_classes): small, inside the message
-        up = req.nbytes() if framed else codec.message_size(request)
-        down = Framed(reply).nbytes() if framed else codec.message_size(reply)
-        self._count(req.msg.header.client_id, up, down, train=False)
-        return Framed(reply) if framed else reply
+        out = as_sent(reply, req is request)
+        self._count(req.msg.header.client_id, wire_size(request), wire_size(out), train=False)
+        return out
 
     def info(self) -> pb.InfoReply:
         return pb.InfoReply(
@@ -471,13 +466,6 @@ class SplitServerState:
     def traffic(self) -> dict[str, ClientStats]:
         with self._lock:
             return {k: ClientStats(**vars(v)) for k, v in self.stats.items()}
-
-
-def _as_sent(reply: Any, framed: bool) -> Any:
-    """A cached or new reply in the form the request came in (framed, or a protobuf message)."""
-    if framed:
-        return reply if isinstance(reply, Framed) else Framed(reply)
-    return reply.message() if isinstance(reply, Framed) else reply
 
 
 def true_label_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

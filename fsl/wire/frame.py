@@ -34,7 +34,7 @@ import torch
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 
-__all__ = ["MAGIC", "Framed", "frame_bytes", "parse"]
+__all__ = ["MAGIC", "Framed", "as_framed", "as_sent", "frame_bytes", "parse", "wire_size"]
 
 MAGIC = b"FSF1"
 _PREFIX = struct.Struct("<4sII")  # magic, head length, payload count
@@ -50,6 +50,11 @@ def _tensor_fields(message_type: Any) -> dict[int, str]:
         for f in message_type.DESCRIPTOR.fields
         if f.message_type is not None and f.message_type.full_name == pb.Tensor.DESCRIPTOR.full_name
     }
+
+
+@functools.cache
+def _field_numbers(message_type: Any) -> dict[str, int]:
+    return {name: number for number, name in _tensor_fields(message_type).items()}
 
 
 def _pad(offset: int) -> int:
@@ -121,7 +126,7 @@ def frame_bytes(message: Framed | Any) -> bytes:
     """
     framed = message if isinstance(message, Framed) else Framed(message)
     msg, payloads = framed.msg, framed.payloads
-    numbers = {name: num for num, name in _tensor_fields(type(msg)).items()}
+    numbers = _field_numbers(type(msg))
     head = msg.SerializeToString()
     views = [(name, _bytes_view(raw)) for name, raw in payloads.items()]
     parts: list[Any] = [_PREFIX.pack(MAGIC, len(head), len(views))]
@@ -182,3 +187,18 @@ def parse(message_type: Any, data: bytes) -> Framed:
     if offset != len(data):
         raise codec.WireError(f"{name} frame: {len(data) - offset} stray bytes after the last payload")
     return Framed(msg, payloads, wire_bytes=len(data))
+
+
+def as_framed(message: Framed | Any) -> Framed:
+    """``message`` itself if it is a :class:`Framed`, else a plain protobuf message wrapped (no payloads)."""
+    return message if isinstance(message, Framed) else Framed(message)
+
+
+def as_sent(reply: Framed | Any, framed: bool) -> Any:
+    """``reply`` in the form its request came in: a :class:`Framed`, or a plain protobuf message."""
+    return as_framed(reply) if framed else (reply.message() if isinstance(reply, Framed) else reply)
+
+
+def wire_size(message: Framed | Any) -> int:
+    """Bytes ``message`` takes on the wire: a frame's length, or a protobuf message's ``ByteSize()``."""
+    return message.nbytes() if isinstance(message, Framed) else codec.message_size(message)
