@@ -88,11 +88,13 @@ class SplitChannel:
         self.identity = identity
         self._step = 0
 
-    def train_step(self, h: torch.Tensor, y: torch.Tensor) -> StepResult:
-        """Send activations ``h`` (B, ...) and labels ``y`` (B,); return the gradient at the cut."""
-        # data-plane speed (issue 8): the tensors travel framed beside the message (fsl/wire/frame.py),
-        # sent from their own memory and received as views of the reply's bytes
-        req = Framed(pb.TrainRequest(header=self._header()))
+    def train_step(self, h: torch.Tensor, y: torch.Tensor, *, want_confidence: bool = False) -> StepResult:
+        """Send activations ``h`` (B, ...) and labels ``y`` (B,); return the gradient at the cut.
+
+        ``want_confidence`` asks the server for each sample's p(true label) (data cartography)."""
+        # the tensors travel framed beside the message (fsl/wire/frame.py), sent from their own
+        # memory and received as views of the reply's bytes: no protobuf copies of the activations
+        req = Framed(pb.TrainRequest(header=self._header(), want_confidence=want_confidence))
         req.set("activations", h, self.wire_dtype)
         codec.encode_into(req.msg.labels, y, torch.int64)  # (B,) small: inline
         rep = self._call_train(req)

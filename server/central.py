@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from clients.trainer import evaluate_model, train_local
 from fsl.config import ExperimentConfig, to_toml
 from fsl.data import client_partition
 from fsl.experiment import build_model_for, experiment_dataset
 from fsl.rundir import Checkpoint, RunDir
+from fsl.training import evaluate_model, train_local
 from server.server_app import Reporter, summarize
 
 __all__ = ["run_central"]

@@ -29,7 +29,6 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as fl_strategy
 from torch import nn
 
-from clients.trainer import evaluate_model
 from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, load_experiment, to_toml
 from fsl.deploy import advertised_address, dataplane_tls  # deploy
@@ -37,6 +36,7 @@ from fsl.experiment import build_model_for, config_to_json, experiment_dataset
 from fsl.models import cut_shape, split_model, split_model_u
 from fsl.privacy.server import ServerPrivacy  # privacy: issue 5
 from fsl.rundir import Checkpoint, RunDir
+from fsl.training import evaluate_model
 from server.plan import NodeInfo, RoundPlan, round_plan
 from server.recorder import NullRecorder, attach_recorder, recorder_config, updates_from_replies  # attacks: issue 6
 from server.split_server import SplitServer, SplitServerState

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.trainer import train_local
 from fsl.inference.exits import FINAL, exit_logits
+from fsl.training import train_local
 
 __all__ = [
     "EASY",

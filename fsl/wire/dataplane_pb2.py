@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66sl/wire/dataplane.proto\x12\x10\x66sl.dataplane.v1\"T\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0f\n\x07indices\x18\x05 \x01(\x0c\"W\n\x06Header\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05token\x18\x05 \x01(\t\"\x91\x01\n\x0cTrainRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12(\n\x06labels\x18\x03 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"\x96\x01\n\nTrainReply\x12&\n\x04grad\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x03 \x01(\x03\x12\x13\n\x0bserver_step\x18\x04 \x01(\x03\x12,\n\nconfidence\x18\x05 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"z\n\x0cInferRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x11\n\tbudget_ms\x18\x03 \x01(\x01\"k\n\nInferReply\x12(\n\x06logits\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x03\"i\n\x0e\x46orwardRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"=\n\x0c\x46orwardReply\x12-\n\x0b\x61\x63tivations\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"y\n\x0f\x42\x61\x63kwardRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12&\n\x04grad\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x14\n\x0c\x66orward_step\x18\x03 \x01(\x03\"L\n\rBackwardReply\x12&\n\x04grad\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x13\n\x0bserver_step\x18\x02 \x01(\x03\"\r\n\x0bInfoRequest\"\xaa\x01\n\tInfoReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12\x0e\n\x06\x64types\x18\x04 \x03(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12\x0f\n\x07ushaped\x18\t \x01(\x08\x32\xff\x02\n\x0eSplitDataPlane\x12\x45\n\x05Train\x12\x1e.fsl.dataplane.v1.TrainRequest\x1a\x1c.fsl.dataplane.v1.TrainReply\x12\x45\n\x05Infer\x12\x1e.fsl.dataplane.v1.InferRequest\x1a\x1c.fsl.dataplane.v1.InferReply\x12\x42\n\x04Info\x12\x1d.fsl.dataplane.v1.InfoRequest\x1a\x1b.fsl.dataplane.v1.InfoReply\x12K\n\x07\x46orward\x12 .fsl.dataplane.v1.ForwardRequest\x1a\x1e.fsl.dataplane.v1.ForwardReply\x12N\n\x08\x42\x61\x63kward\x12!.fsl.dataplane.v1.BackwardRequest\x1a\x1f.fsl.dataplane.v1.BackwardReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66sl/wire/dataplane.proto\x12\x10\x66sl.dataplane.v1\"T\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0f\n\x07indices\x18\x05 \x01(\x0c\"W\n\x06Header\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05token\x18\x05 \x01(\t\"\xaa\x01\n\x0cTrainRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12(\n\x06labels\x18\x03 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x17\n\x0fwant_confidence\x18\x04 \x01(\x08\"\x96\x01\n\nTrainReply\x12&\n\x04grad\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x03 \x01(\x03\x12\x13\n\x0bserver_step\x18\x04 \x01(\x03\x12,\n\nconfidence\x18\x05 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"z\n\x0cInferRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x11\n\tbudget_ms\x18\x03 \x01(\x01\"k\n\nInferReply\x12(\n\x06logits\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x03\"i\n\x0e\x46orwardRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"=\n\x0c\x46orwardReply\x12-\n\x0b\x61\x63tivations\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"y\n\x0f\x42\x61\x63kwardRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12&\n\x04grad\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x14\n\x0c\x66orward_step\x18\x03 \x01(\x03\"L\n\rBackwardReply\x12&\n\x04grad\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x13\n\x0bserver_step\x18\x02 \x01(\x03\"\r\n\x0bInfoRequest\"\xaa\x01\n\tInfoReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12\x0e\n\x06\x64types\x18\x04 \x03(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12\x0f\n\x07ushaped\x18\t \x01(\x08\x32\xff\x02\n\x0eSplitDataPlane\x12\x45\n\x05Train\x12\x1e.fsl.dataplane.v1.TrainRequest\x1a\x1c.fsl.dataplane.v1.TrainReply\x12\x45\n\x05Infer\x12\x1e.fsl.dataplane.v1.InferRequest\x1a\x1c.fsl.dataplane.v1.InferReply\x12\x42\n\x04Info\x12\x1d.fsl.dataplane.v1.InfoRequest\x1a\x1b.fsl.dataplane.v1.InfoReply\x12K\n\x07\x46orward\x12 .fsl.dataplane.v1.ForwardRequest\x1a\x1e.fsl.dataplane.v1.ForwardReply\x12N\n\x08\x42\x61\x63kward\x12!.fsl.dataplane.v1.BackwardRequest\x1a\x1f.fsl.dataplane.v1.BackwardReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADER']._serialized_start=132
   _globals['_HEADER']._serialized_end=219
   _globals['_TRAINREQUEST']._serialized_start=222
-  _globals['_TRAINREQUEST']._serialized_end=367
-  _globals['_TRAINREPLY']._serialized_start=370
-  _globals['_TRAINREPLY']._serialized_end=520
-  _globals['_INFERREQUEST']._serialized_start=522
-  _globals['_INFERREQUEST']._serialized_end=644
-  _globals['_INFERREPLY']._serialized_start=646
-  _globals['_INFERREPLY']._serialized_end=753
-  _globals['_FORWARDREQUEST']._serialized_start=755
-  _globals['_FORWARDREQUEST']._serialized_end=860
-  _globals['_FORWARDREPLY']._serialized_start=862
-  _globals['_FORWARDREPLY']._serialized_end=923
-  _globals['_BACKWARDREQUEST']._serialized_start=925
-  _globals['_BACKWARDREQUEST']._serialized_end=1046
-  _globals['_BACKWARDREPLY']._serialized_start=1048
-  _globals['_BACKWARDREPLY']._serialized_end=1124
-  _globals['_INFOREQUEST']._serialized_start=1126
-  _globals['_INFOREQUEST']._serialized_end=1139
-  _globals['_INFOREPLY']._serialized_start=1142
-  _globals['_INFOREPLY']._serialized_end=1312
-  _globals['_SPLITDATAPLANE']._serialized_start=1315
-  _globals['_SPLITDATAPLANE']._serialized_end=1698
+  _globals['_TRAINREQUEST']._serialized_end=392
+  _globals['_TRAINREPLY']._serialized_start=395
+  _globals['_TRAINREPLY']._serialized_end=545
+  _globals['_INFERREQUEST']._serialized_start=547
+  _globals['_INFERREQUEST']._serialized_end=669
+  _globals['_INFERREPLY']._serialized_start=671
+  _globals['_INFERREPLY']._serialized_end=778
+  _globals['_FORWARDREQUEST']._serialized_start=780
+  _globals['_FORWARDREQUEST']._serialized_end=885
+  _globals['_FORWARDREPLY']._serialized_start=887
+  _globals['_FORWARDREPLY']._serialized_end=948
+  _globals['_BACKWARDREQUEST']._serialized_start=950
+  _globals['_BACKWARDREQUEST']._serialized_end=1071
+  _globals['_BACKWARDREPLY']._serialized_start=1073
+  _globals['_BACKWARDREPLY']._serialized_end=1149
+  _globals['_INFOREQUEST']._serialized_start=1151
+  _globals['_INFOREQUEST']._serialized_end=1164
+  _globals['_INFOREPLY']._serialized_start=1167
+  _globals['_INFOREPLY']._serialized_end=1337
+  _globals['_SPLITDATAPLANE']._serialized_start=1340
+  _globals['_SPLITDATAPLANE']._serialized_end=1723
 # @@protoc_insertion_point(module_scope)

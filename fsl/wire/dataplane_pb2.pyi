@@ -35,14 +35,16 @@ class Header(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., step: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("header", "activations", "labels")
+    __slots__ = ("header", "activations", "labels", "want_confidence")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    WANT_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     header: Header
     activations: Tensor
     labels: Tensor
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    want_confidence: bool
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., want_confidence: _Optional[bool] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("grad", "loss", "correct", "server_step", "confidence")

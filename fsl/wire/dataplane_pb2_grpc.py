@@ -26,7 +26,12 @@ if _version_not_supported:
 
 
 class SplitDataPlaneStub:
-    """Missing associated documentation comment in .proto file."""
+    """The split server also answers `/fsl.dataplane.v1.SplitDataPlane/TrainFrame` and `.../InferFrame`,
+    which are not declared here because their messages are not plain protobuf: a TrainRequest
+    (InferRequest) frame in, a TrainReply (InferReply) frame out, the large tensors' bytes beside the
+    message instead of in `Tensor.data` (layout in fsl/wire/frame.py). GrpcChannel trains and infers
+    through them, and falls back to `Train`/`Infer` when a server answers UNIMPLEMENTED.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -62,7 +67,12 @@ class SplitDataPlaneStub:
 
 
 class SplitDataPlaneServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The split server also answers `/fsl.dataplane.v1.SplitDataPlane/TrainFrame` and `.../InferFrame`,
+    which are not declared here because their messages are not plain protobuf: a TrainRequest
+    (InferRequest) frame in, a TrainReply (InferReply) frame out, the large tensors' bytes beside the
+    message instead of in `Tensor.data` (layout in fsl/wire/frame.py). GrpcChannel trains and infers
+    through them, and falls back to `Train`/`Infer` when a server answers UNIMPLEMENTED.
+    """
 
     def Train(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -131,7 +141,12 @@ def add_SplitDataPlaneServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SplitDataPlane:
-    """Missing associated documentation comment in .proto file."""
+    """The split server also answers `/fsl.dataplane.v1.SplitDataPlane/TrainFrame` and `.../InferFrame`,
+    which are not declared here because their messages are not plain protobuf: a TrainRequest
+    (InferRequest) frame in, a TrainReply (InferReply) frame out, the large tensors' bytes beside the
+    message instead of in `Tensor.data` (layout in fsl/wire/frame.py). GrpcChannel trains and infers
+    through them, and falls back to `Train`/`Infer` when a server answers UNIMPLEMENTED.
+    """
 
     @staticmethod
     def Train(request,
