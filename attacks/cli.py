@@ -1,4 +1,4 @@
-"""``fsl attack RUN_DIR --attack NAME [--options]`` (a plugin of :mod:`fsl.cli`).
+"""``fsl attack RUN_DIR --attack NAME [--options]`` (a plugin of :mod:`fsl_cli`).
 
 Reads what the server recorded in ``RUN_DIR/observations/``, runs the attack with a
 progress bar, scores it against ``RUN_DIR/ground_truth/`` and writes ``attack.json``,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -201,9 +200,3 @@ def _print_row(console: Any, row: dict[str, Any]) -> None:
         if row.get(k) is not None
     ]
     console.print(", ".join(cells))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from fsl.cli import main
-
-    sys.exit(main(["attack", *sys.argv[1:]]))

@@ -95,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
         "weight_decay": cfg.train.weight_decay,
         "proximal_mu": float(r.conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         "seed": cfg.seed * 100_003 + rnd * 1_009 + context.node_id % 1_000_003,
-        "exit_weight": cfg.model.exit_weight,  # multi-exit models (fsl.inference.exits)
+        "exit_weight": cfg.model.exit_weight,  # multi-exit models (fsl.exits)
     }
     kw["batch_size"] = node_batch_size(context.node_config, kw["batch_size"])  # deploy: the device's batch size
     client_memory_check(cfg, r.detail, r.module, r.ds.input_shape, context.node_config, kw["batch_size"])  # deploy

@@ -1,6 +1,6 @@
 """The client's side of split inference: its segment here, the rest on the split server.
 
-With a multi-exit client segment (:mod:`fsl.inference.exits`) a request can stop on the
+With a multi-exit client segment (:mod:`fsl.exits`) a request can stop on the
 device: when the exit at the cut is at least ``exit_threshold`` sure, the device answers
 and nothing travels; the other rows of the batch go to the server. Labels never leave.
 """
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fsl.channel import SplitChannel
-from fsl.inference.exits import exit_logits
+from fsl.exits import exit_logits
 
 __all__ = ["Prediction", "SplitPredictor"]
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from fsl.channel import SplitChannel, StepResult
+from fsl.exits import exit_loss
 from fsl.fastmath import flush_denormals
-from fsl.inference.exits import exit_loss
 from fsl.optim import SGD, Stepper
 from fsl.training import (
     EvalStats,

@@ -178,7 +178,7 @@ def _run(cfg: ExperimentConfig, root: Path, name: str, quiet: bool) -> Path:
     if not (path / "config.toml").exists():
         (path / "config.toml").write_text(to_toml(cfg))
     print(f"compare: {name}", flush=True)
-    cmd = [sys.executable, "-m", "fsl.cli", "run", "--resume", str(path), *(["--quiet"] if quiet else [])]
+    cmd = [sys.executable, "-m", "fsl_cli", "run", "--resume", str(path), *(["--quiet"] if quiet else [])]
     subprocess.run(cmd, check=True)
     return path
 

@@ -86,7 +86,7 @@ class ModelConfig:
     norm: str = ""  # normalisation layers ("" = the model's default)
     ushaped: bool = False  # label-private U-shape: the client also keeps the blocks after top_cut
     top_cut: str = ""  # U-shaped only: last block on the server ("" = the deepest cut point)
-    exits: bool = False  # an exit classifier after every cut point, trained jointly (fsl.inference.exits)
+    exits: bool = False  # an exit classifier after every cut point, trained jointly (fsl.exits)
     exit_weight: float = 0.5  # weight of each exit's cross entropy next to the final loss
 
     def __post_init__(self) -> None:
@@ -153,7 +153,7 @@ class ServerConfig:
     address: str = "127.0.0.1:0"  # where the in-process split server listens (port 0: the OS picks)
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda:0", ...
     # torch intra-op threads of the split server; 0 = auto: in simulation the cores the clients leave
-    # free (fsl.cli.simulation_server_threads), elsewhere torch's default
+    # free (fsl_cli.main.simulation_server_threads), elsewhere torch's default
     threads: int = 0
     max_message_mb: int = 64  # largest data-plane message either side accepts
     # faults: a client's data-plane request fails after request_timeout_s (DEADLINE_EXCEEDED: the client

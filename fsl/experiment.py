@@ -25,11 +25,11 @@ __all__ = [
 def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     """The experiment's whole model, seeded (the same initial weights on every node).
 
-    With ``model.exits`` every cut point gets an exit classifier (:mod:`fsl.inference.exits`).
+    With ``model.exits`` every cut point gets an exit classifier (:mod:`fsl.exits`).
     """
     model = build_model(cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed)
     if cfg.model.exits:
-        from fsl.inference.exits import add_exits
+        from fsl.exits import add_exits
 
         model = add_exits(model, input_shape, num_classes, at=model_spec(cfg.model.name).cuts, seed=cfg.seed)
     return model

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fsl.exits import exit_loss
 from fsl.fastmath import flush_denormals
-from fsl.inference.exits import exit_loss
 from fsl.optim import SGD
 
 __all__ = ["EvalStats", "TrainStats", "evaluate_model", "train_local"]

@@ -61,8 +61,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsl.exits import exit_loss_per_sample
 from fsl.fastmath import flush_denormals
-from fsl.inference.exits import exit_loss_per_sample
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed, as_framed, as_sent, wire_size

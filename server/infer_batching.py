@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fsl.inference.scheduler import deadline_wait_ms
+from fsl.deadlines import deadline_wait_ms
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed, as_framed, as_sent, wire_size

@@ -1,4 +1,4 @@
-"""Serving a trained split model: ``fsl serve``, ``fsl serve-token`` and ``fsl predict``.
+"""Serving a trained split model: ``fsl serve`` and ``fsl serve-token``.
 
 ``fsl serve RUN_DIR`` loads the server segment of a run's newest checkpoint and serves split
 inference on the same data plane as training (raw tensor buffers, TLS, per-client
@@ -11,9 +11,8 @@ mode 0600); ``fsl serve-token RUN_DIR CLIENT`` prints the token that client pres
 are bound to the run, the client and a *serving epoch* (``--epoch``): restarting the server
 with a new epoch revokes every token handed out before (PERMISSION_DENIED).
 
-``fsl predict RUN_DIR --server HOST:PORT --token T`` is the client: it runs the client segment
-of the same checkpoint on the run's test data, sends the activations (or answers on the
-device when a multi-exit segment is sure enough) and prints accuracy and latency percentiles.
+Its client, ``fsl predict``, lives with the command line (:mod:`fsl_cli.predict`): the server
+role does not import the client role.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import secrets
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,50 +150,6 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from clients.predictor import SplitPredictor
-    from fsl.channel import ChannelIdentity
-    from fsl.config import load_experiment
-    from fsl.experiment import experiment_dataset
-    from fsl.grpc_channel import GrpcChannel
-    from fsl.rundir import RunDir
-
-    cfg = load_experiment(str(RunDir(args.run_dir).config_path))
-    ds = experiment_dataset(cfg)
-    m = load_served_model(args.run_dir, dataset=ds)
-    ident = ChannelIdentity(run_id=m.run_id, round=args.epoch, client_id=args.client, token=args.token)
-    ch = GrpcChannel(address=args.server, identity=ident, root_certificates=args.root_certificates)
-    pred = SplitPredictor(m.client, ch, exit_threshold=args.exit_threshold)
-    n = min(args.n, len(ds.y_test))
-    lat, correct, exited = [], 0, 0
-    t0 = time.perf_counter()
-    try:
-        for i in range(0, n, args.batch_size):
-            xb, yb = ds.x_test[i : i + args.batch_size], ds.y_test[i : i + args.batch_size]
-            p = pred.predict(xb, budget_ms=args.budget_ms)
-            lat.append(p.latency_ms)
-            correct += int((p.logits.argmax(1) == yb).sum())
-            exited += int(p.exited.sum())
-    finally:
-        ch.close()
-    q = np.percentile(np.array(lat), [50, 95, 99]).tolist()
-    out = {
-        "samples": n,
-        "accuracy": correct / max(1, n),
-        "exited_on_device": exited / max(1, n),
-        "latency_ms_p50": q[0],
-        "latency_ms_p95": q[1],
-        "latency_ms_p99": q[2],
-        "wall_s": time.perf_counter() - t0,
-    }
-    print(json.dumps(out))
-    del torch
-    return 0
-
-
 def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     p = sub.add_parser("serve", help="serve split inference from a run's newest checkpoint (batching, TLS, tokens)")
     p.add_argument("run_dir")
@@ -212,15 +166,4 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     q.add_argument("run_dir")
     q.add_argument("client")
     q.add_argument("--epoch", type=int, default=0)
-    r = sub.add_parser("predict", help="split inference on a run's test data against `fsl serve`")
-    r.add_argument("run_dir")
-    r.add_argument("--server", required=True, help="host:port of `fsl serve`")
-    r.add_argument("--client", default="client-0")
-    r.add_argument("--token", required=True, help="from `fsl serve-token RUN_DIR CLIENT`")
-    r.add_argument("--epoch", type=int, default=0)
-    r.add_argument("--root-certificates", default=None, help="CA PEM when the server uses TLS")
-    r.add_argument("--n", type=int, default=1000, help="test samples")
-    r.add_argument("--batch-size", type=int, default=1)
-    r.add_argument("--budget-ms", type=float, default=0.0, help="latency target per request (0: none)")
-    r.add_argument("--exit-threshold", type=float, default=None, help="answer on the device above this confidence")
-    return {"serve": _cmd_serve, "serve-token": _cmd_token, "predict": _cmd_predict}
+    return {"serve": _cmd_serve, "serve-token": _cmd_token}

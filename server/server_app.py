@@ -31,7 +31,7 @@ from torch import nn
 
 from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, load_experiment, to_toml
-from fsl.deploy import advertised_address, dataplane_tls  # deploy
+from fsl.endpoint import advertised_address, dataplane_tls
 from fsl.experiment import build_model_for, config_to_json, experiment_dataset
 from fsl.models import cut_shape, split_model, split_model_u
 from fsl.privacy.server import ServerPrivacy  # privacy: issue 5

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from fsl.auth import AuthError, ExpiredCredential, RoundAuthority
+from fsl.exits import exit_loss
 from fsl.fastmath import flush_denormals
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
-from fsl.inference.exits import exit_loss
 from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import dataplane_pb2_grpc as pb_grpc
@@ -113,7 +113,7 @@ class SplitServerState:
     ushaped: bool = False  # train through Forward/Backward; the server never sees labels
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     inference_only: bool = False  # fsl serve: refuse Train/Forward/Backward (rounds belong to the ServerApp)
-    exit_weight: float = 0.5  # multi-exit models: weight of each server-side exit's loss (fsl.inference.exits)
+    exit_weight: float = 0.5  # multi-exit models: weight of each server-side exit's loss (fsl.exits)
     # called with (header, activations, labels) of every accepted training request: what an
     # honest-but-curious server sees (the observation recorder of the attack suite hooks in here);
     # in U-shaped splits labels is None

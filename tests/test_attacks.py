@@ -161,7 +161,7 @@ def test_fsha_reconstruction_error_falls_with_iterations(digits_mod):
 def test_fsl_attack_cli_writes_the_results(clean):
     import numpy as np
 
-    from fsl.cli import main
+    from fsl_cli import main
 
     out = clean[0] / "cli-rmle"
     assert main(["attack", str(clean[0]), "--attack", "rmle", "--out", str(out), "-o", "iters=100"]) == 0

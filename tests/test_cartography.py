@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsl.data import DatasetNotFound, load_dataset, subset
-from fsl.inference.cartography import (
+from experiments.inference.cartography import (
     EASY,
     HARD,
     MODERATE,
@@ -18,8 +17,7 @@ from fsl.inference.cartography import (
     record_epochs,
     region_counts,
 )
-from fsl.inference.exits import add_exits, all_exit_logits
-from fsl.inference.routing import (
+from experiments.inference.routing import (
     UCB,
     CostModel,
     CostParams,
@@ -35,6 +33,8 @@ from fsl.inference.routing import (
     random_routing,
     router_routing,
 )
+from fsl.data import DatasetNotFound, load_dataset, subset
+from fsl.exits import add_exits, all_exit_logits
 from fsl.models import build_model
 
 torch.set_num_threads(1)

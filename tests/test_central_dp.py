@@ -41,7 +41,7 @@ def test_clipping_bounds_what_the_aggregate_can_move(tmp_path):
     over = ["data.name=digits", "clients=2", "train.rounds=2", "privacy.central_dp_clip=1e-6", f"output_dir={tmp_path}"]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fsl.cli", "run", "quickstart", "--quiet", *over],
+        [sys.executable, "-m", "fsl_cli", "run", "quickstart", "--quiet", *over],
         capture_output=True,
         text=True,
         timeout=300,

@@ -14,10 +14,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from fsl.cli import main as fsl_main
+from fsl.certs import make_certs
 from fsl.config import ConfigError, _parse_value, load_experiment
-from fsl.deploy import advertised_address, dataplane_tls, launch_command, make_certs, node_config, superlink_command
+from fsl.endpoint import advertised_address, dataplane_tls
+from fsl.flower_commands import launch_command, node_config, superlink_command
 from fsl.grpc_channel import DataPlaneError, GrpcChannel
+from fsl_cli import main as fsl_main
 from helpers import make_state
 from server.split_server import SplitServer
 

@@ -49,7 +49,7 @@ def test_resolved_config_round_trips_through_toml():
 
 
 def test_the_split_server_leaves_the_simulated_clients_their_cores():
-    from fsl.cli import simulation_server_threads
+    from fsl_cli.main import simulation_server_threads
 
     quick = load_experiment("quickstart")  # 4 clients, 1 CPU and 1 thread each
     assert simulation_server_threads(quick, cpus=2) == 1  # 2 clients at once take both cores

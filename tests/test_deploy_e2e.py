@@ -22,7 +22,8 @@ import grpc
 import pytest
 import torch
 
-from fsl.deploy import flower_connection, make_certs
+from fsl.certs import make_certs
+from fsl.flower_commands import flower_connection
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import dataplane_pb2_grpc as pb_grpc
@@ -48,7 +49,7 @@ class Procs:
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
         p = subprocess.Popen(
-            [sys.executable, "-m", "fsl.cli", *args],
+            [sys.executable, "-m", "fsl_cli", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -203,7 +204,7 @@ def test_deployment_engine_with_tls_node_auth_and_an_authenticated_data_plane(tm
             [
                 sys.executable,
                 "-m",
-                "fsl.cli",
+                "fsl_cli",
                 "launch",
                 "quickstart",
                 "data.name=digits",
@@ -319,7 +320,7 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_the_next_round(tmp_
         for i in (1, 2):
             supernode(f"supernode-{i}", i)
         launch = subprocess.Popen(
-            [sys.executable, "-m", "fsl.cli", "launch", "quickstart", "data.name=digits", "clients=2",
+            [sys.executable, "-m", "fsl_cli", "launch", "quickstart", "data.name=digits", "clients=2",
              "train.rounds=4", "train.local_epochs=4", "train.fraction_evaluate=0", "train.min_clients=2",
              "train.round_timeout_s=45", f"server.address=127.0.0.1:{_free_port()}", f"output_dir={runs}",
              "--superlink", superlink, "--root-certificates", str(certs / "ca.pem"), "--dataplane-certs", str(certs)],

@@ -76,8 +76,8 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in BLOCK:
             raise ImportError("server/simulation-only package imported by the client: " + name)
 sys.meta_path.insert(0, Block())
-import clients.client_app, clients.resources, fsl.deploy, fsl.grpc_channel
-from fsl.cli import main
+import clients.client_app, clients.resources, fsl_cli.deploy, fsl.grpc_channel
+from fsl_cli import main
 assert main(["supernode", "--superlink", "h:1", "--root-certificates", "ca.pem", "--partition-id", "0",
              "--num-partitions", "2", "--dry-run"]) == 0
 """

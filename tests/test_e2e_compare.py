@@ -20,7 +20,7 @@ def test_compare_quick_runs_every_mode_and_writes_the_table(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "fsl.cli",
+        "fsl_cli",
         "run",
         "compare",
         "--quick",

@@ -21,7 +21,7 @@ TINY = ["data.name=digits", "clients=2", "train.batch_size=16", "train.local_epo
 def _fsl(*args, timeout=300, **kw):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "120"}
     return subprocess.run(
-        [sys.executable, "-m", "fsl.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
+        [sys.executable, "-m", "fsl_cli", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
     )
 
 
@@ -93,7 +93,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
         [
             sys.executable,
             "-m",
-            "fsl.cli",
+            "fsl_cli",
             "run",
             "quickstart",
             *TINY,

@@ -7,8 +7,8 @@ from clients.trainer import train_local, train_segment
 from fsl.channel import InMemoryChannel
 from fsl.config import ExperimentConfig, from_dict
 from fsl.data import client_partition
+from fsl.exits import ExitBlock, add_exits, all_exit_logits, exit_names
 from fsl.experiment import build_model_for
-from fsl.inference.exits import ExitBlock, add_exits, all_exit_logits, exit_names
 from fsl.models import build_model, cut_shape, split_model
 from server.batching import RequestBatcher
 from server.split_server import SplitServerState

@@ -249,7 +249,7 @@ def test_fl_update_reconstructs_a_batch_of_four(mnist):
 
 
 def test_fsl_attack_runs_gradient_inversion_on_a_recorded_step(split_conv1, mnist, tmp_path):
-    from fsl.cli import main
+    from fsl_cli import main
 
     x, y, _ = mnist
     d = record_gradient_step(split_conv1, tmp_path, x[3000:3002], y[3000:3002], dataset="mnist5k")

@@ -5,9 +5,9 @@ import statistics
 import pytest
 import torch
 
-from fsl.inference.loopback import PerDevice, run_loopback
-from fsl.inference.profiles import DEVICES, INPUT, NETWORKS, DeviceProfile, profile_model
-from fsl.inference.simulate import ServerConfig, SimDevice, simulate, validate
+from experiments.inference.loopback import PerDevice, run_loopback
+from experiments.inference.profiles import DEVICES, INPUT, NETWORKS, DeviceProfile, profile_model
+from experiments.inference.simulate import SimDevice, SimServerConfig, simulate, validate
 from fsl.models import build_model
 
 
@@ -17,7 +17,7 @@ def test_simulated_latencies_match_loopback_runs_request_by_request():
     model = build_model("cnn", seed=0).eval()
     profile = profile_model(model, (1, 28, 28), batch_sizes=(1, 4, 16), repeats=5)
     host = DeviceProfile("this-host", "edge", 1.0, 4096)
-    server = ServerConfig(device=host, max_batch=16, max_wait_ms=5.0)
+    server = SimServerConfig(device=host, max_batch=16, max_wait_ms=5.0)
     mix = [("pi4", "wifi", "conv1"), ("pi5", "4g", "conv2"), ("phone", "4g", INPUT), ("pi4", "3g", "fc1")]
     fleet = [
         SimDevice(f"{d}-{i}", DEVICES[d], NETWORKS[n], target_ms=400.0, rate_hz=5.0) for i, (d, n, _) in enumerate(mix)

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fsl.inference.profiles import DEVICES, NETWORKS, DeviceProfile, ModelProfile, NetworkProfile, profile_model
-from fsl.inference.provisioning import (
+from experiments.inference.profiles import DEVICES, NETWORKS, DeviceProfile, ModelProfile, NetworkProfile, profile_model
+from experiments.inference.provisioning import (
     OnDemandWorkers,
     Stage,
     compare,
@@ -17,16 +17,17 @@ from fsl.inference.provisioning import (
     reach_fractions,
     stages_from_exit_fractions,
 )
-from fsl.inference.scheduler import Scheduler, deadline_wait_ms
-from fsl.inference.simulate import (
+from experiments.inference.scheduler import Scheduler
+from experiments.inference.simulate import (
     SchedulerPolicy,
-    ServerConfig,
     SimDevice,
+    SimServerConfig,
     all_cloud,
     bursty_trace,
     simulate,
     validate,
 )
+from fsl.deadlines import deadline_wait_ms
 from fsl.models import build_model
 
 
@@ -221,7 +222,7 @@ def _cloud_fleet(rate_hz: float, n: int = 5) -> list[SimDevice]:
 
 def test_attainment_drops_when_load_exceeds_capacity():
     p = synthetic_profile()
-    server = ServerConfig(SERVER, workers=1, max_batch=1)
+    server = SimServerConfig(SERVER, workers=1, max_batch=1)
     service = p.server_ms("input", 1, SERVER.speed)  # 23 ms per request
     capacity_hz = 1000 / service
     low = simulate(p, _cloud_fleet(0.3 * capacity_hz / 5), all_cloud(), server, 5000, seed=1).summary()
@@ -235,10 +236,10 @@ def test_attainment_drops_when_load_exceeds_capacity():
 def test_batching_raises_the_batch_size_and_the_capacity_under_load():
     p = synthetic_profile()
     capacity_hz = 1000 / p.server_ms("input", 1, SERVER.speed)
-    batched = ServerConfig(SERVER, workers=1, max_batch=16, max_wait_ms=20)
+    batched = SimServerConfig(SERVER, workers=1, max_batch=16, max_wait_ms=20)
     low = simulate(p, _cloud_fleet(0.1 * capacity_hz / 5), all_cloud(), batched, 5000, seed=2).summary()
     high = simulate(p, _cloud_fleet(2.0 * capacity_hz / 5), all_cloud(), batched, 5000, seed=2).summary()
-    unbatched = ServerConfig(SERVER, workers=1, max_batch=1)
+    unbatched = SimServerConfig(SERVER, workers=1, max_batch=1)
     high1 = simulate(p, _cloud_fleet(2.0 * capacity_hz / 5), all_cloud(), unbatched, 5000, seed=2).summary()
     assert low["mean_batch"] < 2.0
     assert high["mean_batch"] > 2 * low["mean_batch"]
@@ -249,7 +250,7 @@ def test_batching_raises_the_batch_size_and_the_capacity_under_load():
 def test_the_batcher_waits_only_as_long_as_the_deadlines_allow():
     p = synthetic_profile()
     rate_hz = 0.5 * 1000 / p.server_ms("input", 1, SERVER.speed) / 5
-    server = ServerConfig(SERVER, workers=4, max_batch=16, max_wait_ms=50)
+    server = SimServerConfig(SERVER, workers=4, max_batch=16, max_wait_ms=50)
 
     def run(target_ms: float) -> dict:
         fleet = [
@@ -265,7 +266,7 @@ def test_the_batcher_waits_only_as_long_as_the_deadlines_allow():
 
 def test_simulation_is_deterministic_given_its_seed():
     p = synthetic_profile()
-    server = ServerConfig(SERVER, workers=2, max_batch=8)
+    server = SimServerConfig(SERVER, workers=2, max_batch=8)
     args = (p, _cloud_fleet(10.0), all_cloud(), server, 3000)
     a = simulate(*args, seed=5, jitter=0.2)
     b = simulate(*args, seed=5, jitter=0.2)
@@ -284,7 +285,7 @@ def test_scheduler_uses_less_server_compute_than_all_cloud_for_a_mixed_fleet(cnn
             SimDevice(f"laptop-{i}", DEVICES["laptop"], NETWORKS["wifi"], 150.0, rate_hz=3),
             SimDevice(f"phone-{i}", DEVICES["phone"], NETWORKS["5g"], 150.0, rate_hz=3),
         ]
-    server = ServerConfig(DEVICES["gpu-server"], workers=1, max_batch=8, max_wait_ms=5)
+    server = SimServerConfig(DEVICES["gpu-server"], workers=1, max_batch=8, max_wait_ms=5)
     cloud = simulate(heavy, fleet, all_cloud(), server, 5000, seed=3).summary()
     sched = simulate(heavy, fleet, SchedulerPolicy(Scheduler(heavy, DEVICES["gpu-server"])), server, 5000, seed=3)
     summary = sched.summary()
@@ -298,7 +299,7 @@ def test_scheduler_uses_less_server_compute_than_all_cloud_for_a_mixed_fleet(cnn
 def test_simulated_scheduler_replans_a_device_that_slows_down():
     p = synthetic_profile()
     fleet = [SimDevice(f"d{i}", BIG, FAST, 250.0, rate_hz=1.0, slowdown=3.0, slowdown_from_ms=2000.0) for i in range(3)]
-    server = ServerConfig(SERVER, workers=1, max_batch=4)
+    server = SimServerConfig(SERVER, workers=1, max_batch=4)
     learning = simulate(p, fleet, SchedulerPolicy(Scheduler(p, SERVER)), server, 20000, seed=4)
     frozen = simulate(p, fleet, SchedulerPolicy(Scheduler(p, SERVER), learn=False), server, 20000, seed=4)
     early = [r.cut for r in learning.records if r.arrival_ms < 2000]

@@ -1,8 +1,8 @@
-"""The aarch64 smoke test's driver (clients/pi/smoke_driver.py), both ends natively on this machine.
+"""The aarch64 smoke test's two ends (fsl_cli/pi_smoke_host.py, clients/pi/smoke_driver.py) natively.
 
 ``smoke-aarch64.sh`` runs the client end under qemu inside an arm64 root filesystem, far too slow
-for the suite; here the same ``host`` and ``client`` subcommands talk over real gRPC on 127.0.0.1
-for one batch, and ``report`` must find the server's step count equal to the client's batches.
+for the suite; here the same host and ``client`` commands talk over real gRPC on 127.0.0.1 for one
+batch, and ``report`` must find the server's step count equal to the client's batches.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,8 @@ def test_host_and_client_train_one_batch_over_grpc(tmp_path):
     ready, data, stats = tmp_path / "ready.json", tmp_path / "data.npz", tmp_path / "stats.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
     host = subprocess.Popen(
-        [sys.executable, str(DRIVER), "host", "--ready", str(ready), "--data-out", str(data), "--stats", str(stats)]
+        [sys.executable, "-m", "fsl_cli.pi_smoke_host", "--ready", str(ready), "--data-out", str(data)]
+        + ["--stats", str(stats)]
         + ["--clients", "pi4", "--train", "16", "--test", "16", "--timeout", "120"],
         env=env,
         text=True,
@@ -50,11 +50,10 @@ def test_host_and_client_train_one_batch_over_grpc(tmp_path):
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert host.poll() is None, host.communicate()
-            assert time.monotonic() < deadline, "the host did not come up"
-            time.sleep(0.1)
+        # the host prints its address once the ready file is written; EOF means it died
+        line = host.stdout.readline()
+        assert line.startswith("split server"), (line, host.communicate())
+        assert ready.exists()
         out = tmp_path / "pi4.json"
         client = _run(
             "client", "--ready", str(ready), "--data", str(data), "--client-id", "pi4", "--batches", "1",

@@ -22,7 +22,7 @@ TINY = ["data.name=digits", "train.batch_size=16", "simulation.client_cpus=1", "
 def _fsl(*args, timeout=400):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "120"}
     p = subprocess.run(
-        [sys.executable, "-m", "fsl.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "fsl_cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
     assert p.returncode == 0, p.stdout + p.stderr
     return p

@@ -18,8 +18,8 @@ from clients.predictor import SplitPredictor
 from clients.trainer import train_local
 from fsl.channel import ChannelIdentity, InMemoryChannel
 from fsl.config import ExperimentConfig, from_dict, to_toml
+from fsl.exits import add_exits
 from fsl.grpc_channel import DataPlaneError, GrpcChannel
-from fsl.inference.exits import add_exits
 from fsl.models import build_model, cut_shape, split_model
 from fsl.rundir import Checkpoint, RunDir
 from fsl.wire import codec
@@ -172,7 +172,7 @@ def test_fsl_serve_end_to_end(tmp_path, digits):
     model = _trained(digits)
     run_dir = _run_dir(tmp_path, digits, model)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "fsl.cli", "serve", str(run_dir), "--address", "127.0.0.1:0", "--threads", "1"]
+    cmd = [sys.executable, "-m", "fsl_cli", "serve", str(run_dir), "--address", "127.0.0.1:0", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -208,7 +208,7 @@ def test_fsl_serve_end_to_end(tmp_path, digits):
         old.close()
         # the client CLI against the same server
         token = subprocess.run(
-            [sys.executable, "-m", "fsl.cli", "serve-token", str(run_dir), "cli-client"],
+            [sys.executable, "-m", "fsl_cli", "serve-token", str(run_dir), "cli-client"],
             capture_output=True,
             text=True,
             env=env,
@@ -218,7 +218,7 @@ def test_fsl_serve_end_to_end(tmp_path, digits):
             [
                 sys.executable,
                 "-m",
-                "fsl.cli",
+                "fsl_cli",
                 "predict",
                 str(run_dir),
                 "--server",

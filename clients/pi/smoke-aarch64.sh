@@ -8,9 +8,12 @@
 #                                    [--batch-size N] [--threads N] [--rebuild]
 #
 #   FSL_SMOKE_CACHE=/var/cache/fsl-smoke-aarch64   root filesystem, wheels (reused by later runs)
-#   FSL_SMOKE_INDEX=https://pypi.org/simple        where the aarch64 wheels come from
-#   FSL_SMOKE_MIRROR=http://deb.debian.org/debian  where the root filesystem's packages come from
+#   FSL_SMOKE_APT_SOURCES="FILE ..."               apt sources files for the root filesystem
+#                                                  (default: this host's, those that name bookworm)
 #   HOST_PYTHON=.venv/bin/python                   host Python with fsl (server side) installed
+#
+# The wheels come from the host pip's configured index (pip.conf, PIP_INDEX_URL) and the root
+# filesystem's packages from the host's apt sources: the script names no address of its own.
 #
 # Cold: ~9 min here (apt, mmdebstrap, 174 MB of wheels, pip install under emulation); cached: 1-2 min.
 # Too slow for CI: run it on demand. Result: one JSON file (default clients/pi/smoke-aarch64.json).
@@ -18,8 +21,6 @@ set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${FSL_SMOKE_CACHE:-/var/cache/fsl-smoke-aarch64}
-INDEX=${FSL_SMOKE_INDEX:-https://pypi.org/simple}
-MIRROR=${FSL_SMOKE_MIRROR:-http://deb.debian.org/debian}
 HOST_PY=${HOST_PYTHON:-$SRC/.venv/bin/python}
 OUT=$SRC/clients/pi/smoke-aarch64.json
 CPUS="cortex-a72 cortex-a76"
@@ -35,7 +36,7 @@ while [[ $# -gt 0 ]]; do
         --batch-size) BATCH_SIZE=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
         --rebuild) REBUILD=1; shift ;;
-        -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -55,7 +56,10 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 [[ $EUID -eq 0 ]] || die "run as root (sudo $0): apt-get, mount and chroot need it"
 [[ -x $HOST_PY ]] || die "no host Python at $HOST_PY (make install, or set HOST_PYTHON)"
-"$HOST_PY" -c "import fsl, server.split_server" 2>/dev/null || die "$HOST_PY cannot import fsl and server (make install)"
+# the host end imports fsl_cli, server and clients from this checkout
+HOST_ENV=(env "PYTHONPATH=$SRC${PYTHONPATH:+:$PYTHONPATH}")
+"${HOST_ENV[@]}" "$HOST_PY" -c "import fsl_cli.pi_smoke_host" 2>/dev/null \
+    || die "$HOST_PY cannot import fsl_cli and the server (make install)"
 T0=$(now)
 STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 mkdir -p "$CACHE"
@@ -123,12 +127,26 @@ PHASE_HOST=$(since "$T")
 # ------------------------------------------------------------------ 2. arm64 root filesystem (cached)
 say "2/6 arm64 $SUITE root filesystem: $ROOTFS"
 T=$(now)
+# mmdebstrap pastes each sources file (one-line or deb822) into the root filesystem's apt sources.
+# The host's own: every file that names the suite (a Debian bookworm host's serve arm64 as well).
+APT_SOURCES=()
+if [[ -n ${FSL_SMOKE_APT_SOURCES:-} ]]; then
+    read -r -a APT_SOURCES <<<"$FSL_SMOKE_APT_SOURCES"
+else
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        if [[ -s $f ]] && grep -qw "$SUITE" "$f"; then APT_SOURCES+=("$f"); fi
+    done
+fi
+[[ ${#APT_SOURCES[@]} -gt 0 ]] \
+    || die "no apt sources for $SUITE on this host (/etc/apt/sources.list*): set FSL_SMOKE_APT_SOURCES"
+for f in "${APT_SOURCES[@]}"; do [[ -f $f ]] || die "apt sources file $f does not exist"; done
+echo "apt sources: ${APT_SOURCES[*]}"
 SPEC="$SUITE arm64 variant=apt include=$INCLUDE"
 ROOTFS_CACHED=true
 if [[ $REBUILD == 1 || ! -f $ROOTFS/.fsl-smoke-rootfs || $(cat "$ROOTFS/.fsl-smoke-rootfs") != "$SPEC" ]]; then
     ROOTFS_CACHED=false
     safe_rm "$ROOTFS.tmp"
-    mmdebstrap --quiet --arch=arm64 --variant=apt --include="$INCLUDE" "$SUITE" "$ROOTFS.tmp" "$MIRROR"
+    mmdebstrap --quiet --arch=arm64 --variant=apt --include="$INCLUDE" "$SUITE" "$ROOTFS.tmp" "${APT_SOURCES[@]}"
     echo "$SPEC" >"$ROOTFS.tmp/.fsl-smoke-rootfs"
     safe_rm "$ROOTFS"
     mv "$ROOTFS.tmp" "$ROOTFS"
@@ -153,10 +171,9 @@ if [[ $REBUILD == 1 || ! -f $WHEELS/.fsl-smoke-wheels || $(cat "$WHEELS/.fsl-smo
     plat=()
     for m in $(seq 36 -1 17); do plat+=(--platform "manylinux_2_${m}_aarch64"); done
     plat+=(--platform manylinux2014_aarch64)
-    # --isolated + PIP_CONFIG_FILE=/dev/null: this host's pip settings (local indexes, x86_64 find-links) stay out
-    PIP_CONFIG_FILE=/dev/null "$HOST_PY" -m pip --isolated download --quiet --no-deps --only-binary=:all: \
-        "${plat[@]}" --python-version 3.11 --implementation cp \
-        --index-url "$INDEX" -d "$WHEELS.tmp" -r "$REQS"
+    # the host pip's own index; the platform tags keep any x86_64 wheel it offers out
+    "$HOST_PY" -m pip download --quiet --no-deps --only-binary=:all: \
+        "${plat[@]}" --python-version 3.11 --implementation cp -d "$WHEELS.tmp" -r "$REQS"
     echo "$REQS_SUM" >"$WHEELS.tmp/.fsl-smoke-wheels"
     safe_rm "$WHEELS"
     mv "$WHEELS.tmp" "$WHEELS"
@@ -223,7 +240,7 @@ safe_rm "$SMOKE"
 mkdir -p "$SMOKE"
 cp "$SRC/clients/pi/smoke_driver.py" "$SMOKE/"
 WORK=$(mktemp -d)
-"$HOST_PY" "$SRC/clients/pi/smoke_driver.py" host --ready "$SMOKE/ready.json" --data-out "$SMOKE/data.npz" \
+"${HOST_ENV[@]}" "$HOST_PY" -m fsl_cli.pi_smoke_host --ready "$SMOKE/ready.json" --data-out "$SMOKE/data.npz" \
     --stats "$WORK/host-stats.json" --clients "${CPUS// /,}" --train $((BATCHES * BATCH_SIZE)) --timeout 3600 &
 HOST_PID=$!
 for _ in $(seq 240); do

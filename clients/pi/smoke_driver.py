@@ -1,9 +1,8 @@
-"""The two ends of the aarch64 smoke test (``clients/pi/smoke-aarch64.sh``), one subcommand each.
+"""The device end of the aarch64 smoke test (``clients/pi/smoke-aarch64.sh``) and its report.
 
-``host`` serves the server segment of a model on 127.0.0.1 with data-plane authentication on
-(round 1 open, one token per client id), writes what a client needs to connect (address, tokens)
-to a JSON file, optionally writes a small dataset as ``.npz`` for the client, and serves until
-SIGTERM/SIGINT (or ``--timeout``); on the way out it writes what the server counted.
+The host end, a split server on 127.0.0.1, is :mod:`fsl_cli.pi_smoke_host` (it needs the server
+role, which a device does not install); it writes what a client needs to connect (address,
+tokens) to a JSON file, optionally with a small dataset as ``.npz``.
 
 ``client`` is the Pi's side: it runs the client segment with :func:`clients.trainer.train_segment`
 over a real :class:`fsl.grpc_channel.GrpcChannel` for a few batches, evaluates split inference on
@@ -15,7 +14,7 @@ inside the arm64 root filesystem as a plain script.
 
 Run natively (both ends on this machine)::
 
-    python clients/pi/smoke_driver.py host --ready /tmp/ready.json --data-out /tmp/data.npz &
+    python -m fsl_cli.pi_smoke_host --ready /tmp/ready.json --data-out /tmp/data.npz &
     python clients/pi/smoke_driver.py client --ready /tmp/ready.json --data /tmp/data.npz --client-id pi4
 """
 
@@ -27,9 +26,7 @@ import math
 import os
 import platform
 import resource
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +39,7 @@ RUN_ID = "smoke-aarch64"
 ROUND = 1
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -82,69 +79,6 @@ def smoke_data(n_train: int, n_test: int, seed: int = 0) -> tuple[str, dict[str,
         x, y = synthetic_digits(n_train + n_test, seed)
         arrays = {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
     return name, {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-
-
-# ---------------------------------------------------------------- host
-
-
-def cmd_host(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from fsl.auth import RoundAuthority
-    from fsl.models import build_model, cut_shape, model_spec, split_model
-    from server.split_server import SplitServer, SplitServerState
-
-    torch.set_num_threads(args.threads)
-    shape = model_spec(args.model).input_shape
-    split = split_model(build_model(args.model, input_shape=shape, seed=args.seed), args.cut)
-    authority = RoundAuthority(RUN_ID)
-    authority.open_round(ROUND)
-    state = SplitServerState(
-        split.server,
-        sample_shape=cut_shape(split.client, shape),
-        num_classes=10,
-        lr=args.lr,
-        momentum=args.momentum,
-        device="cpu",
-        authority=authority,
-        model_name=args.model,
-        cut=args.cut,
-    )
-    server = SplitServer(state, f"127.0.0.1:{args.port}").start()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        dataset = ""
-        if args.data_out:
-            dataset, arrays = smoke_data(args.train, args.test, args.seed)
-            tmp = Path(args.data_out + ".tmp.npz")
-            np.savez(tmp, **arrays)
-            tmp.replace(args.data_out)
-        clients = [c for c in args.clients.split(",") if c]
-        ready = {
-            "address": server.address,
-            "run_id": RUN_ID,
-            "round": ROUND,
-            "tokens": {c: authority.issue(ROUND, c) for c in clients},
-            "model": args.model,
-            "cut": args.cut,
-            "seed": args.seed,
-            "dataset": dataset,
-            "host": {"machine": platform.machine(), "torch": torch.__version__, "python": platform.python_version()},
-        }
-        _write_json(Path(args.ready), ready)
-        print(f"split server ({args.model}, cut {args.cut}) on {server.address}", flush=True)
-        stopped = stop.wait(args.timeout if args.timeout > 0 else None)
-        if not stopped:
-            print(f"host: no stop signal within {args.timeout} s, shutting down", file=sys.stderr)
-    finally:
-        server.stop(grace=None)
-        if args.stats:
-            traffic = {c: vars(s) for c, s in state.traffic().items()}
-            _write_json(Path(args.stats), {"steps": state.steps, "traffic": traffic})
-    return 0
 
 
 # ---------------------------------------------------------------- client
@@ -264,7 +198,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     }
     text = json.dumps(result, sort_keys=True)
     if args.out:
-        _write_json(Path(args.out), result)
+        write_json(Path(args.out), result)
     print(text, flush=True)
     return 0 if result["ok"] else 1
 
@@ -295,7 +229,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     ok = bool(runs) and all(r["ok"] for r in runs) and not meta.get("failed") and host.get("steps") == expected_steps
     result = {"ok": ok, **meta, "server_steps": host.get("steps"), "expected_steps": expected_steps}
     result |= {"server_traffic": host.get("traffic", {}), "runs": runs, "history": history}
-    _write_json(out, result)
+    write_json(out, result)
 
     rows = [
         ("QEMU_CPU", lambda r: r["qemu_cpu"] or "(host)"),
@@ -327,22 +261,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    h = sub.add_parser("host", help="serve the server segment on 127.0.0.1")
-    h.add_argument("--ready", required=True, help="write the address and tokens here once serving")
-    h.add_argument("--data-out", default="", help="also write a small dataset (.npz) for the clients")
-    h.add_argument("--stats", default="", help="on exit, write the server's step and traffic counts here")
-    h.add_argument("--clients", default="pi4,pi5", help="comma-separated client ids to issue tokens for")
-    h.add_argument("--model", default="cnn")
-    h.add_argument("--cut", default="conv1")
-    h.add_argument("--port", type=int, default=0)
-    h.add_argument("--train", type=int, default=160, help="training samples in --data-out")
-    h.add_argument("--test", type=int, default=256, help="held-out samples in --data-out")
-    h.add_argument("--lr", type=float, default=0.05)
-    h.add_argument("--momentum", type=float, default=0.9)
-    h.add_argument("--seed", type=int, default=0)
-    h.add_argument("--threads", type=int, default=1)
-    h.add_argument("--timeout", type=float, default=3600.0, help="serve at most this long (0: until a signal)")
-    h.set_defaults(fn=cmd_host)
     c = sub.add_parser("client", help="train the client segment against the host's server")
     c.add_argument("--ready", required=True, help="the host's ready file")
     c.add_argument("--client-id", required=True)

@@ -17,7 +17,7 @@ per-baseline rows, ``summary.json`` a longer digest):
    arrivals is compared request by request (share within 20%).
 4. ``routing.json`` (+ ``data_map.png``) — data-cartography routing on Fashion-MNIST against
    cloud-only, fixed split, random routing, confidence early exit, adaptive exits and an
-   I-SplitEE-style bandit (:func:`fsl.inference.routing.fashion_mnist_routing`).
+   I-SplitEE-style bandit (:func:`experiments.inference.routing.fashion_mnist_routing`).
 5. ``provisioning.json`` — stage-wise provisioning from the measured exit fractions of (4) under a
    bursty load, against provisioning every stage for the full load.
 
@@ -58,7 +58,7 @@ def _heavy(profile: Any) -> Any:
 def _profiles(out: Path, quick: bool) -> dict[str, Any]:
     import torch
 
-    from fsl.inference.profiles import DEVICES, NETWORKS, profile_model
+    from experiments.inference.profiles import DEVICES, NETWORKS, profile_model
     from fsl.models import build_model
 
     torch.set_num_threads(1)
@@ -78,8 +78,8 @@ def _profiles(out: Path, quick: bool) -> dict[str, Any]:
 
 
 def _fleet(target_ms: float, rate_hz: float, slow_from_ms: float | None) -> list[Any]:
-    from fsl.inference.profiles import DEVICES, NETWORKS
-    from fsl.inference.simulate import SimDevice
+    from experiments.inference.profiles import DEVICES, NETWORKS
+    from experiments.inference.simulate import SimDevice
 
     kinds = [("pi4", "wifi"), ("pi4", "4g"), ("pi5", "wifi"), ("pi5", "4g"), ("phone", "4g"), ("phone", "5g"),
              ("phone", "3g"), ("laptop", "wifi"), ("laptop", "ethernet")]  # fmt: skip
@@ -101,13 +101,20 @@ def _fleet(target_ms: float, rate_hz: float, slow_from_ms: float | None) -> list
 
 
 def _scheduler(out: Path, profile: Any, quick: bool) -> dict[str, Any]:
-    from fsl.inference.profiles import DEVICES
-    from fsl.inference.scheduler import Scheduler
-    from fsl.inference.simulate import FixedCut, SchedulerPolicy, ServerConfig, all_cloud, simulate, summarize
+    from experiments.inference.profiles import DEVICES
+    from experiments.inference.scheduler import Scheduler
+    from experiments.inference.simulate import (
+        FixedCut,
+        SchedulerPolicy,
+        SimServerConfig,
+        all_cloud,
+        simulate,
+        summarize_simulation,
+    )
 
     duration = 20_000.0 if quick else 120_000.0
     target = 150.0
-    server = ServerConfig(device=DEVICES["gpu-server"], workers=1, max_batch=32, max_wait_ms=5.0)
+    server = SimServerConfig(device=DEVICES["gpu-server"], workers=1, max_batch=32, max_wait_ms=5.0)
     fleet = _fleet(target, rate_hz=5.0, slow_from_ms=duration / 2)
     runs: dict[str, Any] = {}
     results: dict[str, Any] = {}
@@ -120,7 +127,7 @@ def _scheduler(out: Path, profile: Any, quick: bool) -> dict[str, Any]:
     for name, pol in policies.items():
         res = simulate(profile, fleet, pol, server, duration, seed=0, jitter=0.1)
         results[name] = res
-        runs[name] = summarize(res)
+        runs[name] = summarize_simulation(res)
     cloud = runs["all-cloud"]
     for s in runs.values():
         s["server_compute_reduction_vs_all_cloud"] = 1.0 - s["server_ms_total"] / cloud["server_ms_total"]
@@ -143,8 +150,8 @@ def _sensitivity(out: Path, profile: Any) -> dict[str, Any]:
     """How the scheduler's decision moves when a device gets faster or its network slower."""
     from dataclasses import replace
 
-    from fsl.inference.profiles import DEVICES, NETWORKS
-    from fsl.inference.scheduler import Scheduler
+    from experiments.inference.profiles import DEVICES, NETWORKS
+    from experiments.inference.scheduler import Scheduler
 
     target = 100.0  # tighter than the fleet's 150 ms, so that no device at its declared speed runs all of it
     server = DEVICES["gpu-server"]
@@ -245,15 +252,15 @@ def _plot_cdf(path: Path, results: dict[str, Any], target: float) -> None:
 def _validation(out: Path, profile: Any, quick: bool) -> dict[str, Any]:
     import torch
 
-    from fsl.inference.loopback import PerDevice, run_loopback
-    from fsl.inference.profiles import DEVICES, INPUT, NETWORKS
-    from fsl.inference.simulate import ServerConfig, SimDevice, simulate, validate
+    from experiments.inference.loopback import PerDevice, run_loopback
+    from experiments.inference.profiles import DEVICES, INPUT, NETWORKS
+    from experiments.inference.simulate import SimDevice, SimServerConfig, simulate, validate
     from fsl.models import build_model
 
     torch.set_num_threads(1)
     model = build_model("cnn", seed=0).eval()
     host = dataclasses.replace(DEVICES["edge"], name="this-host", speed=1.0)
-    server = ServerConfig(device=host, workers=1, max_batch=16, max_wait_ms=5.0)
+    server = SimServerConfig(device=host, workers=1, max_batch=16, max_wait_ms=5.0)
     mix = [("pi4", "wifi", "conv1"), ("pi5", "4g", "conv2"), ("phone", "4g", INPUT), ("laptop", "wifi", "conv1"),
            ("pi4", "3g", "fc1"), ("pi5", "wifi", INPUT), ("phone", "5g", "conv1"), ("laptop", "ethernet", INPUT)]  # fmt: skip
     fleet = [
@@ -298,8 +305,8 @@ def _validation(out: Path, profile: Any, quick: bool) -> dict[str, Any]:
 
 
 def _provisioning(out: Path, routing: dict[str, Any], profile: Any, quick: bool) -> dict[str, Any]:
-    from fsl.inference.provisioning import compare, load_from_trace, stages_from_exit_fractions
-    from fsl.inference.simulate import bursty_trace
+    from experiments.inference.provisioning import compare, load_from_trace, stages_from_exit_fractions
+    from experiments.inference.simulate import bursty_trace
 
     # SERFLOW's setting: every stage runs on servers and ends in an exit; a request leaves at the
     # first exit sure enough (the exit fractions the tuned confidence exits measured in part 4)
@@ -329,7 +336,7 @@ def _provisioning(out: Path, routing: dict[str, Any], profile: Any, quick: bool)
 
 
 def main(args: argparse.Namespace) -> int:
-    from fsl.inference.routing import fashion_mnist_routing
+    from experiments.inference.routing import fashion_mnist_routing
     from fsl.rundir import RunDir
 
     quick = bool(getattr(args, "quick", False))

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from fsl.costs import count_flops
 
 __all__ = [
     "DEVICES",
@@ -278,6 +279,13 @@ def _time_ms(fn: Any, x: torch.Tensor, repeats: int, warmup: int, sync: Any) -> 
     return statistics.median(times)
 
 
+def _forward_with_flops(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``block(h)`` and the FLOPs torch counted for it."""
+    out: list[torch.Tensor] = []
+    flops = count_flops(lambda: out.append(block(h)))
+    return out[0], float(flops)
+
+
 def profile_model(
     model: nn.Sequential,
     input_shape: Sequence[int],
@@ -332,9 +340,7 @@ def profile_model(
             act: dict[str, int] = {}
             params: dict[str, int] = {}
             for name, block in zip(names, blocks, strict=True):
-                with FlopCounterMode(display=False) as counter:
-                    out = block(h)
-                flops[name] = float(counter.get_total_flops())
+                out, flops[name] = _forward_with_flops(block, h)
                 act[name] = _tensor_bytes(h) + _peak_layer_bytes(block, h)
                 out_bytes[name] = out[0].numel() * _FLOAT32  # (1, ...) -> one sample
                 params[name] = sum(_tensor_bytes(t) for t in (*block.parameters(), *block.buffers()))

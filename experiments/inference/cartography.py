@@ -14,7 +14,7 @@ On the map (variability on x, confidence on y) three regions stand out: *easy*
 and between them the *moderate* or ambiguous samples (middling confidence, or a
 confidence that keeps moving). DIMEC-DC (Bajpai and Hanawal, arXiv 2412.16616) maps these
 regions onto the tiers of a mobile-edge-cloud deployment: easy samples are answered on the
-device, moderate ones on the edge, hard ones in the cloud; :mod:`fsl.inference.routing`
+device, moderate ones on the edge, hard ones in the cloud; :mod:`experiments.inference.routing`
 learns to tell them apart at inference time.
 
 A :class:`Cartography` recorder is local to one client and keyed by the sample's index in
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fsl.inference.exits import FINAL, exit_logits
+from fsl.exits import FINAL, exit_logits
 from fsl.training import train_local
 
 __all__ = [

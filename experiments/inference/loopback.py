@@ -8,9 +8,9 @@ sharing the one model's weights) that batch under the requests' latency budgets
 compute, and each transfer waits for the time its :class:`NetworkProfile` gives before the
 bytes are sent (uplink) and after they arrive (downlink).
 
-The arrivals are the simulator's own (:func:`fsl.inference.simulate.poisson_trace` with the
-same seeds), so :func:`run_loopback` and :func:`fsl.inference.simulate.simulate` see the same
-requests and their latencies can be compared one by one (:func:`fsl.inference.simulate.validate`).
+The arrivals are the simulator's own (:func:`experiments.inference.simulate.poisson_trace` with the
+same seeds), so :func:`run_loopback` and :func:`experiments.inference.simulate.simulate` see the same
+requests and their latencies can be compared one by one (:func:`experiments.inference.simulate.validate`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fsl.inference.profiles import INPUT, ModelProfile
-from fsl.inference.simulate import Policy, Record, ServerConfig, SimDevice, poisson_trace
+from experiments.inference.profiles import INPUT, ModelProfile
+from experiments.inference.simulate import Policy, RequestRecord, SimDevice, SimServerConfig, poisson_trace
 
 __all__ = ["LoopbackServers", "PerDevice", "run_loopback"]
 
@@ -43,7 +43,7 @@ class LoopbackServers:
     """One split server per cut point of ``model`` on 127.0.0.1, each with its own batcher."""
 
     def __init__(
-        self, model: nn.Sequential, input_shape: tuple[int, ...], cuts: Sequence[str], server: ServerConfig
+        self, model: nn.Sequential, input_shape: tuple[int, ...], cuts: Sequence[str], server: SimServerConfig
     ) -> None:
         from fsl.models import cut_shape
         from server.infer_batching import InferBatcher
@@ -82,12 +82,12 @@ def run_loopback(
     profile: ModelProfile,
     fleet: Sequence[SimDevice],
     policy: Policy,
-    server: ServerConfig,
+    server: SimServerConfig,
     duration_ms: float,
     x_pool: torch.Tensor,
     seed: int = 0,
-) -> list[Record]:
-    """Run ``fleet``'s requests for real (see the module docstring); one :class:`Record` per request.
+) -> list[RequestRecord]:
+    """Run ``fleet``'s requests for real (see the module docstring); one :class:`RequestRecord` per request.
 
     ``server.device.speed`` is taken as 1 (the split servers run on this host); per-device speeds
     below 1 are emulated by sleeping. ``x_pool`` (N, C, H, W) supplies the inputs, in turn.
@@ -97,7 +97,7 @@ def run_loopback(
 
     cuts = sorted({*profile.cuts, INPUT} - {profile.last_block})
     servers = LoopbackServers(model, input_shape, cuts, server)
-    records: list[Record] = []
+    records: list[RequestRecord] = []
     lock = threading.Lock()
     t_start = time.perf_counter() + 0.5  # every device starts its clock here
 
@@ -105,7 +105,7 @@ def run_loopback(
 
     def finish(d: SimDevice, meta: tuple, end_ms: float, net: float, wait: float, server_ms: float, batch: int) -> None:
         rid, t, now_ms, cut, dev_ms = meta
-        rec = Record(
+        rec = RequestRecord(
             request=rid,
             device=d.name,
             kind=d.kind,
@@ -208,7 +208,7 @@ class PerDevice:
     def choose(self, device: SimDevice, now_ms: float, backlog_ms: float) -> str:
         return self.cuts[device.name]
 
-    def feedback(self, device: SimDevice, record: Record) -> None:
+    def feedback(self, device: SimDevice, record: RequestRecord) -> None:
         return None
 
 

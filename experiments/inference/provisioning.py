@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "FixedServers",
     "OnDemandWorkers",
@@ -248,14 +250,6 @@ def stage_demand(stages: Sequence[Stage], load_rps: Sequence[float], exit_aware:
     return [[r * rate for rate in load_rps] for r in reach]
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 # ---------------------------------------------------------------------- cost of one stage
 
 
@@ -347,7 +341,7 @@ def provision_stage(
     else:
         if not 0.0 <= percentile <= 100.0:
             raise ValueError(f"percentile must be in [0, 100], got {percentile}")
-        n_fixed = math.ceil(_percentile(need, percentile) - 1e-9) if percentile > 0 else 0
+        n_fixed = math.ceil(float(np.percentile(need, percentile)) - 1e-9) if percentile > 0 else 0
     fixed_cost, od_req, od_s, cold, od_cost, util = _evaluate(stage, actual_rps, n_fixed, window_s, fixed, on_demand)
     return StagePlan(
         stage=stage.name,

@@ -1,15 +1,15 @@
 """A discrete-event simulation of split inference: many devices, their networks, one batching server.
 
-Each simulated device (:class:`SimDevice`) has a :class:`~fsl.inference.profiles.DeviceProfile`,
-a :class:`~fsl.inference.profiles.NetworkProfile`, a latency target and an arrival process
+Each simulated device (:class:`SimDevice`) has a :class:`~experiments.inference.profiles.DeviceProfile`,
+a :class:`~experiments.inference.profiles.NetworkProfile`, a latency target and an arrival process
 (Poisson at ``rate_hz``, or explicit arrival times such as a :func:`bursty_trace`). For every
 request a policy picks the cut: :class:`FixedCut`, :func:`all_cloud`, or :class:`SchedulerPolicy`,
-which plans with a :class:`~fsl.inference.scheduler.Scheduler` and feeds back measured latencies.
+which plans with a :class:`~experiments.inference.scheduler.Scheduler` and feeds back measured latencies.
 
 A device runs one request at a time (later ones queue on it), then sends the cut's activations
-up; the server (:class:`ServerConfig`) has ``workers`` parallel lanes and batches requests of
+up; the server (:class:`SimServerConfig`) has ``workers`` parallel lanes and batches requests of
 the same cut, most urgent first, up to ``max_batch``: it waits for a fuller batch only as long
-as the tightest deadline in it allows (:func:`~fsl.inference.scheduler.deadline_wait_ms`) and
+as the tightest deadline in it allows (:func:`~fsl.deadlines.deadline_wait_ms`) and
 never more than ``max_wait_ms``, and it does not grow a batch past the size whose service time
 would make its most urgent request late (unless that request is late anyway). A batch's service time is the model profile's latency of the server segment at
 that batch size and the server's speed. Times are in milliseconds on one simulated clock; the
@@ -27,22 +27,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
-from fsl.inference.profiles import INPUT, DeviceProfile, ModelProfile, NetworkProfile
-from fsl.inference.scheduler import Scheduler, deadline_wait_ms, predict
+import numpy as np
+
+from experiments.inference.profiles import INPUT, DeviceProfile, ModelProfile, NetworkProfile
+from experiments.inference.scheduler import Scheduler, predict
+from fsl.deadlines import deadline_wait_ms
 
 __all__ = [
     "FixedCut",
     "Policy",
-    "Record",
+    "RequestRecord",
     "SchedulerPolicy",
-    "ServerConfig",
+    "SimServerConfig",
     "SimDevice",
     "SimResult",
     "all_cloud",
     "bursty_trace",
     "poisson_trace",
     "simulate",
-    "summarize",
+    "summarize_simulation",
     "validate",
 ]
 
@@ -88,7 +91,7 @@ class SimDevice:
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class SimServerConfig:
     """The batching server.
 
     Attributes
@@ -114,7 +117,7 @@ class ServerConfig:
 
 
 @dataclass
-class Record:
+class RequestRecord:
     """What happened to one request (times in ms)."""
 
     request: int
@@ -145,13 +148,13 @@ class Record:
 class SimResult:
     """A simulation's output: per-request records and the server batches it ran."""
 
-    records: list[Record]
+    records: list[RequestRecord]
     batch_sizes: list[int] = field(default_factory=list)
     server_busy_ms: float = 0.0  # sum of batch service times
 
     def summary(self) -> dict[str, Any]:
-        """See :func:`summarize`."""
-        return summarize(self)
+        """See :func:`summarize_simulation`."""
+        return summarize_simulation(self)
 
 
 class Policy(Protocol):
@@ -164,7 +167,7 @@ class Policy(Protocol):
         """
         ...
 
-    def feedback(self, device: SimDevice, record: Record) -> None:
+    def feedback(self, device: SimDevice, record: RequestRecord) -> None:
         """Called when a request of ``device`` finishes."""
         ...
 
@@ -178,7 +181,7 @@ class FixedCut:
     def choose(self, device: SimDevice, now_ms: float, backlog_ms: float) -> str:
         return self.cut
 
-    def feedback(self, device: SimDevice, record: Record) -> None:
+    def feedback(self, device: SimDevice, record: RequestRecord) -> None:
         return None
 
 
@@ -207,7 +210,7 @@ class SchedulerPolicy:
         me = replace(device.device, name=device.name)
         return self.scheduler.plan(me, device.network, device.target_ms, self.server_wait_ms, backlog_ms).cut
 
-    def feedback(self, device: SimDevice, record: Record) -> None:
+    def feedback(self, device: SimDevice, record: RequestRecord) -> None:
         if not self.learn or record.exited:
             return
         held = record.wait_ms - record.queue_ms  # waiting for a fuller batch
@@ -303,7 +306,7 @@ def simulate(
     profile: ModelProfile,
     fleet: Sequence[SimDevice],
     policy: Policy,
-    server: ServerConfig,
+    server: SimServerConfig,
     duration_ms: float,
     seed: int = 0,
     jitter: float = 0.0,
@@ -319,7 +322,7 @@ def simulate(
         The devices; each generates requests over ``[0, duration_ms)``.
     policy : Policy
         Chooses each request's cut; receives every finished request's record.
-    server : ServerConfig
+    server : SimServerConfig
         Lanes, batching limits and the server machine.
     duration_ms : float
         Length of the arrival window; the run continues until every request has finished.
@@ -368,7 +371,7 @@ def simulate(
     free_lanes = server.workers
     blocked_total, blocked_since = 0.0, None  # cumulative time with every lane busy
     timer_at: float | None = None
-    records: list[Record] = []
+    records: list[RequestRecord] = []
     batch_sizes: list[int] = []
     busy_ms = 0.0
 
@@ -473,7 +476,7 @@ def simulate(
             latency = now - r.arrival
             reached = r.batch > 0
             pred = predict(profile, d.device, d.network, server.device, r.cut).tail_ms
-            rec = Record(
+            rec = RequestRecord(
                 request=r.rid,
                 device=d.name,
                 kind=d.kind,
@@ -505,16 +508,10 @@ def simulate(
 
 def _percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated ``q``-th percentile (0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return float(np.percentile(values, q)) if len(values) else math.nan
 
 
-def _stats(records: Sequence[Record]) -> dict[str, Any]:
+def _stats(records: Sequence[RequestRecord]) -> dict[str, Any]:
     lat = [r.latency_ms for r in records]
     cuts: dict[str, int] = {}
     for r in records:
@@ -530,7 +527,7 @@ def _stats(records: Sequence[Record]) -> dict[str, Any]:
     }
 
 
-def summarize(result: SimResult) -> dict[str, Any]:
+def summarize_simulation(result: SimResult) -> dict[str, Any]:
     """Target attainment, latency percentiles per device type, server compute and batching.
 
     Returns
@@ -543,7 +540,7 @@ def summarize(result: SimResult) -> dict[str, Any]:
         cut) and ``per_kind``: the same statistics for every device type.
     """
     recs = result.records
-    kinds: dict[str, list[Record]] = {}
+    kinds: dict[str, list[RequestRecord]] = {}
     for r in recs:
         kinds.setdefault(r.kind, []).append(r)
     overall = _stats(recs)

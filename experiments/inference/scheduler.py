@@ -26,14 +26,13 @@ so that :meth:`Scheduler.plan` re-plans when a device gets slower or its network
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from fsl.inference.profiles import INPUT, DeviceProfile, ModelProfile, NetworkProfile
+from experiments.inference.profiles import INPUT, DeviceProfile, ModelProfile, NetworkProfile
 
-__all__ = ["Plan", "Scheduler", "deadline_wait_ms", "predict"]
+__all__ = ["Plan", "Scheduler", "predict"]
 
 
 @dataclass(frozen=True)
@@ -151,33 +150,6 @@ def predict(
         server_flops=(1 - p) * profile.flops(remote),
         exit_probability=p,
     )
-
-
-def deadline_wait_ms(deadlines: Sequence[float], now: float, service_ms: float, max_wait_ms: float = math.inf) -> float:
-    """How long a server batcher may still wait before it must start the batch.
-
-    Parameters
-    ----------
-    deadlines : sequence of float
-        Absolute times (ms) by which each request in the batch must leave the server (its
-        end-to-end deadline minus the downlink).
-    now : float
-        Current time (ms), on the same clock.
-    service_ms : float
-        Service time of the batch if started now.
-    max_wait_ms : float
-        A cap on the wait regardless of deadlines.
-
-    Returns
-    -------
-    float
-        ``min(deadlines) - now - service_ms`` clipped to ``[0, max_wait_ms]``; 0 for an empty
-        batch or when the tightest deadline is already too close (start now).
-    """
-    if not deadlines:
-        return 0.0
-    slack = min(deadlines) - now - service_ms
-    return float(min(max(slack, 0.0), max_wait_ms))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Route each inference request to the device, the edge or the cloud, and what each policy costs.
 
-A multi-exit model (:mod:`fsl.inference.exits`) is deployed across three tiers, cut at two of
+A multi-exit model (:mod:`fsl.exits`) is deployed across three tiers, cut at two of
 its exits: the **device** runs the blocks up to ``device_exit`` (``conv1``), the **edge** the
 blocks up to ``edge_exit`` (``conv2``), the **cloud** the rest, ending in the final
 classifier. A request answered on the device stops at the device exit; one answered on the
@@ -51,9 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from fsl.inference.cartography import (
+from experiments.inference.cartography import (
     REGIONS,
     classify,
     plot_data_map,
@@ -61,7 +60,8 @@ from fsl.inference.cartography import (
     region_counts,
     region_thresholds,
 )
-from fsl.inference.exits import FINAL, ExitBlock, add_exits, all_exit_logits
+from fsl.costs import count_flops
+from fsl.exits import FINAL, ExitBlock, add_exits, all_exit_logits
 
 __all__ = [
     "TIERS",
@@ -136,9 +136,7 @@ class CostParams:
 
 def _mflops(fn: Callable[[], Any]) -> float:
     """Forward MFLOPs torch counts while running ``fn()``."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 1e6
+    return count_flops(fn) / 1e6
 
 
 @dataclass(frozen=True)
@@ -181,7 +179,7 @@ class CostModel:
     ) -> CostModel:
         """Count the FLOPs and bytes of ``model`` deployed with cuts at ``device_exit`` and ``edge_exit``.
 
-        Both must be exits of ``model`` (:func:`fsl.inference.exits.add_exits`), ``device_exit``
+        Both must be exits of ``model`` (:func:`fsl.exits.add_exits`), ``device_exit``
         shallower than ``edge_exit``. Exit heads of other blocks are not run in deployment and
         not counted.
         """
@@ -331,7 +329,7 @@ class TierOutputs:
         y: torch.Tensor | None = None,
         difficulty: np.ndarray | None = None,
     ) -> TierOutputs:
-        """From :func:`fsl.inference.exits.all_exit_logits` output, taking the three ``exits`` in tier order."""
+        """From :func:`fsl.exits.all_exit_logits` output, taking the three ``exits`` in tier order."""
         missing = [e for e in exits if e not in logits]
         if missing:
             raise ValueError(f"no logits for exits {missing}; have {sorted(logits)}")
@@ -868,10 +866,10 @@ def fashion_mnist_routing(
 
     1. ``val_size`` training samples are held out (seeded) for tuning thresholds; the multi-exit
        cnn (exits after conv1, conv2, fc1) trains ``epochs`` epochs on the rest with
-       :func:`fsl.inference.cartography.record_epochs`, recording each sample's p(true label)
+       :func:`experiments.inference.cartography.record_epochs`, recording each sample's p(true label)
        under the final classifier after every epoch.
     2. The data map splits the training samples into easy / moderate / hard
-       (:func:`fsl.inference.cartography.classify`, ``region_kwargs``).
+       (:func:`experiments.inference.cartography.classify`, ``region_kwargs``).
     3. A router learns the region from the device features of the training samples; a
        ``router_holdout`` share of them measures its accuracy against the majority class.
     4. :func:`compare_policies` on the test set, thresholds tuned on the held-out split.
@@ -959,7 +957,7 @@ def fashion_mnist_routing(
     return report
 
 
-if __name__ == "__main__":  # python -m fsl.inference.routing OUT_DIR [train_limit]
+if __name__ == "__main__":  # python -m experiments.inference.routing OUT_DIR [train_limit]
     import sys
 
     torch.set_num_threads(1)

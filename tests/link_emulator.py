@@ -16,7 +16,11 @@ untouched) between a client and a server on this host:
   Wi-Fi roam or a NAT timeout does); the client sees UNAVAILABLE and must reconnect and retry.
 
 Directions are symmetric (``up`` and ``down`` have the same figures). Statistics (``stats``)
-count connections, resets, bytes and retransmission stalls.
+count connections, resets, bytes and retransmission stalls; ``schedule`` keeps every chunk's
+read and release times (:class:`Release`), so a test asserts the delays the link computed rather
+than timing the machine. ``clock`` and ``sleep`` are injectable for the same reason.
+
+It lives beside the tests: the library never emulates links.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EmulatedLink", "LinkStats", "WIFI", "LTE", "LOSSY_3G"]
+__all__ = ["EmulatedLink", "LinkStats", "Release", "WIFI", "LTE", "LOSSY_3G"]
 
 _MSS = 1448  # bytes of payload per TCP segment on Ethernet MTU 1500
 
@@ -45,11 +50,28 @@ class LinkStats:
     stalls: int = 0  # chunks delayed by a retransmission timeout
 
 
+@dataclass(frozen=True)
+class Release:
+    """When one chunk was read and when the link releases it (seconds on the link's clock)."""
+
+    up: bool  # client -> server
+    nbytes: int
+    read_at: float
+    release_at: float
+    serialize_s: float  # time on the wire at the link's bandwidth
+    lost: bool  # charged one retransmission timeout
+
+    @property
+    def delay_s(self) -> float:
+        return self.release_at - self.read_at
+
+
 @dataclass
 class _Pipe:
     """One direction of one connection: chunks with their release times, and a sender thread."""
 
-    dst: socket.socket
+    dst: socket.socket | None
+    up: bool = True
     queue: collections.deque = field(default_factory=collections.deque)
     cond: threading.Condition = field(default_factory=threading.Condition)
     link_free: float = 0.0  # when the emulated wire finishes serializing the last chunk
@@ -80,6 +102,9 @@ class EmulatedLink:
         Seed of the jitter, loss and reset draws.
     listen : str
         Address to listen on (port 0: the OS picks; see :attr:`address`).
+    clock, sleep : callable
+        The time source (seconds) release times are computed on and the wait until a release;
+        ``time.monotonic`` and ``time.sleep`` unless a test injects its own.
     """
 
     def __init__(
@@ -95,6 +120,8 @@ class EmulatedLink:
         blackhole: bool = False,
         seed: int = 0,
         listen: str = "127.0.0.1:0",
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if rtt_ms < 0 or jitter_ms < 0 or rto_ms < 0 or reset_rate_hz < 0:
             raise ValueError("rtt_ms, jitter_ms, rto_ms and reset_rate_hz must be >= 0")
@@ -107,6 +134,8 @@ class EmulatedLink:
         self.rtt_ms, self.jitter_ms, self.bandwidth_mbps = rtt_ms, jitter_ms, bandwidth_mbps
         self.loss, self.rto_ms, self.reset_rate_hz, self.blackhole = loss, rto_ms, reset_rate_hz, blackhole
         self.stats = LinkStats()
+        self.schedule: list[Release] = []
+        self._clock, self._sleep = clock, sleep
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._conns: list[tuple[socket.socket, socket.socket]] = []
@@ -159,11 +188,12 @@ class EmulatedLink:
                 self._conns.append((client, server))
                 self.stats.connections += 1
             for src, dst, up in ((client, server, True), (server, client, False)):
-                pipe = _Pipe(dst)
+                pipe = _Pipe(dst, up=up)
                 threading.Thread(target=self._read, args=(src, pipe, up), daemon=True).start()
                 threading.Thread(target=self._send, args=(pipe, (client, server)), daemon=True).start()
 
-    def _release_time(self, pipe: _Pipe, n: int, now: float) -> float:
+    def _release(self, pipe: _Pipe, n: int, now: float) -> Release:
+        """Schedule a chunk of ``n`` bytes read at ``now``: serialization, half the RTT, jitter, a loss stall."""
         with self._lock:
             jitter = self._rng.uniform(-1.0, 1.0) * self.jitter_ms / 2.0
             segments = max(1, math.ceil(n / _MSS))
@@ -174,7 +204,15 @@ class EmulatedLink:
         pipe.link_free = max(pipe.link_free, now) + serial
         t = pipe.link_free + max(0.0, self.rtt_ms / 2.0 + jitter) / 1000.0 + (self.rto_ms / 1000.0 if lost else 0.0)
         pipe.last_release = max(pipe.last_release, t)  # in order: a stalled chunk holds back the rest
-        return pipe.last_release
+        rel = Release(pipe.up, n, now, pipe.last_release, serial, lost)
+        with self._lock:
+            self.schedule.append(rel)
+        return rel
+
+    def plan(self, sizes: list[int], *, up: bool = True, at: float = 0.0) -> list[Release]:
+        """The schedule of chunks of ``sizes`` bytes all read at time ``at`` on a fresh pipe (no sockets)."""
+        pipe = _Pipe(None, up=up)
+        return [self._release(pipe, n, at) for n in sizes]
 
     def _read(self, src: socket.socket, pipe: _Pipe, up: bool) -> None:
         try:
@@ -189,7 +227,7 @@ class EmulatedLink:
                         self.stats.bytes_down += len(data)
                 if self.blackhole:
                     continue
-                release = self._release_time(pipe, len(data), time.monotonic())
+                release = self._release(pipe, len(data), self._clock()).release_at
                 with pipe.cond:
                     pipe.queue.append((release, data))
                     pipe.cond.notify()
@@ -208,9 +246,10 @@ class EmulatedLink:
                     if not pipe.queue:
                         break
                     release, data = pipe.queue.popleft()
-                wait = release - time.monotonic()
+                wait = release - self._clock()
                 if wait > 0:
-                    time.sleep(wait)
+                    self._sleep(wait)
+                assert pipe.dst is not None  # only plan() makes pipes without a socket
                 pipe.dst.sendall(data)
         except OSError:
             pass
@@ -246,7 +285,7 @@ def _close(s: socket.socket, reset: bool = False) -> None:
         pass
 
 
-# Typical figures (see fsl.inference.profiles.NETWORKS for sources): keyword arguments of EmulatedLink.
+# Typical figures (see experiments.inference.profiles.NETWORKS for sources): keyword arguments of EmulatedLink.
 WIFI: dict[str, Any] = {"rtt_ms": 5.0, "jitter_ms": 2.0, "bandwidth_mbps": 80.0, "loss": 0.002}
 LTE: dict[str, Any] = {"rtt_ms": 50.0, "jitter_ms": 10.0, "bandwidth_mbps": 8.0, "loss": 0.005}
 LOSSY_3G: dict[str, Any] = {"rtt_ms": 150.0, "jitter_ms": 30.0, "bandwidth_mbps": 1.0, "loss": 0.01}
