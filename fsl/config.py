@@ -169,7 +169,7 @@ class ServerConfig:
     max_batch_requests: int = 8  # most requests in one batch
     max_batch_wait_ms: float = 20.0  # longest a batch waits for more requests (a lone client never waits)
     # deploy: where clients dial the split server when `address` binds 0.0.0.0 ("gpu-host" or "gpu-host:7800";
-    # no port = the bound one), and data-plane TLS (PEM paths on the ServerApp's host; fsl/deploy.py)
+    # no port = the bound one), and data-plane TLS (PEM paths on the ServerApp's host; fsl/endpoint.py)
     public_address: str = ""  # deploy
     tls_certfile: str = ""  # deploy: server certificate (chain)
     tls_keyfile: str = ""  # deploy: its private key

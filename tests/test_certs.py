@@ -1,4 +1,4 @@
-"""`fsl certs` and the deployment command builders (fsl/deploy.py)."""
+"""`fsl certs` and the deployment command builders (fsl/certs.py, fsl/endpoint.py, fsl/flower_commands.py)."""
 
 from __future__ import annotations
 

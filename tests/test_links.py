@@ -15,13 +15,13 @@ import threading
 
 import pytest
 import torch
-from link_emulator import LOSSY_3G, LTE, WIFI, EmulatedLink
 
 from clients.trainer import train_segment
 from fsl.channel import ChannelIdentity
 from fsl.grpc_channel import DataPlaneError, GrpcChannel
 from fsl.models import build_model, split_model
 from helpers import authority_and_identity, make_state
+from link_emulator import LOSSY_3G, LTE, WIFI, EmulatedLink
 from server.split_server import SplitServer
 
 pytestmark = pytest.mark.integration

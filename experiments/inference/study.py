@@ -1,4 +1,4 @@
-"""``fsl run inference``: split inference across device, edge and cloud (issue 9).
+"""``fsl run inference``: split inference across device, edge and cloud.
 
 One run directory, five parts, each a JSON file (``inference.json`` has the headline figures and the
 per-baseline rows, ``summary.json`` a longer digest):
@@ -42,8 +42,8 @@ __all__ = ["main"]
 # image at batch 1 on the reference host: the measured shape (relative block costs, how each block
 # scales with the batch, bytes per cut) with the compute of a ResNet-18/50-class network. Fixing the
 # total, instead of multiplying by a constant, keeps the study from moving with this host's load
-# (a loaded CI host once timed every block 3.5x slower, which made the fleet's devices 3.5x slower
-# too). The loopback validation uses the real, unscaled cnn.
+# (on a loaded host every block times slower, and a constant factor would make the fleet's devices
+# slower with it). The loopback validation uses the real, unscaled cnn.
 HEAVY_MS = 30.0
 # Fraction of the latency target the fleet's scheduler keeps free for what its model does not
 # predict: the simulation draws every compute and transfer time with 10% log-normal jitter.
