@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from clients.trainer import train_segment
+from clients.trainer import TrainOptions, train_segment
 from fsl.channel import ChannelIdentity
 from fsl.grpc_channel import DataPlaneError, GrpcChannel
 from fsl.links import LOSSY_3G, LTE, WIFI, EmulatedLink
@@ -82,7 +82,7 @@ def test_a_round_over_wifi_4g_and_lossy_3g_completes_and_a_dead_link_times_out()
         )
         t0 = time.perf_counter()
         try:
-            stats = train_segment(seg, x, y, ch, epochs=1, batch_size=batch, lr=0.05)
+            stats = train_segment(seg, x, y, ch, TrainOptions(epochs=1, batch_size=batch, lr=0.05))
             results[name] = (stats, time.perf_counter() - t0)
         except DataPlaneError as e:
             results[name] = (e, time.perf_counter() - t0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clients.trainer import evaluate_model, evaluate_split, train_segment
+from clients.trainer import TrainOptions, evaluate_model, evaluate_split, train_segment
 from fsl.channel import InMemoryChannel
 from fsl.data import client_partition
 from fsl.models import build_model, join_segments
@@ -15,7 +15,7 @@ def test_split_training_learns_digits(digits):
     part = client_partition(digits, 0, 1, seed=0)
     ch = InMemoryChannel(server=state)
     before = evaluate_split(split.client, digits.x_test, digits.y_test, ch)
-    stats = train_segment(split.client, part.x_train, part.y_train, ch, epochs=6, batch_size=32, lr=0.05)
+    stats = train_segment(split.client, part.x_train, part.y_train, ch, TrainOptions(epochs=6, batch_size=32, lr=0.05))
     after = evaluate_split(split.client, digits.x_test, digits.y_test, ch)
     assert before.accuracy < 0.3
     assert after.accuracy > 0.9, after
@@ -32,7 +32,8 @@ def test_fedprox_term_pulls_towards_the_start(digits):
         _, split, state = make_state("cnn", "conv1", input_shape=digits.input_shape, lr=0.05)
         start = [p.detach().clone() for p in split.client.parameters()]
         part = client_partition(digits, 0, 1, seed=0)
-        train_segment(split.client, part.x_train, part.y_train, InMemoryChannel(server=state), epochs=1, proximal_mu=mu)
+        ch = InMemoryChannel(server=state)
+        train_segment(split.client, part.x_train, part.y_train, ch, TrainOptions(epochs=1, proximal_mu=mu))
         dist[mu] = sum(float((p - s).norm()) for p, s in zip(split.client.parameters(), start, strict=True))
     assert dist[10.0] < 0.8 * dist[0.0]
 
@@ -81,7 +82,9 @@ def test_training_flushes_denormals_in_its_own_thread(digits):
     part = client_partition(digits, 0, 1, seed=0)
     x, y = part.x_train[:64], part.y_train[:64]
     in_thread("untouched")
-    in_thread("client", lambda: train_segment(split.client, x, y, InMemoryChannel(server=state), epochs=1))
+    in_thread(
+        "client", lambda: train_segment(split.client, x, y, InMemoryChannel(server=state), TrainOptions(epochs=1))
+    )
 
     def exchange(hdr, h, y_, grad):  # runs in the split server's gRPC worker thread, right after its step
         seen["server"] = float(tiny * 1.0)
