@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from attacks.base import sample_keys
-from fsl.training import TrainHooks
+from fsl.training import TrainHooks, TrainStats
 
 __all__ = [
     "GroundTruthCapture",
@@ -105,7 +105,7 @@ def write_ground_truth(
     path = Path(run_path) / "ground_truth" / f"round-{rnd:04d}" / f"{_safe(client)}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
-    extra = {}
+    extra: dict[str, Any] = {}
     if labels is not None:
         extra["y"] = np.concatenate([labels[s].numpy().astype(np.int64) for s in steps])
     np.savez(tmp, x=x, steps=step_col, index=index_col, client=np.array(client), **extra)
@@ -162,4 +162,8 @@ def capture_hooks(cfg: Any, conf: Mapping[str, Any], client: str) -> TrainHooks 
     if rounds and rnd not in rounds:
         return None
     capture = GroundTruthCapture(int(cfg.record.max_batches))
-    return TrainHooks(inputs=capture, on_end=lambda _stats: capture.save(run_dir, rnd, client))
+
+    def save(_stats: TrainStats) -> None:
+        capture.save(run_dir, rnd, client)
+
+    return TrainHooks(inputs=capture, on_end=save)

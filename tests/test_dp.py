@@ -110,7 +110,7 @@ def test_reported_epsilon_is_opacus_accountant_on_the_recorded_history():
         y,
         InMemoryChannel(server=state),
         TrainOptions(epochs=2),
-        TrainHooks(optimizer=session.optimizer, batches=session.batches),
+        session.train_hooks(),
     )
     m = session.metrics(1e-5)
     session.close()
@@ -176,8 +176,7 @@ def test_ushaped_dp_trains_both_client_segments():
     both = u.client_modules
     before = [p.detach().clone() for p in both.parameters()]
     session = _session(both, 16, sigma=0.5, clip=1.0)
-    dp = TrainHooks(optimizer=session.optimizer, batches=session.batches)
-    stats = train_segment_u(u.bottom, u.top, x, y, InMemoryChannel(server=state), hooks=dp)
+    stats = train_segment_u(u.bottom, u.top, x, y, InMemoryChannel(server=state), hooks=session.train_hooks())
     assert session.steps == 4 and stats.batches <= 4
     assert all(not torch.equal(p, p0) for p, p0 in zip(both.parameters(), before, strict=True))
     session.close()

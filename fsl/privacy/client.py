@@ -47,7 +47,7 @@ def client_privacy(cfg: Any, module: nn.Module, n_train: int, options: TrainOpti
     out = ClientPrivacy(options=options, partition=partition, delta=p.dp.delta)
     if cfg.mode == "fl":
         return out
-    hooks: dict[str, Any] = {}
+    hooks = TrainHooks()
     if p.dp.enabled:
         out.session = make_dp_session(
             module,
@@ -60,13 +60,13 @@ def client_privacy(cfg: Any, module: nn.Module, n_train: int, options: TrainOpti
             seed=options.seed,
             total_epochs=cfg.train.rounds * cfg.train.local_epochs,
         )
-        hooks.update(optimizer=out.session.optimizer, batches=out.session.batches)
+        hooks = out.session.train_hooks()
         # FedProx's term would be added after Opacus clipped each sample, outside the DP guarantee
         out.options = dataclasses.replace(options, proximal_mu=0.0)
-    if p.nopeek_weight > 0:
-        hooks["penalty"] = NoPeek(p.nopeek_weight)
-    hooks["release"] = activation_release(cfg.activation_noise, seed=options.seed)
-    out.hooks = TrainHooks(**hooks)
+    penalty = NoPeek(p.nopeek_weight) if p.nopeek_weight > 0 else None
+    # activations leave the client in every split mode, whichever step sends them: the noise is put on here
+    release = activation_release(cfg.activation_noise, seed=options.seed)
+    out.hooks = hooks.merged(TrainHooks(penalty=penalty, release=release))
     return out
 
 
