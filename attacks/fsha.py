@@ -167,7 +167,7 @@ def run_fsha(
     and the ``original``/``reconstructed`` batch of the last evaluated step.
     """
     from attacks.metrics import image_scores
-    from clients.trainer import train_segment
+    from clients.trainer import TrainHooks, TrainOptions, train_segment
     from fsl.channel import ChannelIdentity, InMemoryChannel
 
     report = progress_or_silent(progress)
@@ -191,12 +191,8 @@ def run_fsha(
         x_private,
         y_private,
         channel,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=client_lr,
-        momentum=0.0,
-        seed=seed,
-        on_batch=on_batch,
+        TrainOptions(epochs=epochs, batch_size=batch_size, lr=client_lr, momentum=0.0, seed=seed),
+        TrainHooks(on_batch=on_batch),
     )
     curve = []
     last = max(s for s in server.reconstructions if s in tap.inputs)

@@ -1,13 +1,16 @@
 """Ground truth for scoring, written by the data owner and read only by the scorer.
 
 The server never sees inputs, so it cannot write them. When recording is on in
-an evaluation run, the client wraps its segment in a :class:`GroundTruthTap`
-that keeps the inputs of its first ``max_batches`` training batches (the batch
-that the i-th forward call sees is the batch of data-plane step i, because the
-trainer makes exactly one request per forward), and writes them to
-``ground_truth/round-NNNN/<client>.npz`` under the same (round, client, step)
-keys the recorder uses. Attack modules never import this module; only
-:mod:`attacks.report` does.
+an evaluation run, the client keeps the inputs of its first ``max_batches``
+training batches and writes them to ``ground_truth/round-NNNN/<client>.npz``
+under the same (round, client, step) keys the recorder uses: the i-th batch
+the split trainer sends is data-plane step i, one request per batch.
+
+In a Flower run the ClientApp gets this capture as training hooks from
+:func:`capture_hooks`, which ``record.ground_truth`` names by import string
+(``clients`` never imports ``attacks``); the attack harness wraps its segment
+in a :class:`GroundTruthTap` instead. Attack modules never import this module;
+only :mod:`attacks.report` does.
 
 Files are plain ``.npz`` arrays (``x``: (N, C, H, W) float32 in [0, 1];
 ``steps``: (N,) step of each row; ``index``: (N,) row within its batch), read
@@ -26,20 +29,38 @@ import torch
 from torch import nn
 
 from attacks.base import sample_keys
+from fsl.training import TrainHooks, TrainStats
 
 __all__ = [
+    "GroundTruthCapture",
     "GroundTruthTap",
-    "client_hooks",
+    "capture_hooks",
     "load_ground_truth",
     "load_ground_truth_labels",
     "sample_keys",
-    "save_client_ground_truth",
     "write_ground_truth",
 ]
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
+
+
+class GroundTruthCapture:
+    """Keeps the inputs of the first ``max_batches`` batches it is called with: ``{step: (B, C, H, W)}``."""
+
+    def __init__(self, max_batches: int) -> None:
+        self.max_batches = max_batches
+        self.calls = 0
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls <= self.max_batches:
+            self.inputs[self.calls] = x.detach().cpu().float().clone()
+
+    def save(self, run_path: str | Path, rnd: int, client: str) -> Path | None:
+        return write_ground_truth(run_path, rnd, client, self.inputs)
 
 
 class GroundTruthTap(nn.Module):
@@ -52,19 +73,19 @@ class GroundTruthTap(nn.Module):
     def __init__(self, segment: nn.Module, max_batches: int) -> None:
         super().__init__()
         self.segment = segment
-        self.max_batches = max_batches
-        self.calls = 0
-        self.inputs: dict[int, torch.Tensor] = {}  # step -> (B, C, H, W)
+        self.capture = GroundTruthCapture(max_batches)
+
+    @property
+    def inputs(self) -> dict[int, torch.Tensor]:
+        return self.capture.inputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            self.calls += 1
-            if self.calls <= self.max_batches:
-                self.inputs[self.calls] = x.detach().cpu().float().clone()
+            self.capture(x)
         return self.segment(x)
 
     def save(self, run_path: str | Path, rnd: int, client: str) -> Path | None:
-        return write_ground_truth(run_path, rnd, client, self.inputs)
+        return self.capture.save(run_path, rnd, client)
 
 
 def write_ground_truth(
@@ -84,7 +105,7 @@ def write_ground_truth(
     path = Path(run_path) / "ground_truth" / f"round-{rnd:04d}" / f"{_safe(client)}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
-    extra = {}
+    extra: dict[str, Any] = {}
     if labels is not None:
         extra["y"] = np.concatenate([labels[s].numpy().astype(np.int64) for s in steps])
     np.savez(tmp, x=x, steps=step_col, index=index_col, client=np.array(client), **extra)
@@ -124,23 +145,25 @@ def load_ground_truth_labels(run_path: str | Path, rnd: int | None = None) -> di
     return out
 
 
-def client_hooks(cfg: Any, conf: Mapping[str, Any], segment: nn.Module, rnd: int, seed: int) -> tuple[nn.Module, Any]:
-    """What the ClientApp wraps around its training: (segment or a ground-truth tap, release transform).
+def capture_hooks(cfg: Any, conf: Mapping[str, Any], client: str) -> TrainHooks | None:
+    """The data owner's ground-truth capture for one training round, as hooks for the client's loop.
 
-    The tap is used only when the round's config carries ``record-dir`` (the ServerApp sets it when
-    ``record.enabled``) and the round is one ``record.rounds`` names: then the data owner keeps its recorded batches'
-    inputs for scoring. The release is the configured activation noise (``None`` when off).
+    ``cfg`` is the ``ExperimentConfig``, ``conf`` the round's config record, ``client`` this node's id.
+    Capture is on when the round's config carries ``record-dir`` (the ServerApp sets it when
+    ``record.enabled``) and the round is one ``record.rounds`` names. Only the plain split records
+    steps one per batch: a U-shaped client makes two requests per batch and ``fl`` none, so their
+    inputs would not line up with the recorder's steps (``None``: nothing to capture).
     """
-    from fsl.privacy import activation_release
+    run_dir = str(conf.get("record-dir", ""))
+    if not run_dir or cfg.mode == "fl" or cfg.model.ushaped:
+        return None
+    rnd = int(conf["server-round"])
+    rounds = cfg.record.round_list(cfg.train.rounds)
+    if rounds and rnd not in rounds:
+        return None
+    capture = GroundTruthCapture(int(cfg.record.max_batches))
 
-    release = activation_release(getattr(cfg, "activation_noise", None), seed=seed)
-    rounds = cfg.record.round_list(cfg.train.rounds) if str(conf.get("record-dir", "")) else None
-    if rounds is not None and (not rounds or rnd in rounds):
-        return GroundTruthTap(segment, int(cfg.record.max_batches)), release
-    return segment, release
+    def save(_stats: TrainStats) -> None:
+        capture.save(run_dir, rnd, client)
 
-
-def save_client_ground_truth(segment: nn.Module, conf: Mapping[str, Any], rnd: int, client: str) -> None:
-    """Write what a :class:`GroundTruthTap` from :func:`client_hooks` kept (nothing for a plain segment)."""
-    if isinstance(segment, GroundTruthTap):
-        segment.save(str(conf["record-dir"]), rnd, client)
+    return TrainHooks(inputs=capture, on_end=save)

@@ -23,7 +23,7 @@ from attacks.base import Observation, sample_keys
 from attacks.defenses import Defense, calibrated_noise, topk_release, train_client_custom
 from attacks.ground_truth import GroundTruthTap
 from attacks.models import segments
-from clients.trainer import evaluate_split, train_local, train_segment
+from clients.trainer import TrainHooks, TrainOptions, evaluate_split, train_local, train_segment
 from fsl.channel import ChannelIdentity, InMemoryChannel
 from fsl.models import cut_shape
 from server.recorder import ObservationRecorder
@@ -92,7 +92,8 @@ def train_split(
         if defense.kind in ("nopeek", "dpsgd"):
             train_client_custom(client, x, y, ch, defense, batch_size=batch_size, lr=lr, seed=seed + rnd)
         else:
-            train_segment(client, x, y, ch, batch_size=batch_size, lr=lr, seed=seed + rnd, release=release)
+            opts = TrainOptions(batch_size=batch_size, lr=lr, seed=seed + rnd)
+            train_segment(client, x, y, ch, opts, TrainHooks(release=release))
     return trained
 
 
@@ -136,7 +137,8 @@ def record_round(
     trained.state.observer = recorder
     tap = GroundTruthTap(trained.client, max_batches=n_batches)
     try:
-        train_segment(tap, x, y, trained.channel(rnd, client), batch_size=batch_size, lr=lr, release=trained.release)
+        opts = TrainOptions(batch_size=batch_size, lr=lr)
+        train_segment(tap, x, y, trained.channel(rnd, client), opts, TrainHooks(release=trained.release))
     finally:
         trained.state.observer = None
     recorder.end_round(
@@ -215,7 +217,8 @@ def record_gradient_step(
         if defense.kind == "dpsgd":
             train_client_custom(tap, x, y, ch, defense, batch_size=n, lr=lr, momentum=0.0, seed=seed)
         else:
-            train_segment(tap, x, y, ch, batch_size=n, lr=lr, momentum=0.0, seed=seed, release=trained.release)
+            opts = TrainOptions(batch_size=n, lr=lr, momentum=0.0, seed=seed)
+            train_segment(tap, x, y, ch, opts, TrainHooks(release=trained.release))
     finally:
         trained.state.exchange_observer = None
     recorder.end_round(
@@ -254,7 +257,7 @@ def fl_step_observation(
     """
     n = len(y)
     before = copy.deepcopy(model.state_dict())
-    train_local(model, x, y, epochs=1, batch_size=n, lr=lr, momentum=0.0)
+    train_local(model, x, y, TrainOptions(epochs=1, batch_size=n, lr=lr, momentum=0.0))
     return Observation(
         activations=torch.zeros(n, 0),
         model=model_name,

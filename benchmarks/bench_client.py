@@ -26,7 +26,7 @@ cut, threads, address, batches = sys.argv[1], int(sys.argv[2]), sys.argv[3], int
 import torch
 torch.set_num_threads(threads)
 from benchmarks.common import peak_rss_mb
-from clients.trainer import train_segment
+from clients.trainer import TrainOptions, train_segment
 from fsl.grpc_channel import GrpcChannel
 from fsl.models import build_model, split_model
 rss_import = peak_rss_mb()
@@ -35,9 +35,9 @@ g = torch.Generator().manual_seed(0)
 x = torch.rand(32 * batches, 1, 28, 28, generator=g)
 y = torch.randint(0, 10, (32 * batches,), generator=g)
 with GrpcChannel(address=address) as ch:
-    train_segment(split.client, x[:64], y[:64], ch, batch_size=32)  # warm-up
+    train_segment(split.client, x[:64], y[:64], ch, TrainOptions(batch_size=32))  # warm-up
     t0 = time.perf_counter()
-    st = train_segment(split.client, x, y, ch, batch_size=32)
+    st = train_segment(split.client, x, y, ch, TrainOptions(batch_size=32))
     wall = time.perf_counter() - t0
 rss_train = peak_rss_mb()
 import flwr.clientapp  # noqa: F401  - what the ClientApp process adds

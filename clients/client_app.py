@@ -11,30 +11,23 @@ holds (``partition-id``, ``num-partitions``; optionally ``data-path``,
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from attacks.ground_truth import client_hooks, save_client_ground_truth  # attacks: issue 6
-from clients.resources import client_memory_check, node_batch_size, peak_rss_mb  # deploy
-from clients.trainer import (
-    TrainStats,
-    evaluate_model,
-    evaluate_split,
-    evaluate_split_u,
-    train_local,
-    train_segment,
-    train_segment_u,
-)
+from clients.resources import client_memory_check, node_batch_size, peak_rss_mb
+from clients.trainer import evaluate_split, evaluate_split_u, train_segment, train_segment_u
 from fsl.channel import ChannelIdentity
 from fsl.config import ExperimentConfig
 from fsl.data import Partition
 from fsl.experiment import client_part, config_from_json, local_partition
 from fsl.grpc_channel import GrpcChannel
-from fsl.privacy.client import client_arrays, client_privacy, secagg_setup_reply, wire_dtype_for  # privacy: issue 5
+from fsl.plugins import resolve
+from fsl.privacy.client import client_arrays, client_privacy, secagg_setup_reply, wire_dtype_for
+from fsl.training import TrainHooks, TrainOptions, TrainStats, evaluate_model, train_local
 
 app = ClientApp()
 
@@ -52,7 +45,10 @@ class _Round:
         data_path = str(context.node_config.get("data-path", "")) or None
         self.ds, self.part = local_partition(self.cfg, pid, nparts, data_path)
         self.module, self.detail = client_part(self.cfg, self.ds.input_shape, self.ds.num_classes)
+        self.partition_id = pid
         self.node_id = context.node_id
+        self.node_config = context.node_config
+        self.round = int(conf.get("server-round", 0))  # type: ignore[arg-type]
         if "arrays" in msg.content:
             arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
             self.module.load_state_dict(arrays.to_torch_state_dict(), strict=True)
@@ -71,13 +67,32 @@ class _Round:
                 client_id=str(self.node_id),
                 token=str(conf.get("dataplane-token", "")),
             ),
-            wire_dtype=wire_dtype_for(cfg),  # privacy: train.wire_dtype or a compressed format (issue 5)
+            wire_dtype=wire_dtype_for(cfg),  # train.wire_dtype, or the compressed format privacy asks for
             address=str(conf["dataplane-address"]),
             root_certificates=roots.encode() if roots else None,
             max_message_bytes=cfg.server.max_message_mb * 1024 * 1024,
-            timeout_s=cfg.server.request_timeout_s,  # faults: a dead link ends this client's round
-            retries=cfg.server.request_retries,  # faults: a reset link is retried
+            timeout_s=cfg.server.request_timeout_s,  # a dead link ends this client's round
+            retries=cfg.server.request_retries,  # a reset link is retried
         )
+
+    def options(self) -> TrainOptions:
+        """This round's training options: the experiment's, this node's batch size, a per-round seed."""
+        seed = self.cfg.seed * 100_003 + self.round * 1_009 + self.node_id % 1_000_003
+        options = TrainOptions.from_config(
+            self.cfg,
+            seed=seed,
+            proximal_mu=float(self.conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        )
+        return dataclasses.replace(options, batch_size=node_batch_size(self.node_config, options.batch_size))
+
+    def plugin_hooks(self) -> TrainHooks | None:
+        """The hooks the experiment plugs in by import string: the data owner's ground-truth capture, on
+        rounds the ServerApp records (``record-dir`` in the round's config)."""
+        spec = self.cfg.record.ground_truth
+        if not spec or not str(self.conf.get("record-dir", "")):
+            return None
+        hooks: TrainHooks | None = resolve(spec)(self.cfg, self.conf, str(self.node_id))
+        return hooks
 
 
 @app.train()
@@ -86,33 +101,21 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     r = _Round(msg, context)
     cfg, part = r.cfg, r.part
-    rnd = int(r.conf["server-round"])  # type: ignore[arg-type]
-    kw: dict[str, Any] = {
-        "epochs": cfg.train.local_epochs,
-        "batch_size": cfg.train.batch_size,
-        "lr": cfg.train.lr,
-        "momentum": cfg.train.momentum,
-        "weight_decay": cfg.train.weight_decay,
-        "proximal_mu": float(r.conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-        "seed": cfg.seed * 100_003 + rnd * 1_009 + context.node_id % 1_000_003,
-        "exit_weight": cfg.model.exit_weight,  # multi-exit models (fsl.exits)
-    }
-    kw["batch_size"] = node_batch_size(context.node_config, kw["batch_size"])  # deploy: the device's batch size
-    client_memory_check(cfg, r.detail, r.module, r.ds.input_shape, context.node_config, kw["batch_size"])  # deploy
-    pid = int(context.node_config.get("partition-id", 0))  # privacy: DP-SGD, NoPeek, U-shaped noise (issue 5)
-    privacy = client_privacy(cfg, r.module, len(part.y_train), kw, pid)
-    kw.update(privacy.kwargs)
+    options = r.options()
+    # refuse a round that would not fit the device's declared memory before any work starts
+    client_memory_check(cfg, r.detail, r.module, r.ds.input_shape, context.node_config, options.batch_size)
+    privacy = client_privacy(cfg, r.module, len(part.y_train), options, r.partition_id)
+    options, hooks = privacy.options, privacy.hooks.merged(r.plugin_hooks())
     stats: TrainStats
     if cfg.mode == "fl":
-        stats = train_local(r.module, part.x_train, part.y_train, **kw)
+        stats = train_local(r.module, part.x_train, part.y_train, options, hooks)
     else:
         with r.channel() as channel:
             if cfg.model.ushaped:
-                stats = train_segment_u(r.detail.bottom, r.detail.top, part.x_train, part.y_train, channel, **kw)
+                d = r.detail
+                stats = train_segment_u(d.bottom, d.top, part.x_train, part.y_train, channel, options, hooks)
             else:
-                seg, kw["release"] = client_hooks(cfg, r.conf, r.module, rnd, kw["seed"])  # attacks: tap, noise
-                stats = train_segment(seg, part.x_train, part.y_train, channel, **kw)
-                save_client_ground_truth(seg, r.conf, rnd, str(context.node_id))  # attacks: evaluation runs
+                stats = train_segment(r.module, part.x_train, part.y_train, channel, options, hooks)
     metrics = MetricRecord(
         {
             "num-examples": stats.examples,
@@ -125,11 +128,11 @@ def train(msg: Message, context: Context) -> Message:
             "total_s": time.perf_counter() - t0,
             "started_at": started,
             "finished_at": time.time(),
-            "peak_rss_mb": peak_rss_mb(),  # deploy: this process's peak resident memory (VmHWM)
-            **privacy.metrics(),  # privacy: (sigma, q, steps) for the server's accountant
+            "peak_rss_mb": peak_rss_mb(),  # this process's peak resident memory (VmHWM)
+            **privacy.metrics(),  # (sigma, q, steps) for the server's DP accountant
         }
     )
-    arrays = client_arrays(r.module.state_dict(), r.conf, context, stats.examples)  # privacy: masked under secagg
+    arrays = client_arrays(r.module.state_dict(), r.conf, context, stats.examples)  # masked under secure aggregation
     content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
@@ -164,7 +167,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """What this node holds, for the ServerApp's planning (hybrid grouping, progress)."""
-    setup = secagg_setup_reply(msg, context)  # privacy: secure-aggregation key setup (issue 5)
+    setup = secagg_setup_reply(msg, context)  # secure aggregation's key setup is a query of its own
     if setup is not None:
         return setup  # type: ignore[no-any-return]
     r = _Round(msg, context)

@@ -2,8 +2,10 @@
 
 Short enough to read in one sitting: the client runs its lower segment, sends
 the smashed activations through a :class:`fsl.channel.SplitChannel`, and
-finishes backprop with the gradient the server returns. Nothing here imports
-``grpc``; the channel decides how bytes travel.
+finishes backprop with the gradient the server returns. The loop around the
+step (batches, optimizer, FedProx, hooks) is :func:`fsl.training.train_loop`,
+the same loop the whole-model baselines run; this module provides the split
+steps. Nothing here imports ``grpc``; the channel decides how bytes travel.
 """
 
 from __future__ import annotations
@@ -16,30 +18,34 @@ from torch import nn
 
 from fsl.channel import SplitChannel, StepResult
 from fsl.exits import exit_loss
-from fsl.fastmath import flush_denormals
-from fsl.optim import SGD, Stepper
 from fsl.training import (
+    BatchResult,
     EvalStats,
-    Record,
+    Step,
+    TrainHooks,
+    TrainOptions,
     TrainStats,
-    _add_proximal,
-    _evaluate,
-    _p_true,
-    _plus,
-    _shuffled,
+    evaluate_logits,
     evaluate_model,
+    head_result,
+    plus,
     train_local,
+    train_loop,
 )
 
 __all__ = [
     "EvalStats",
+    "TrainHooks",
+    "TrainOptions",
     "TrainStats",
     "evaluate_model",
     "evaluate_split",
     "evaluate_split_u",
+    "split_step",
     "train_local",
     "train_segment",
     "train_segment_u",
+    "ushaped_step",
 ]
 
 
@@ -48,71 +54,115 @@ def train_segment(
     x: torch.Tensor,
     y: torch.Tensor,
     channel: SplitChannel,
-    *,
-    epochs: int = 1,
-    batch_size: int = 32,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    proximal_mu: float = 0.0,
-    seed: int = 0,
-    release: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    optimizer: Stepper | None = None,  # privacy: e.g. Opacus' DPOptimizer (fsl/privacy/dp.py)
-    batches: Callable[[], Iterable[torch.Tensor]] | None = None,  # privacy: index batches per epoch (Poisson)
-    penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # privacy: NoPeek(x, h)
-    exit_weight: float = 0.5,  # multi-exit segments: weight of each exit's loss
-    cartography: Record | None = None,  # record(indices, p_true, epoch): data cartography (issue 9)
+    options: TrainOptions | None = None,
+    hooks: TrainHooks | None = None,
 ) -> TrainStats:
-    """Train the client segment on (x, y) through the split server for ``epochs`` passes.
+    """Train the client segment on (x, y) through the split server (:func:`fsl.training.train_loop`).
 
-    ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_start||^2``.
-    ``release`` transforms the activations just before they leave the client (a defense such
-    as clipping + noise); the server's gradient is applied to the untransformed activations.
-    ``optimizer``, ``batches`` and ``penalty`` (a client-side loss term on (x, h)) come from
-    :mod:`fsl.privacy` (DP-SGD, NoPeek); by default plain SGD over shuffled batches.
+    The server computes the loss and returns the gradient at the cut; the client finishes backprop.
     """
-    flush_denormals()  # perf (issue 8): decayed momentum holds denormals, slow on CPUs
+    options = options or TrainOptions()
+    hooks = hooks or TrainHooks()
     segment.train()
-    opt = optimizer or SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    start = [p.detach().clone() for p in segment.parameters()] if proximal_mu > 0 else []
-    gen = torch.Generator().manual_seed(seed)
-    stats = TrainStats()
+    return _counting_bytes(
+        channel, split_step(segment, channel, options, hooks), segment.parameters(), x, y, options, hooks
+    )
+
+
+def train_segment_u(
+    bottom: nn.Module,
+    top: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    channel: SplitChannel,
+    options: TrainOptions | None = None,
+    hooks: TrainHooks | None = None,
+) -> TrainStats:
+    """Label-private U-shaped training: bottom and top segments here, the middle on the server.
+
+    Per batch: ``h1 = bottom(x)`` up, ``h2 = middle(h1)`` down, ``loss(top(h2), y)`` here,
+    ``dL/dh2`` up, ``dL/dh1`` down, finish backprop through ``bottom``. Labels never leave.
+    """
+    options = options or TrainOptions()
+    hooks = hooks or TrainHooks()
+    bottom.train()
+    top.train()
+    step = ushaped_step(bottom, top, channel, options, hooks)
+    return _counting_bytes(channel, step, [*bottom.parameters(), *top.parameters()], x, y, options, hooks)
+
+
+def _counting_bytes(
+    channel: SplitChannel,
+    step: Step,
+    params: Iterable[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    options: TrainOptions,
+    hooks: TrainHooks,
+) -> TrainStats:
     up0, down0 = channel.bytes_up, channel.bytes_down
-    loss_sum = 0.0
-    correct = 0
-    n = len(y)
-    for epoch in range(epochs):
-        for idx in batches() if batches is not None else _shuffled(n, batch_size, gen):  # privacy: batches
-            t0 = time.perf_counter()
-            h = segment(x[idx])  # (B, ...) smashed activations at the cut
-            t1 = time.perf_counter()
-            sent = h.detach() if release is None else release(h.detach())
-            # privacy: a Poisson batch may be empty; nothing travels, DP-SGD still takes its noise-only step
-            step = (
-                channel.train_step(sent, y[idx], want_confidence=cartography is not None)
-                if len(idx)
-                else StepResult(torch.zeros_like(h), 0.0, 0)
-            )
-            t2 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            _backward(h, step.grad, penalty, x[idx], exit_loss(segment, y[idx], exit_weight))  # finish backprop
-            _add_proximal(segment.parameters(), start, proximal_mu)
-            opt.step()
-            t3 = time.perf_counter()
-            stats.compute_s += (t1 - t0) + (t3 - t2)
-            stats.wire_s += t2 - t1
-            stats.batches += 1
-            stats.examples += len(idx)
-            loss_sum += step.loss * len(idx)
-            correct += step.correct
-            if cartography is not None and step.confidence is not None:
-                cartography(idx, step.confidence, epoch)
-            if on_batch is not None:
-                on_batch(len(idx))
+    stats = train_loop(step, params, x, y, options, hooks)
     stats.bytes_up = channel.bytes_up - up0
     stats.bytes_down = channel.bytes_down - down0
-    return stats.finish(loss_sum, correct)
+    return stats
+
+
+def split_step(segment: nn.Module, channel: SplitChannel, options: TrainOptions, hooks: TrainHooks) -> Step:
+    """The step of split training: segment forward, the server's step through ``channel``, finish backprop."""
+    release, penalty = hooks.release, hooks.penalty
+    want_confidence = hooks.cartography is not None  # the server computes confidences only when asked
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> BatchResult:
+        h = segment(xb)  # (B, ...) smashed activations at the cut
+        sent = h.detach() if release is None else release(h.detach())
+        t0 = time.perf_counter()
+        if len(yb):
+            res = channel.train_step(sent, yb, want_confidence=want_confidence)
+        else:  # an empty Poisson batch: nothing travels, DP-SGD still takes its noise-only step
+            res = StepResult(torch.zeros_like(h), 0.0, 0)
+        wire_s = time.perf_counter() - t0
+        _backward(h, res.grad, penalty, xb, exit_loss(segment, yb, options.exit_weight))
+        return BatchResult(res.loss, res.correct, res.confidence, wire_s)
+
+    return step
+
+
+def ushaped_step(
+    bottom: nn.Module, top: nn.Module, channel: SplitChannel, options: TrainOptions, hooks: TrainHooks
+) -> Step:
+    """The step of U-shaped training: bottom forward, the middle's forward on the server, the top and the
+    loss here, the top's gradient back through the middle, finish backprop through ``bottom``."""
+    release, penalty = hooks.release, hooks.penalty
+    want_confidence = hooks.cartography is not None
+    mid: list[tuple[int, ...]] = []  # the middle's output shape per sample, known after the first batch
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> BatchResult | None:
+        if not len(yb):  # an empty Poisson batch: no traffic, a noise-only DP-SGD step
+            if not mid:  # the shape the top expects is unknown before the first real batch: skipped
+                return None
+            h1 = bottom(xb)  # (0, ...)
+            out = top(torch.zeros((0, *mid[0]), dtype=h1.dtype))  # (0, num_classes)
+            torch.autograd.backward([h1, out], [torch.zeros_like(h1), torch.zeros_like(out)])
+            return BatchResult(0.0, 0)
+        h1 = bottom(xb)  # (B, ...) at the first cut
+        t0 = time.perf_counter()
+        h2, fwd_step = channel.forward(h1.detach() if release is None else release(h1.detach()))
+        wire_s = time.perf_counter() - t0
+        h2 = h2.detach().requires_grad_(True)  # (B, ...) at the second cut
+        mid[:] = [tuple(h2.shape[1:])]
+        logits = top(h2)  # (B, num_classes)
+        loss = nn.functional.cross_entropy(logits, yb)
+        plus(loss, exit_loss(top, yb, options.exit_weight)).backward()
+        assert h2.grad is not None
+        t1 = time.perf_counter()
+        g1 = channel.backward(h2.grad, fwd_step)  # dL/dh1 from the server
+        wire_s += time.perf_counter() - t1
+        _backward(h1, g1, penalty, xb, exit_loss(bottom, yb, options.exit_weight))
+        res = head_result(logits, loss, yb, want_confidence)
+        res.wire_s = wire_s
+        return res
+
+    return step
 
 
 def _backward(
@@ -122,7 +172,7 @@ def _backward(
     xb: torch.Tensor,
     local_loss: torch.Tensor | None = None,
 ) -> None:
-    """``h.backward(grad)``, plus the gradients of client-side losses: a ``penalty(x, h)`` (privacy)
+    """``h.backward(grad)``, plus the gradients of client-side losses: a ``penalty(x, h)`` (NoPeek)
     and ``local_loss`` (the exits of a multi-exit client segment).
 
     The server's gradient enters through the scalar ``sum(h * grad)``, whose gradient at ``h`` is
@@ -130,18 +180,9 @@ def _backward(
     import ``torch.fx``'s symbolic shapes and sympy, about 70 MB of resident memory on a client."""
     total = (h * grad.to(h.dtype)).sum()  # d total / dh = grad
     extra = local_loss
-    if penalty is not None and h.shape[0] >= 2:
-        extra = _plus(penalty(xb, h), extra)
-    _plus(total, extra).backward()
-
-
-def _empty_step(opt: Stepper, bottom: nn.Module, top: nn.Module, x: torch.Tensor, mid: tuple[int, ...]) -> None:
-    """A U-shaped step on an empty batch (privacy): no traffic; both segments see zero samples, DP-SGD adds noise."""
-    h1 = bottom(x[:0])  # (0, ...)
-    out = top(torch.zeros((0, *mid), dtype=h1.dtype))  # (0, num_classes)
-    opt.zero_grad(set_to_none=True)
-    torch.autograd.backward([h1, out], [torch.zeros_like(h1), torch.zeros_like(out)])
-    opt.step()
+    if penalty is not None and h.shape[0] >= 2:  # a distance correlation needs two samples
+        extra = plus(penalty(xb, h), extra)
+    plus(total, extra).backward()
 
 
 @torch.no_grad()
@@ -164,82 +205,7 @@ def evaluate_split(
         h = segment(xb)
         return channel.infer(h if release is None else release(h))
 
-    return _evaluate(logits_of, x, y, batch_size)
-
-
-def train_segment_u(
-    bottom: nn.Module,
-    top: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    channel: SplitChannel,
-    *,
-    epochs: int = 1,
-    batch_size: int = 32,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    proximal_mu: float = 0.0,
-    seed: int = 0,
-    release: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    optimizer: Stepper | None = None,  # privacy: as in train_segment
-    batches: Callable[[], Iterable[torch.Tensor]] | None = None,  # privacy
-    penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,  # privacy: NoPeek(x, h1)
-    exit_weight: float = 0.5,  # multi-exit segments: weight of each exit's loss
-    cartography: Record | None = None,  # record(indices, p_true, epoch): data cartography (issue 9)
-) -> TrainStats:
-    """Label-private U-shaped training: bottom and top segments here, the middle on the server.
-
-    Per batch: ``h1 = bottom(x)`` up, ``h2 = middle(h1)`` down, ``loss(top(h2), y)`` here,
-    ``dL/dh2`` up, ``dL/dh1`` down, finish backprop through ``bottom``. Labels never leave.
-    """
-    flush_denormals()  # perf (issue 8): as in train_segment
-    params = [*bottom.parameters(), *top.parameters()]
-    bottom.train()
-    top.train()
-    opt = optimizer or SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)  # privacy: or DP-SGD's
-    start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    gen = torch.Generator().manual_seed(seed)
-    stats = TrainStats()
-    up0, down0 = channel.bytes_up, channel.bytes_down
-    loss_sum, correct, n = 0.0, 0, len(y)
-    mid: tuple[int, ...] | None = None
-    for epoch in range(epochs):
-        for idx in batches() if batches is not None else _shuffled(n, batch_size, gen):  # privacy: batches
-            if not len(idx):  # privacy: an empty Poisson batch: no traffic, a noise-only DP-SGD step
-                if mid is not None:  # (before the first real batch the middle's output shape is unknown: skipped)
-                    _empty_step(opt, bottom, top, x, mid)
-                continue
-            t0 = time.perf_counter()
-            h1 = bottom(x[idx])  # (B, ...) at the first cut
-            t1 = time.perf_counter()
-            h2, fwd_step = channel.forward(h1.detach() if release is None else release(h1.detach()))
-            t2 = time.perf_counter()
-            h2 = h2.detach().requires_grad_(True)  # (B, ...) at the second cut
-            mid = tuple(h2.shape[1:])  # privacy: for empty batches
-            logits = top(h2)  # (B, num_classes)
-            loss = nn.functional.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            _plus(loss, exit_loss(top, y[idx], exit_weight)).backward()
-            assert h2.grad is not None
-            t3 = time.perf_counter()
-            g1 = channel.backward(h2.grad, fwd_step)  # dL/dh1 from the server
-            t4 = time.perf_counter()
-            _backward(h1, g1, penalty, x[idx], exit_loss(bottom, y[idx], exit_weight))  # privacy: + NoPeek
-            _add_proximal(params, start, proximal_mu)
-            opt.step()
-            t5 = time.perf_counter()
-            stats.compute_s += (t1 - t0) + (t3 - t2) + (t5 - t4)
-            stats.wire_s += (t2 - t1) + (t4 - t3)
-            stats.batches += 1
-            stats.examples += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
-            if cartography is not None:
-                cartography(idx, _p_true(logits, y[idx]), epoch)
-    stats.bytes_up = channel.bytes_up - up0
-    stats.bytes_down = channel.bytes_down - down0
-    return stats.finish(loss_sum, correct)
+    return evaluate_logits(logits_of, x, y, batch_size)
 
 
 @torch.no_grad()
@@ -249,4 +215,4 @@ def evaluate_split_u(
     """U-shaped split inference: the server returns the middle output, the top runs here."""
     bottom.eval()
     top.eval()
-    return _evaluate(lambda xb: top(channel.infer(bottom(xb))), x, y, batch_size)
+    return evaluate_logits(lambda xb: top(channel.infer(bottom(xb))), x, y, batch_size)

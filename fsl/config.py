@@ -217,11 +217,19 @@ class RecordConfig:  # attacks: the opt-in observation recorder (server/recorder
     enabled: bool = False  # store what the split server sees in observations/ (and ground truth in simulation)
     rounds: str = "last"  # "last", "all", or a comma list such as "1,3"
     max_batches: int = 4  # training batches recorded per client and round
+    # The data owner's ground-truth capture (inputs of the recorded batches, for scoring attacks): an
+    # import string "module:factory" the ClientApp resolves with fsl.plugins.resolve when a round is
+    # recorded; factory(cfg, round config, client id) returns fsl.training.TrainHooks or None. "" = none.
+    ground_truth: str = "attacks.ground_truth:capture_hooks"
 
     def __post_init__(self) -> None:
         _check(self.max_batches >= 1, f"record.max_batches must be >= 1, got {self.max_batches}")
         ok = self.rounds in ("last", "all") or all(p.strip().isdigit() for p in self.rounds.split(","))
         _check(ok, f"record.rounds must be 'last', 'all' or a comma list of rounds, not {self.rounds!r}")
+        _check(
+            not self.ground_truth or ":" in self.ground_truth,
+            f"record.ground_truth must be an import string 'module:name' or empty, not {self.ground_truth!r}",
+        )
 
     def round_list(self, total: int) -> tuple[int, ...]:
         """The recorded rounds (empty = all) for a run of ``total`` rounds."""

@@ -1,25 +1,139 @@
-"""Model-level training and evaluation shared by every role: the whole-model loop of the ``fl``
-and ``central`` baselines, evaluation of a joined model, and the pieces the split loops reuse
-(batching of local data, FedProx, per-sample confidence)."""
+"""The one client training loop, shared by every role, and model-level evaluation.
+
+A client trains its part of the model the same way whatever the architecture: shuffle the local
+data into batches, for each batch clear the gradients, run a *step* (forward, loss, backward),
+add FedProx's proximal term, take an optimizer step, and keep the running statistics. Only the
+step differs between architectures: the whole model here for the ``fl`` and ``central`` baselines
+(:func:`train_local`); the client segment through a split channel, or the bottom and top segments
+of a U-shaped split (``clients/trainer.py``). :func:`train_loop` is that loop; it takes the step
+as a function.
+
+What a run is asked to do comes in two typed objects:
+
+* :class:`TrainOptions`: the numbers (epochs, batch size, learning rate, ...), frozen;
+* :class:`TrainHooks`: the optional pieces that plug into the loop: another optimizer and other
+  batches (DP-SGD), a transform on the activations that leave the client (activation noise), a
+  client-side loss term (NoPeek), per-sample confidences (data cartography), the inputs of every
+  batch (ground-truth capture for attack evaluation), and callbacks per batch and at the end.
+
+Example
+-------
+>>> stats = train_local(model, x, y, TrainOptions(epochs=2, lr=0.1))
+>>> stats.loss, stats.accuracy
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from fsl.exits import exit_loss
 from fsl.fastmath import flush_denormals
-from fsl.optim import SGD
+from fsl.optim import SGD, Stepper
 
-__all__ = ["EvalStats", "TrainStats", "evaluate_model", "train_local"]
+__all__ = [
+    "BatchResult",
+    "EvalStats",
+    "Record",
+    "Step",
+    "TrainHooks",
+    "TrainOptions",
+    "TrainStats",
+    "evaluate_model",
+    "p_true",
+    "plus",
+    "train_local",
+    "train_loop",
+]
 
 
-# record(indices into the local data (B,), p(true label) (B,), epoch): data cartography (issue 9)
+# record(indices into the local data (B,), p(true label) (B,), epoch): data cartography's per-sample confidence
 Record = Callable[[torch.Tensor, torch.Tensor, int], None]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The numbers of one client's local training."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_start||^2 to the loss (0 = off)
+    seed: int = 0  # seeds the shuffling of the local data
+    exit_weight: float = 0.5  # multi-exit models: weight of each exit's loss (fsl.exits)
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, seed: int, proximal_mu: float = 0.0) -> TrainOptions:
+        """The options an ``ExperimentConfig``'s ``[train]`` and ``[model]`` sections give, with this run's seed."""
+        t = cfg.train
+        return cls(
+            epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            proximal_mu=proximal_mu,
+            seed=seed,
+            exit_weight=cfg.model.exit_weight,
+        )
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """Optional pieces that plug into :func:`train_loop`; every one is off when ``None``.
+
+    ``optimizer`` and ``batches`` replace plain SGD over shuffled batches (DP-SGD's optimizer and
+    Poisson sampling, :mod:`fsl.privacy.dp`; a Poisson batch may be empty). ``release`` transforms
+    the activations just before they leave the client (clipping, noise: :mod:`fsl.privacy.activation`);
+    the returned gradient is applied to the untransformed activations. ``penalty(x, h)`` is a
+    client-side loss term on the inputs and the activations at the cut (NoPeek). ``release`` and
+    ``penalty`` need a cut, so whole-model training refuses them. The rest only observe:
+    ``cartography(indices, p_true, epoch)``, ``inputs(x)`` (the inputs of every non-empty batch, in
+    the order the batches go on the wire), ``on_batch(batch size)`` and ``on_end(stats)``.
+    """
+
+    optimizer: Stepper | None = None
+    batches: Callable[[], Iterable[torch.Tensor]] | None = None
+    release: Callable[[torch.Tensor], torch.Tensor] | None = None
+    penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    cartography: Record | None = None
+    inputs: Callable[[torch.Tensor], None] | None = None
+    on_batch: Callable[[int], None] | None = None
+    on_end: Callable[[TrainStats], None] | None = None
+
+    def merged(self, other: TrainHooks | None) -> TrainHooks:
+        """Both sets of hooks: observers are chained; a hook that changes training may be set by one side only."""
+        if other is None:
+            return self
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a is None or b is None:
+                kw[f.name] = b if a is None else a
+            elif f.name in _OBSERVERS:
+                kw[f.name] = _chain(a, b)
+            else:
+                raise ValueError(f"two hooks set {f.name!r}: only one may change how the client trains")
+        return TrainHooks(**kw)
+
+
+_OBSERVERS = ("cartography", "inputs", "on_batch", "on_end")
+
+
+def _chain(a: Callable[..., None], b: Callable[..., None]) -> Callable[..., None]:
+    def both(*args: Any) -> None:
+        a(*args)
+        b(*args)
+
+    return both
 
 
 @dataclass
@@ -28,7 +142,7 @@ class TrainStats:
 
     examples: int = 0
     batches: int = 0
-    loss: float = 0.0  # mean training loss over the samples (as computed by the server)
+    loss: float = 0.0  # mean training loss over the samples (as computed where the loss is: server or here)
     accuracy: float = 0.0
     compute_s: float = 0.0  # client-side forward/backward/optimizer time
     wire_s: float = 0.0  # time spent waiting on the data plane (network + server compute)
@@ -49,6 +163,66 @@ class EvalStats:
     accuracy: float = 0.0
 
 
+@dataclass
+class BatchResult:
+    """What one step on one batch gave the loop."""
+
+    loss: float  # mean loss over the batch
+    correct: int  # samples whose prediction is the label
+    confidence: torch.Tensor | None = None  # (B,) p(true label), when cartography asked for it
+    wire_s: float = 0.0  # the part of the step spent waiting on the data plane
+
+
+# step(x (B, ...), y (B,)) -> the batch's result, with the gradients of the trained parameters set; the
+# loop has cleared them and takes the optimizer step. None: the step did nothing (no optimizer step).
+Step = Callable[[torch.Tensor, torch.Tensor], "BatchResult | None"]
+
+
+def train_loop(
+    step: Step,
+    params: Iterable[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    options: TrainOptions,
+    hooks: TrainHooks,
+) -> TrainStats:
+    """Train ``params`` on (x, y) for ``options.epochs`` passes, ``step`` computing each batch's gradients."""
+    flush_denormals()  # decayed momentum holds denormal floats, which are slow on CPUs (fsl/fastmath.py)
+    params = list(params)
+    o = options
+    opt = hooks.optimizer or SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    start = [p.detach().clone() for p in params] if o.proximal_mu > 0 else []
+    gen = torch.Generator().manual_seed(o.seed)
+    stats = TrainStats()
+    loss_sum, correct = 0.0, 0
+    for epoch in range(o.epochs):
+        for idx in hooks.batches() if hooks.batches is not None else _shuffled(len(y), o.batch_size, gen):
+            t0 = time.perf_counter()
+            xb, yb = x[idx], y[idx]
+            if hooks.inputs is not None and len(idx):
+                hooks.inputs(xb)
+            opt.zero_grad(set_to_none=True)
+            out = step(xb, yb)
+            if out is None:
+                continue
+            _add_proximal(params, start, o.proximal_mu)
+            opt.step()
+            stats.compute_s += time.perf_counter() - t0 - out.wire_s
+            stats.wire_s += out.wire_s
+            stats.batches += 1
+            stats.examples += len(idx)
+            loss_sum += out.loss * len(idx)
+            correct += out.correct
+            if hooks.cartography is not None and out.confidence is not None:
+                hooks.cartography(idx, out.confidence, epoch)
+            if hooks.on_batch is not None:
+                hooks.on_batch(len(idx))
+    stats.finish(loss_sum, correct)
+    if hooks.on_end is not None:
+        hooks.on_end(stats)
+    return stats
+
+
 def _shuffled(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     perm = torch.randperm(n, generator=gen)
     for i in range(0, n, batch_size):
@@ -62,7 +236,7 @@ def _add_proximal(params: Iterable[torch.Tensor], start: list[torch.Tensor], mu:
             p.grad.add_(p.detach() - p0, alpha=mu)
 
 
-def _evaluate(
+def evaluate_logits(
     logits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int
 ) -> EvalStats:
     """Loss and accuracy of ``logits_of`` over (x, y) in batches; the labels stay here."""
@@ -76,59 +250,54 @@ def _evaluate(
     return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
 
 
-def _p_true(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def p_true(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B,) probability of the true label (data cartography's confidence)."""
     return torch.softmax(logits.detach().float(), dim=1).gather(1, y.view(-1, 1)).view(-1)
 
 
-def _plus(loss: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+def plus(loss: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """``loss + extra``, or ``loss`` when there is no extra term."""
     return loss if extra is None else loss + extra
+
+
+def head_result(logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor, want_confidence: bool) -> BatchResult:
+    """The result of a step whose loss is computed here, from the logits (B, num_classes)."""
+    return BatchResult(
+        loss=float(loss.detach()),
+        correct=int((logits.argmax(1) == y).sum()),
+        confidence=p_true(logits, y) if want_confidence else None,
+    )
 
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> EvalStats:
     """Evaluate a whole (joined) model locally."""
     model.eval()
-    return _evaluate(model, x, y, batch_size)
+    return evaluate_logits(model, x, y, batch_size)
 
 
 def train_local(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    *,
-    epochs: int = 1,
-    batch_size: int = 32,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    proximal_mu: float = 0.0,
-    seed: int = 0,
-    exit_weight: float = 0.5,  # multi-exit models: weight of each exit's loss
-    cartography: Record | None = None,  # record(indices, p_true, epoch): data cartography (issue 9)
+    options: TrainOptions | None = None,
+    hooks: TrainHooks | None = None,
 ) -> TrainStats:
-    """Train a whole model on local data (the `fl` and `central` baselines)."""
-    flush_denormals()  # perf (issue 8): as in train_segment, so the baselines get it too
+    """Train a whole model on local data (the ``fl`` and ``central`` baselines): the loss is computed here."""
+    options = options or TrainOptions()
+    hooks = hooks or TrainHooks()
+    if hooks.release is not None or hooks.penalty is not None:
+        raise ValueError("release and penalty act on the activations at a cut; a whole model has none")
+    want_confidence = hooks.cartography is not None
     model.train()
-    opt = SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    gen = torch.Generator().manual_seed(seed)
-    stats = TrainStats()
-    loss_sum, correct, n = 0.0, 0, len(y)
-    for epoch in range(epochs):
-        for idx in _shuffled(n, batch_size, gen):
-            t0 = time.perf_counter()
-            logits = model(x[idx])
-            loss = nn.functional.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            _plus(loss, exit_loss(model, y[idx], exit_weight)).backward()  # multi-exit: every exit here
-            _add_proximal(model.parameters(), start, proximal_mu)
-            opt.step()
-            stats.compute_s += time.perf_counter() - t0
-            stats.batches += 1
-            stats.examples += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
-            if cartography is not None:
-                cartography(idx, _p_true(logits, y[idx]), epoch)
-    return stats.finish(loss_sum, correct)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> BatchResult:
+        logits = model(xb)  # (B, num_classes)
+        if not len(yb):  # an empty Poisson batch: a zero gradient, so DP-SGD still takes its noise-only step
+            torch.autograd.backward([logits], [torch.zeros_like(logits)])
+            return BatchResult(0.0, 0)
+        loss = nn.functional.cross_entropy(logits, yb)
+        plus(loss, exit_loss(model, yb, options.exit_weight)).backward()  # multi-exit: every exit is here
+        return head_result(logits, loss, yb, want_confidence)
+
+    return train_loop(step, model.parameters(), x, y, options, hooks)

@@ -16,7 +16,7 @@ from fsl.config import ExperimentConfig, to_toml
 from fsl.data import client_partition
 from fsl.experiment import build_model_for, experiment_dataset
 from fsl.rundir import Checkpoint, RunDir
-from fsl.training import evaluate_model, train_local
+from fsl.training import TrainOptions, evaluate_model, train_local
 from server.server_app import Reporter, summarize
 
 __all__ = ["run_central"]
@@ -57,18 +57,7 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
         t0 = time.perf_counter()
         if reporter is not None:
             reporter.round_start(rnd, cfg.train.rounds, 0, lambda: 0)
-        stats = train_local(
-            model,
-            x,
-            y,
-            epochs=cfg.train.local_epochs,
-            batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr,
-            momentum=cfg.train.momentum,
-            weight_decay=cfg.train.weight_decay,
-            seed=cfg.seed * 100_003 + rnd,
-            exit_weight=cfg.model.exit_weight,
-        )
+        stats = train_local(model, x, y, TrainOptions.from_config(cfg, seed=cfg.seed * 100_003 + rnd))
         ev = evaluate_model(model, ds.x_test, ds.y_test, cfg.train.eval_batch_size)
         row = {
             "round": rnd,

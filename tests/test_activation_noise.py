@@ -74,3 +74,26 @@ def test_release_from_config():
     assert isinstance(rel, ActivationNoise) and rel.scale == pytest.approx(0.2)
     with pytest.raises(ConfigError):
         ActivationNoiseConfig("uniform")
+
+
+def test_activation_noise_reaches_every_split_client_through_one_path():
+    """client_privacy is the one place the ClientApp gets its release from, for split and U-shaped clients."""
+    from fsl.config import load_experiment
+    from fsl.models import build_model
+    from fsl.privacy.client import client_privacy
+    from fsl.training import TrainOptions
+
+    noise = ["activation_noise.mechanism=gaussian", "activation_noise.clip_norm=2.0"]
+    opts = TrainOptions(seed=11, proximal_mu=0.1)
+    for mode in ("fsl", "ushaped", "sl"):
+        cfg = load_experiment("quickstart", [f"mode={mode}", *noise])
+        p = client_privacy(cfg, build_model("cnn", seed=0), 64, opts, 0)
+        assert p.hooks.release == ActivationNoise("gaussian", clip_norm=2.0, seed=11), mode
+        assert p.hooks.optimizer is None and p.options == opts
+    fl = client_privacy(load_experiment("quickstart", ["mode=fl", *noise]), build_model("cnn", seed=0), 64, opts, 0)
+    assert fl.hooks.release is None  # a whole model sends no activations
+    dp = load_experiment("quickstart", ["privacy.dp.enabled=true", *noise])
+    p = client_privacy(dp, build_model("cnn", seed=0), 64, opts, 0)
+    assert p.hooks.optimizer is not None and p.hooks.batches is not None and p.hooks.release is not None
+    assert p.options.proximal_mu == 0.0  # FedProx's term is outside what DP-SGD bounds
+    assert p.metrics()["dp_steps"] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients.trainer import train_segment, train_segment_u
+from clients.trainer import TrainOptions, train_segment, train_segment_u
 from fsl.channel import InMemoryChannel
 from fsl.models import build_model, cut_shape, split_model_u
 from fsl.wire import codec
@@ -61,7 +61,7 @@ def test_bytes_up_fall_with_the_format_and_the_gradient_comes_back_in_it(fmt, ra
     for key, wire in (("f32", torch.float32), ("c", fmt)):
         _, split, state = make_state("cnn", cut="conv1")
         ch = InMemoryChannel(server=state, wire_dtype=wire)
-        stats = train_segment(split.client, x, y, ch, batch_size=16, epochs=1)
+        stats = train_segment(split.client, x, y, ch, TrainOptions(batch_size=16, epochs=1))
         sizes[key] = stats.bytes_up, stats.bytes_down
     up_ratio = sizes["c"][0] / sizes["f32"][0]
     down_ratio = sizes["c"][1] / sizes["f32"][1]

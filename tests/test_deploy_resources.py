@@ -96,15 +96,15 @@ def test_a_client_trains_without_importing_torchs_compiler():
 
     code = """
 import sys, torch
-from clients.trainer import train_local, train_segment
+from clients.trainer import TrainOptions, train_local, train_segment
 from fsl.grpc_channel import GrpcChannel
 from fsl.models import build_model, split_model
 x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
 with GrpcChannel(address=sys.argv[1]) as ch:
-    st = train_segment(split_model(build_model("cnn", seed=0), "conv1").client, x, y, ch, batch_size=32)
+    st = train_segment(split_model(build_model("cnn", seed=0), "conv1").client, x, y, ch, TrainOptions(batch_size=32))
 assert st.batches == 2
 assert "torch._dynamo" not in sys.modules and "sympy" not in sys.modules, "split client"
-train_local(build_model("cnn", seed=0), x, y, batch_size=32)
+train_local(build_model("cnn", seed=0), x, y, TrainOptions(batch_size=32))
 assert "torch._dynamo" not in sys.modules and "sympy" not in sys.modules, "fl client"
 """
     split = split_model(build_model("cnn", seed=0), "conv1")

@@ -11,7 +11,7 @@ from opacus.accountants.analysis import prv as prv_analysis
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from torch import nn
 
-from clients.trainer import train_segment, train_segment_u
+from clients.trainer import TrainHooks, TrainOptions, train_segment, train_segment_u
 from fsl.channel import InMemoryChannel
 from fsl.config import ConfigError, load_experiment
 from fsl.models import build_model, cut_shape, split_model, split_model_u
@@ -109,9 +109,8 @@ def test_reported_epsilon_is_opacus_accountant_on_the_recorded_history():
         x,
         y,
         InMemoryChannel(server=state),
-        epochs=2,
-        optimizer=session.optimizer,
-        batches=session.batches,
+        TrainOptions(epochs=2),
+        session.train_hooks(),
     )
     m = session.metrics(1e-5)
     session.close()
@@ -177,9 +176,7 @@ def test_ushaped_dp_trains_both_client_segments():
     both = u.client_modules
     before = [p.detach().clone() for p in both.parameters()]
     session = _session(both, 16, sigma=0.5, clip=1.0)
-    stats = train_segment_u(
-        u.bottom, u.top, x, y, InMemoryChannel(server=state), optimizer=session.optimizer, batches=session.batches
-    )
+    stats = train_segment_u(u.bottom, u.top, x, y, InMemoryChannel(server=state), hooks=session.train_hooks())
     assert session.steps == 4 and stats.batches <= 4
     assert all(not torch.equal(p, p0) for p, p0 in zip(both.parameters(), before, strict=True))
     session.close()
@@ -200,9 +197,8 @@ def test_empty_poisson_batches_still_take_a_noise_only_step():
             sizes.append(len(idx))
             yield idx
 
-    stats = train_segment(
-        split.client, x, y, InMemoryChannel(server=state), epochs=5, optimizer=session.optimizer, batches=batches
-    )
+    dp = TrainHooks(optimizer=session.optimizer, batches=batches)
+    stats = train_segment(split.client, x, y, InMemoryChannel(server=state), TrainOptions(epochs=5), dp)
     assert 0 in sizes  # (1 - 1/4)^4 = 32 %: about 6 of 20 batches are empty
     assert session.steps == 20 and stats.batches == 20 and stats.examples == sum(sizes)
     session.close()

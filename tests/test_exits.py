@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clients.trainer import train_local, train_segment
+from clients.trainer import TrainHooks, TrainOptions, train_local, train_segment
 from fsl.channel import InMemoryChannel
 from fsl.config import ExperimentConfig, from_dict
 from fsl.data import client_partition
@@ -43,7 +43,7 @@ def test_config_builds_a_multi_exit_model():
 def test_exits_learn_only_with_their_loss(digits, weight):
     torch.manual_seed(0)
     model = add_exits(build_model("cnn", digits.input_shape, seed=0), digits.input_shape, 10, ("conv1", "conv2", "fc1"))
-    train_local(model, digits.x_train, digits.y_train, epochs=4, lr=0.05, exit_weight=weight)
+    train_local(model, digits.x_train, digits.y_train, TrainOptions(epochs=4, lr=0.05, exit_weight=weight))
     acc = _accuracies(model, digits)
     assert acc["final"] > 0.9, acc
     if weight > 0:
@@ -69,7 +69,7 @@ def test_split_training_trains_client_and_server_exits(digits, batched):
     server = RequestBatcher(state, max_requests=4, max_wait_ms=1.0) if batched else state
     part = client_partition(digits, 0, 1, seed=0)
     ch = InMemoryChannel(server=server)
-    train_segment(split.client, part.x_train, part.y_train, ch, epochs=5, lr=0.05, exit_weight=0.5)
+    train_segment(split.client, part.x_train, part.y_train, ch, TrainOptions(epochs=5, lr=0.05, exit_weight=0.5))
     acc = _accuracies(model, digits)
     assert min(acc.values()) > 0.8, acc  # conv1's exit learned on the client, conv2/fc1's on the server
 
@@ -98,9 +98,11 @@ def test_training_reports_true_label_confidence_per_sample(digits, mode):
             momentum=0.9,
             device="cpu",
         )
-        train_segment(split.client, x, y, InMemoryChannel(server=state), epochs=3, cartography=record)
+        train_segment(
+            split.client, x, y, InMemoryChannel(server=state), TrainOptions(epochs=3), TrainHooks(cartography=record)
+        )
     else:
-        train_local(model, x, y, epochs=3, cartography=record)
+        train_local(model, x, y, TrainOptions(epochs=3), TrainHooks(cartography=record))
     assert sorted(seen) == list(range(n)) and all(len(v) == 3 for v in seen.values())
     first = sum(v[0] for v in seen.values()) / n
     last = sum(v[-1] for v in seen.values()) / n

@@ -179,11 +179,11 @@ def test_at_conv1_the_update_alone_leaks_little_and_the_activations_everything(s
 
 
 def _fl_model(mnist):
-    from clients.trainer import train_local
+    from clients.trainer import TrainOptions, train_local
 
     x, y, _ = mnist
     model = build_model("cnn", (1, 28, 28), seed=0)
-    train_local(model, x[:1000], y[:1000], epochs=1)
+    train_local(model, x[:1000], y[:1000], TrainOptions(epochs=1))
     return model
 
 

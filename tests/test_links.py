@@ -16,7 +16,7 @@ import threading
 import pytest
 import torch
 
-from clients.trainer import train_segment
+from clients.trainer import TrainOptions, train_segment
 from fsl.channel import ChannelIdentity
 from fsl.grpc_channel import DataPlaneError, GrpcChannel
 from fsl.models import build_model, split_model
@@ -119,7 +119,7 @@ def test_a_round_over_wifi_4g_and_lossy_3g_completes_and_a_dead_link_times_out()
             retries=0 if dead else 10,
         )
         try:
-            results[name] = train_segment(seg, x, y, ch, epochs=1, batch_size=batch, lr=0.05)
+            results[name] = train_segment(seg, x, y, ch, TrainOptions(epochs=1, batch_size=batch, lr=0.05))
         except DataPlaneError as e:
             results[name] = e
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clients.trainer import train_segment
+from clients.trainer import TrainHooks, TrainOptions, train_segment
 from fsl.channel import InMemoryChannel
 from fsl.data import load_dataset
 from fsl.privacy.nopeek import NoPeek, distance_correlation
@@ -30,9 +30,8 @@ def test_nopeek_penalty_lowers_the_input_activation_correlation():
         _, split, state = make_state("cnn", cut="conv1", input_shape=ds.input_shape, lr=0.05, momentum=0.9)
         penalty = NoPeek(weight) if weight else None
         for epoch in range(4):
-            stats = train_segment(
-                split.client, x, y, InMemoryChannel(server=state), batch_size=16, lr=0.05, seed=epoch, penalty=penalty
-            )
+            opts = TrainOptions(batch_size=16, lr=0.05, seed=epoch)
+            stats = train_segment(split.client, x, y, InMemoryChannel(server=state), opts, TrainHooks(penalty=penalty))
         with torch.no_grad():
             dcors[weight] = float(distance_correlation(ds.x_test[:300], split.client.eval()(ds.x_test[:300])))
         accs[weight] = stats.accuracy

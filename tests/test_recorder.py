@@ -7,7 +7,7 @@ import torch
 from attacks.ground_truth import GroundTruthTap, load_ground_truth
 from attacks.models import segments
 from attacks.observe import load_observation
-from clients.trainer import train_segment
+from clients.trainer import TrainOptions, train_segment
 from fsl.channel import ChannelIdentity, InMemoryChannel
 from helpers import make_state
 from server.recorder import ObservationRecorder
@@ -27,7 +27,7 @@ def test_recorder_keeps_what_the_server_saw_and_matches_ground_truth(tmp_path, d
         start = {k: v.clone() for k, v in split.client.state_dict().items()}
         tap = GroundTruthTap(split.client, max_batches=3)
         ch = InMemoryChannel(server=state, identity=ChannelIdentity(run_id="r", round=rnd, client_id="c7"))
-        train_segment(tap, x, y, ch, batch_size=16, seed=rnd)
+        train_segment(tap, x, y, ch, TrainOptions(batch_size=16, seed=rnd))
         recorder.end_round(rnd, start, state.segment_state_dict(), updates=[("c7", split.client.state_dict())])
         if recorder.wants(rnd):
             tap.save(tmp_path, rnd, "c7")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from clients.predictor import SplitPredictor
-from clients.trainer import train_local
+from clients.trainer import TrainOptions, train_local
 from fsl.channel import ChannelIdentity, InMemoryChannel
 from fsl.config import ExperimentConfig, from_dict, to_toml
 from fsl.exits import add_exits
@@ -46,7 +46,7 @@ def _train(digits, exits):
     model = build_model("cnn", digits.input_shape, seed=0)
     if exits:
         model = add_exits(model, digits.input_shape, 10, ("conv1", "conv2", "fc1"), seed=0)
-    train_local(model, digits.x_train, digits.y_train, epochs=3, lr=0.05)
+    train_local(model, digits.x_train, digits.y_train, TrainOptions(epochs=3, lr=0.05))
     return model
 
 

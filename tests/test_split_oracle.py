@@ -103,7 +103,7 @@ U_CASES = [
 def test_ushaped_step_equals_unsplit_step(model_name, cut, top_cut, batch, kind):
     import copy
 
-    from clients.trainer import train_segment_u
+    from clients.trainer import TrainOptions, train_segment_u
     from fsl.models import build_model, cut_shape, split_model_u
     from server.split_server import SplitServerState
 
@@ -127,7 +127,7 @@ def test_ushaped_step_equals_unsplit_step(model_name, cut, top_cut, batch, kind)
     nn.functional.cross_entropy(reference.train()(x), y).backward()
     ref_opt.step()
     with channel_to(state, kind) as ch:
-        train_segment_u(u.bottom, u.top, x, y, ch, epochs=1, batch_size=batch, lr=0.1, momentum=0.0)
+        train_segment_u(u.bottom, u.top, x, y, ch, TrainOptions(epochs=1, batch_size=batch, lr=0.1, momentum=0.0))
     after = {**u.bottom.state_dict(), **state.segment.state_dict(), **u.top.state_dict()}
     for name, v in reference.state_dict().items():
         torch.testing.assert_close(after[name], v, rtol=1e-4, atol=1e-6)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clients.trainer import evaluate_model, evaluate_split, train_segment
+from clients.trainer import TrainOptions, evaluate_model, evaluate_split, train_segment
 from fsl.channel import InMemoryChannel
 from fsl.data import client_partition
 from fsl.models import build_model, join_segments
@@ -15,7 +15,7 @@ def test_split_training_learns_digits(digits):
     part = client_partition(digits, 0, 1, seed=0)
     ch = InMemoryChannel(server=state)
     before = evaluate_split(split.client, digits.x_test, digits.y_test, ch)
-    stats = train_segment(split.client, part.x_train, part.y_train, ch, epochs=6, batch_size=32, lr=0.05)
+    stats = train_segment(split.client, part.x_train, part.y_train, ch, TrainOptions(epochs=6, batch_size=32, lr=0.05))
     after = evaluate_split(split.client, digits.x_test, digits.y_test, ch)
     assert before.accuracy < 0.3
     assert after.accuracy > 0.9, after
@@ -32,7 +32,8 @@ def test_fedprox_term_pulls_towards_the_start(digits):
         _, split, state = make_state("cnn", "conv1", input_shape=digits.input_shape, lr=0.05)
         start = [p.detach().clone() for p in split.client.parameters()]
         part = client_partition(digits, 0, 1, seed=0)
-        train_segment(split.client, part.x_train, part.y_train, InMemoryChannel(server=state), epochs=1, proximal_mu=mu)
+        ch = InMemoryChannel(server=state)
+        train_segment(split.client, part.x_train, part.y_train, ch, TrainOptions(epochs=1, proximal_mu=mu))
         dist[mu] = sum(float((p - s).norm()) for p, s in zip(split.client.parameters(), start, strict=True))
     assert dist[10.0] < 0.8 * dist[0.0]
 
@@ -81,7 +82,9 @@ def test_training_flushes_denormals_in_its_own_thread(digits):
     part = client_partition(digits, 0, 1, seed=0)
     x, y = part.x_train[:64], part.y_train[:64]
     in_thread("untouched")
-    in_thread("client", lambda: train_segment(split.client, x, y, InMemoryChannel(server=state), epochs=1))
+    in_thread(
+        "client", lambda: train_segment(split.client, x, y, InMemoryChannel(server=state), TrainOptions(epochs=1))
+    )
 
     def exchange(hdr, h, y_, grad):  # runs in the split server's gRPC worker thread, right after its step
         seen["server"] = float(tiny * 1.0)
@@ -92,3 +95,67 @@ def test_training_flushes_denormals_in_its_own_thread(digits):
     assert seen["untouched"] > 0.0, "denormals were already flushed: the test would prove nothing"
     assert seen["client"] == 0.0
     assert seen["server"] == 0.0
+
+
+def test_one_loop_three_steps_train_the_same_model(digits):
+    """Whole-model, split and U-shaped training run the same loop (shuffling, SGD with momentum and weight
+    decay, statistics, cartography): from the same weights and seed they reach the same model."""
+    from clients.trainer import TrainHooks, train_local, train_segment_u
+    from fsl.models import build_model, cut_shape, split_model, split_model_u
+    from server.split_server import SplitServerState
+
+    x, y = digits.x_train[:96], digits.y_train[:96]
+    opts = TrainOptions(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-3, seed=3)
+    shape = digits.input_shape
+
+    def server(segment, cut_of, ushaped=False):
+        return SplitServerState(
+            segment,
+            sample_shape=cut_shape(cut_of, shape),
+            num_classes=10,
+            lr=opts.lr,
+            momentum=opts.momentum,
+            weight_decay=opts.weight_decay,
+            device="cpu",
+            ushaped=ushaped,
+        )
+
+    confidences: dict[str, list[torch.Tensor]] = {"local": [], "split": [], "ushaped": []}
+
+    def hooks(name):
+        return TrainHooks(cartography=lambda idx, p, epoch: confidences[name].append(p))
+
+    local = build_model("cnn", shape, seed=0)
+    s_local = train_local(local, x, y, opts, hooks("local"))
+    whole = build_model("cnn", shape, seed=0)
+    sp = split_model(whole, "conv1")
+    s_split = train_segment(sp.client, x, y, InMemoryChannel(server=server(sp.server, sp.client)), opts, hooks("split"))
+    joined_u = build_model("cnn", shape, seed=0)
+    u = split_model_u(joined_u, "conv1", "fc1")
+    ch = InMemoryChannel(server=server(u.middle, u.bottom, ushaped=True))
+    s_u = train_segment_u(u.bottom, u.top, x, y, ch, opts, hooks("ushaped"))
+
+    for name, model in (("split", whole), ("ushaped", joined_u)):
+        for (k, a), b in zip(local.state_dict().items(), model.state_dict().values(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+        torch.testing.assert_close(torch.cat(confidences[name]), torch.cat(confidences["local"]), rtol=1e-4, atol=1e-5)
+    for s in (s_local, s_split, s_u):
+        assert (s.examples, s.batches) == (2 * 96, 2 * 6)
+        assert s.loss == pytest.approx(s_local.loss, rel=1e-4) and s.accuracy == s_local.accuracy
+    assert s_local.bytes_up == 0 and s_split.bytes_up > 0 and s_u.bytes_up > 0
+
+
+def test_hooks_merge_observers_and_refuse_two_that_change_training():
+    from fsl.training import TrainHooks, train_local
+
+    seen: list[str] = []
+    a = TrainHooks(on_batch=lambda n: seen.append(f"a{n}"), release=lambda h: h)
+    b = TrainHooks(on_batch=lambda n: seen.append(f"b{n}"))
+    both = a.merged(b)
+    assert both.release is a.release and both.merged(None) is both
+    both.on_batch(4)
+    assert seen == ["a4", "b4"]
+    with pytest.raises(ValueError, match="release"):
+        a.merged(TrainHooks(release=lambda h: h))
+    with pytest.raises(ValueError, match="cut"):  # a whole model has no activations to release
+        train_local(build_model("cnn", seed=0), torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long), hooks=a)

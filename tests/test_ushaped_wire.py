@@ -4,7 +4,7 @@ import grpc
 import pytest
 import torch
 
-from clients.trainer import evaluate_split_u, train_segment_u
+from clients.trainer import TrainOptions, evaluate_split_u, train_segment_u
 from fsl.grpc_channel import DataPlaneError, GrpcChannel
 from fsl.models import build_model, cut_shape, split_model_u
 from fsl.wire import codec, frame
@@ -48,7 +48,7 @@ def test_ushaped_training_sends_no_labels():
     x = torch.rand(len(y), 1, 28, 28)
     try:
         with GrpcChannel(address=server.address) as ch:
-            stats = train_segment_u(u.bottom, u.top, x, y, ch, epochs=2, batch_size=8)
+            stats = train_segment_u(u.bottom, u.top, x, y, ch, TrainOptions(epochs=2, batch_size=8))
             evaluate_split_u(u.bottom, u.top, x, y, ch)
             with pytest.raises(DataPlaneError) as err:  # the label-carrying RPC is refused outright
                 ch.train_step(u.bottom(x[:2]).detach(), y[:2])

@@ -113,7 +113,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from clients.trainer import evaluate_split, train_segment
+    from clients.trainer import TrainHooks, evaluate_split, train_segment
     from fsl.channel import ChannelIdentity
     from fsl.grpc_channel import GrpcChannel
     from fsl.models import build_model, model_spec, split_model
@@ -157,7 +157,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         for b in range(args.batches):
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
             t0 = time.perf_counter()
-            s = train_segment(segment, x, y, channel, batches=lambda idx=idx: [idx], optimizer=opt)  # one batch
+            one_batch = TrainHooks(batches=lambda idx=idx: [idx], optimizer=opt)
+            s = train_segment(segment, x, y, channel, hooks=one_batch)
             wall = time.perf_counter() - t0
             per_batch.append({"loss": s.loss, "s": wall, "compute_s": s.compute_s, "wire_s": s.wire_s})
         after = evaluate_split(segment, xt, yt, channel, batch_size=256)

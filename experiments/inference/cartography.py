@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fsl.exits import FINAL, exit_logits
-from fsl.training import train_local
+from fsl.training import TrainHooks, TrainOptions, train_local
 
 __all__ = [
     "EASY",
@@ -321,31 +321,14 @@ def record_epochs(
         def hook(idx: torch.Tensor, p: torch.Tensor, epoch: int) -> None:
             rec.update(keys[idx], p, epoch)
 
-        train_local(
-            model,
-            x,
-            y,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            seed=seed,
-            exit_weight=exit_weight,
-            cartography=hook,
+        opts = TrainOptions(
+            epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, seed=seed, exit_weight=exit_weight
         )
+        train_local(model, x, y, opts, TrainHooks(cartography=hook))
         return rec
     for epoch in range(epochs):
-        train_local(
-            model,
-            x,
-            y,
-            epochs=1,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            seed=seed + epoch,
-            exit_weight=exit_weight,
-        )
+        opts = TrainOptions(batch_size=batch_size, lr=lr, momentum=momentum, seed=seed + epoch, exit_weight=exit_weight)
+        train_local(model, x, y, opts)
         rec.update_from_logits(keys, _head_logits(model, x, head, eval_batch_size), y, epoch)
     return rec
 

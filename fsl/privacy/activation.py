@@ -18,7 +18,7 @@ What it does not protect
 * Labels, when the split sends them.
 
 The gradient the server returns is applied to the *unclipped, noiseless*
-activations on the client (see ``clients.trainer.train_segment(release=...)``),
+activations on the client (see ``fsl.training.TrainHooks.release``),
 so the client segment still trains, on a biased gradient.
 
 Example

@@ -1,12 +1,13 @@
-"""What the ClientApp wires around its trainer for the ``[privacy]`` section (issue 5).
+"""What the ClientApp wires around its trainer for the ``[privacy]`` and ``[activation_noise]`` sections.
 
-One call, :func:`client_privacy`, returns the extra trainer arguments (DP-SGD's optimizer and
-Poisson batches, NoPeek's penalty, activation noise for U-shaped splits) and the metrics the client
-reports so the ServerApp can account for it.
+One call, :func:`client_privacy`, returns the training hooks (DP-SGD's optimizer and Poisson
+batches, NoPeek's penalty, activation noise on every release of activations) and the metrics the
+client reports so the ServerApp can account for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,13 +16,15 @@ from torch import nn
 from fsl.privacy.activation import activation_release
 from fsl.privacy.dp import DPSession, make_dp_session
 from fsl.privacy.nopeek import NoPeek
+from fsl.training import TrainHooks, TrainOptions
 
 __all__ = ["ClientPrivacy", "client_privacy"]
 
 
 @dataclass
 class ClientPrivacy:
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the trainer
+    options: TrainOptions  # the round's options, as privacy leaves them (DP-SGD turns FedProx off)
+    hooks: TrainHooks = field(default_factory=TrainHooks)
     session: DPSession | None = None
     partition: int = 0
     delta: float = 1e-5
@@ -35,27 +38,35 @@ class ClientPrivacy:
         return out
 
 
-def client_privacy(cfg: Any, module: nn.Module, n_train: int, kw: dict[str, Any], partition: int) -> ClientPrivacy:
-    """The privacy wiring for one client's round (``cfg``: ``ExperimentConfig``; ``module``: what it trains)."""
+def client_privacy(cfg: Any, module: nn.Module, n_train: int, options: TrainOptions, partition: int) -> ClientPrivacy:
+    """The privacy wiring for one client's round (``cfg``: ``ExperimentConfig``; ``module``: what it trains).
+
+    Only split modes get hooks: in ``fl`` no activations leave the client and its updates are not DP-SGD's.
+    """
     p = cfg.privacy
-    out = ClientPrivacy(partition=partition, delta=p.dp.delta)
-    if p.dp.enabled and cfg.mode != "fl":
+    out = ClientPrivacy(options=options, partition=partition, delta=p.dp.delta)
+    if cfg.mode == "fl":
+        return out
+    hooks = TrainHooks()
+    if p.dp.enabled:
         out.session = make_dp_session(
             module,
             n_train,
             dp=p.dp,
-            batch_size=kw["batch_size"],
-            lr=kw["lr"],
-            momentum=kw["momentum"],
-            weight_decay=kw["weight_decay"],
-            seed=int(kw["seed"]),
+            batch_size=options.batch_size,
+            lr=options.lr,
+            momentum=options.momentum,
+            weight_decay=options.weight_decay,
+            seed=options.seed,
             total_epochs=cfg.train.rounds * cfg.train.local_epochs,
         )
-        out.kwargs.update(optimizer=out.session.optimizer, batches=out.session.batches, proximal_mu=0.0)
-    if p.nopeek_weight > 0 and cfg.mode != "fl":
-        out.kwargs["penalty"] = NoPeek(p.nopeek_weight)
-    if cfg.model.ushaped:  # the non-U path gets its release from attacks.ground_truth.client_hooks
-        out.kwargs["release"] = activation_release(cfg.activation_noise, seed=int(kw["seed"]))
+        hooks = out.session.train_hooks()
+        # FedProx's term would be added after Opacus clipped each sample, outside the DP guarantee
+        out.options = dataclasses.replace(options, proximal_mu=0.0)
+    penalty = NoPeek(p.nopeek_weight) if p.nopeek_weight > 0 else None
+    # activations leave the client in every split mode, whichever step sends them: the noise is put on here
+    release = activation_release(cfg.activation_noise, seed=options.seed)
+    out.hooks = hooks.merged(TrainHooks(penalty=penalty, release=release))
     return out
 
 

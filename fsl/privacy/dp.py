@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from fsl.training import TrainHooks
 
 __all__ = [
     "DPProblem",
@@ -169,6 +171,10 @@ class DPSession:
         """One Poisson-sampled epoch of sample indices (a batch may be empty)."""
         for (idx,) in self.loader:
             yield idx
+
+    def train_hooks(self) -> TrainHooks:
+        """What the client's training loop takes from DP-SGD: its optimizer and its Poisson batches."""
+        return TrainHooks(optimizer=self.optimizer, batches=self.batches)
 
     @property
     def steps(self) -> int:
@@ -322,7 +328,3 @@ class PrivacyLedger:
 
 def _sort_key(c: str) -> tuple[int, str]:
     return (int(c), c) if c.isdigit() else (1 << 30, c)
-
-
-def batches_fn(session: DPSession | None) -> Callable[[], Iterator[torch.Tensor]] | None:
-    return None if session is None else session.batches

@@ -42,7 +42,7 @@ def distance_correlation(x: torch.Tensor, h: torch.Tensor, eps: float = 1e-9) ->
 
 @dataclass(frozen=True)
 class NoPeek:
-    """``penalty(x, h) = weight * dCor(x, h)``, the trainer's client-side loss term (``train_segment(penalty=)``)."""
+    """``penalty(x, h) = weight * dCor(x, h)``, the trainer's client-side loss term (``TrainHooks(penalty=...)``)."""
 
     weight: float
 
