@@ -94,7 +94,8 @@ def train(msg: Message, context: Context) -> Message:
         "momentum": cfg.train.momentum,
         "weight_decay": cfg.train.weight_decay,
         "proximal_mu": float(r.conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-        "seed": cfg.seed * 100_003 + rnd * 1_009 + context.node_id % 1_000_003,
+        # by data partition: Flower's node ids are random per run, and a run must repeat with its seed
+        "seed": cfg.seed * 100_003 + rnd * 1_009 + int(context.node_config.get("partition-id", 0)),
         "exit_weight": cfg.model.exit_weight,  # multi-exit models (fsl.inference.exits)
     }
     kw["batch_size"] = node_batch_size(context.node_config, kw["batch_size"])  # deploy: the device's batch size
@@ -169,6 +170,10 @@ def query(msg: Message, context: Context) -> Message:
         return setup  # type: ignore[no-any-return]
     r = _Round(msg, context)
     metrics = MetricRecord(
-        {"num-examples": len(r.part.y_train), "capability": float(context.node_config.get("capability", 1.0))}
+        {
+            "num-examples": len(r.part.y_train),
+            "capability": float(context.node_config.get("capability", 1.0)),
+            "partition-id": int(context.node_config.get("partition-id", 0)),
+        }
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
