@@ -124,7 +124,7 @@ class RoundRunner:
         privacy = ServerPrivacy(cfg)
         privacy.validate(client_part)  # a segment DP-SGD cannot train is refused before any round
         self.init_arrays = self.arrays
-        self.own: dict[int, ArrayRecord] = {}  # psl: each client's own segment
+        self.own: dict[str, ArrayRecord] = {}  # psl: each client's own segment, by :meth:`_owner`
         self.info: dict[int, NodeInfo] = {}
         self.grid: Any = PartitionOrder(grid, self.info)
         self.strategy = make_strategy(cfg)
@@ -179,12 +179,12 @@ class RoundRunner:
         if ckpt is None:
             self.run.write_config(to_toml(self.cfg))
             return
-        own: dict[int, dict[str, torch.Tensor]] = {}
+        own: dict[str, dict[str, torch.Tensor]] = {}
         shared: dict[str, torch.Tensor] = {}
         for k, v in ckpt.client.items():
-            if k.startswith("node/"):
-                _, node, key = k.split("/", 2)
-                own.setdefault(int(node), {})[key] = v
+            if k.startswith(("node/", "partition/")):
+                kind, ident, key = k.split("/", 2)
+                own.setdefault(f"{kind}/{ident}", {})[key] = v
             else:
                 shared[k] = v
         self.arrays = ArrayRecord(shared)
@@ -202,8 +202,8 @@ class RoundRunner:
 
     def _checkpoint(self, rnd: int, t_start: float) -> None:
         client = dict(self.arrays.to_torch_state_dict())
-        for node, rec in self.own.items():
-            client.update({f"node/{node}/{k}": v for k, v in rec.to_torch_state_dict().items()})
+        for owner, rec in self.own.items():
+            client.update({f"{owner}/{k}": v for k, v in rec.to_torch_state_dict().items()})
         extra: dict[str, Any] = {"wall_s": self.wall_before + time.perf_counter() - t_start, "run_id": self.run_id}
         extra.update({h.name: h.state_dict() for h in self.hooks if h.name})
         server = self.state.state_tensors() if self.state is not None else {}
@@ -244,8 +244,14 @@ class RoundRunner:
         for h in self.hooks:
             h.on_phase(rnd, phase)
 
+    def _owner(self, node: int) -> str:
+        """Whose own segment (psl) a node trains: its data partition's, which outlives a restart (a node id
+        need not: Flower gives simulated nodes new random ids every run)."""
+        info = self.info.get(node)
+        return f"partition/{info.partition}" if info is not None and info.partition is not None else f"node/{node}"
+
     def _segment_for(self, node: int, plan: RoundPlan) -> ArrayRecord:
-        return self.own.get(node, self.init_arrays) if plan.own_segments else self.arrays
+        return self.own.get(self._owner(node), self.init_arrays) if plan.own_segments else self.arrays
 
     # ------------------------------------------------------------------ round
     def run_round(self, rnd: int, t_start: float) -> dict[str, Any]:
@@ -336,7 +342,7 @@ class RoundRunner:
             self.arrays = ok[-1].content["arrays"]  # type: ignore[assignment]
         elif plan.own_segments:
             for m in ok:
-                self.own[m.metadata.src_node_id] = m.content["arrays"]  # type: ignore[assignment]
+                self.own[self._owner(m.metadata.src_node_id)] = m.content["arrays"]  # type: ignore[assignment]
 
     def evaluate(self, r: Round) -> Evaluation:
         """Federated evaluation (split inference on each client's own held-out data), then the round's close on
@@ -354,13 +360,13 @@ class RoundRunner:
             return [], 0, 0
         self._seed_sampling(r.number, "evaluate")
         chosen = self.strategy.configure_evaluate(r.number, self.arrays, ConfigRecord({}), self.grid)
-        msgs = [
-            self._message(n, self._segment_for(n, r.plan), {}, r.number, MessageType.EVALUATE)
-            for n in (m.metadata.dst_node_id for m in chosen)
-        ]
+        nodes = [m.metadata.dst_node_id for m in chosen]
+        msgs = [self._message(n, self._segment_for(n, r.plan), {}, r.number, MessageType.EVALUATE) for n in nodes]
+        rank = {n: i for i, n in enumerate(nodes)}
+        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.train.round_timeout_s)
         rows: list[dict[str, Any]] = []
         failures = 0
-        for m in self.grid.send_and_receive(msgs, timeout=self.cfg.train.round_timeout_s):
+        for m in sorted(replies, key=lambda m: rank.get(m.metadata.src_node_id, len(rank))):  # not arrival order
             if m.has_error():
                 failures += 1
                 log.warning("federated evaluation failed on node %s: %s", m.metadata.src_node_id, m.error.reason)
