@@ -292,25 +292,7 @@ class RoundRunner:
     def train(self, r: Round) -> None:
         """Send every planned client its segment and the round's config; collect the replies in plan order."""
         self._phase(r.number, "train")
-        plan, timeout = r.plan, self.cfg.train.round_timeout_s
-        if plan.sequential:
-            current = self.arrays
-            for n in plan.order:  # one client after another
-                msg = self._message(n, current if plan.handoff else self.arrays, r.conf, r.number, MessageType.TRAIN)
-                rep = list(self.grid.send_and_receive([msg], timeout=timeout))
-                r.replies += rep
-                if plan.handoff and rep and not rep[0].has_error():
-                    current = rep[0].content["arrays"]  # type: ignore[assignment]
-        else:
-            msgs = [
-                self._message(n, self._segment_for(n, plan), r.conf, r.number, MessageType.TRAIN) for n in plan.order
-            ]
-            rank = {n: i for i, n in enumerate(plan.order)}
-            # arrival order is a race; aggregating in plan order keeps the sum's rounding the same every run
-            r.replies = sorted(
-                self.grid.send_and_receive(msgs, timeout=timeout),
-                key=lambda m: rank.get(m.metadata.src_node_id, len(rank)),
-            )
+        r.replies = self._train_in_turn(r) if r.plan.sequential else self._train_at_once(r)
         if self.state is not None:
             self.state.merge_replicas()
         for h in self.hooks:
@@ -319,9 +301,31 @@ class RoundRunner:
             if m.has_error():
                 log.warning("training failed on node %s: %s", m.metadata.src_node_id, m.error.reason)
         answered = {m.metadata.src_node_id for m in r.replies}
-        for n in plan.order:
+        for n in r.plan.order:
             if n not in answered:  # e.g. its SuperNode died mid-round: nothing of its segment is aggregated
-                log.warning("node %s did not answer round %s within %.0f s", n, r.number, timeout)
+                log.warning(
+                    "node %s did not answer round %s within %.0f s", n, r.number, self.cfg.train.round_timeout_s
+                )
+
+    def _train_in_turn(self, r: Round) -> list[Message]:
+        """One client after another; in ``sl`` each starts from the segment the previous one returned."""
+        replies: list[Message] = []
+        current = self.arrays
+        for n in r.plan.order:
+            msg = self._message(n, current if r.plan.handoff else self.arrays, r.conf, r.number, MessageType.TRAIN)
+            rep = list(self.grid.send_and_receive([msg], timeout=self.cfg.train.round_timeout_s))
+            replies += rep
+            if r.plan.handoff and rep and not rep[0].has_error():
+                current = rep[0].content["arrays"]  # type: ignore[assignment]
+        return replies
+
+    def _train_at_once(self, r: Round) -> list[Message]:
+        plan = r.plan
+        msgs = [self._message(n, self._segment_for(n, plan), r.conf, r.number, MessageType.TRAIN) for n in plan.order]
+        rank = {n: i for i, n in enumerate(plan.order)}
+        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.train.round_timeout_s)
+        # arrival order is a race; aggregating in plan order keeps the sum's rounding the same every run
+        return sorted(replies, key=lambda m: rank.get(m.metadata.src_node_id, len(rank)))
 
     def _fedavg(self, r: Round, current: ArrayRecord) -> ArrayRecord | None:
         new_arrays, _ = self.strategy.aggregate_train(r.number, r.ok)
@@ -387,7 +391,7 @@ class RoundRunner:
         bs = self.cfg.train.eval_batch_size
         if own_segments and self.own:
             accs, losses = [], []
-            for rec in self.own.values():
+            for _, rec in sorted(self.own.items()):  # by owner: the same order in a resumed run
                 self.eval_model.load_state_dict({**rec.to_torch_state_dict(), **server_sd})
                 ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs)
                 accs.append(ev.accuracy)
