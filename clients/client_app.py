@@ -77,7 +77,9 @@ class _Round:
 
     def options(self) -> TrainOptions:
         """This round's training options: the experiment's, this node's batch size, a per-round seed."""
-        seed = self.cfg.seed * 100_003 + self.round * 1_009 + self.node_id % 1_000_003
+        # by data partition, not node id: Flower's node ids are random per run, and a run must repeat
+        # with its seed
+        seed = self.cfg.seed * 100_003 + self.round * 1_009 + self.partition_id
         options = TrainOptions.from_config(
             self.cfg,
             seed=seed,
@@ -172,6 +174,10 @@ def query(msg: Message, context: Context) -> Message:
         return setup  # type: ignore[no-any-return]
     r = _Round(msg, context)
     metrics = MetricRecord(
-        {"num-examples": len(r.part.y_train), "capability": float(context.node_config.get("capability", 1.0))}
+        {
+            "num-examples": len(r.part.y_train),
+            "capability": float(context.node_config.get("capability", 1.0)),
+            "partition-id": int(context.node_config.get("partition-id", 0)),
+        }
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

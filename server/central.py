@@ -17,7 +17,7 @@ from fsl.data import client_partition
 from fsl.experiment import build_model_for, experiment_dataset
 from fsl.rundir import Checkpoint, RunDir
 from fsl.training import TrainOptions, evaluate_model, train_local
-from server.server_app import Reporter, summarize
+from server.results import Reporter, summarize_run
 
 __all__ = ["run_central"]
 
@@ -90,7 +90,7 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
         )
         if reporter is not None:
             reporter.round_end(row)
-    result = summarize(cfg, history, "cpu", wall_before + time.perf_counter() - t_start, run)
+    result = summarize_run(cfg, history, "cpu", wall_before + time.perf_counter() - t_start, run)
     result["clients"] = cfg.clients
     run.write_summary(result)
     run.plot(history, f"{cfg.name}: central (pooled data of {cfg.clients} clients)")

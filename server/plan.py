@@ -34,6 +34,7 @@ class NodeInfo:
     node_id: int
     examples: int = 0  # training samples it holds
     capability: float = 1.0  # declared relative compute capability (node config `capability`)
+    partition: int | None = None  # the data partition it holds (node config `partition-id`), if it said
 
 
 @dataclass(frozen=True)

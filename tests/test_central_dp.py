@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fsl.config import ConfigError, load_experiment
-from server.server_app import make_strategy
+from server.strategy import make_strategy
 
 
 def test_central_dp_wraps_the_strategy_and_is_validated():

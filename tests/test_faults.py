@@ -1,4 +1,4 @@
-"""Faults against a live split server on 127.0.0.1 (issue 7).
+"""Faults against a live split server on 127.0.0.1.
 
 * fuzz: thousands of malformed requests (random bytes, wrong dtype, shape mismatch, negative or
   huge dimensions, NaN/Inf, truncated or padded buffers, bad labels, unknown client, wrong round,

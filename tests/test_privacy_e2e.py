@@ -13,7 +13,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 # Flower simulation (Ray): one such test at a time, in one pytest worker (two Ray clusters side by side
-# on 2 cores once hung a run whose simulation engine died)
+# on 2 cores can hang a run whose simulation engine died)
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 TINY = ["data.name=digits", "train.batch_size=16", "simulation.client_cpus=1", "--quiet"]

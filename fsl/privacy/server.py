@@ -1,10 +1,11 @@
-"""What the ServerApp does for the ``[privacy]`` section (issue 5): validation, accounting, results.
+"""What the ServerApp does for the ``[privacy]`` section: validation, accounting, results.
 
-:class:`ServerPrivacy` is the one object ``server/server_app.py`` talks to: it validates the client
-segment before the first round, records each client's DP-SGD steps in a :class:`PrivacyLedger`
-(epsilon recomputed with Opacus from the recorded noise multiplier, sample rate and steps), adds the
-per-round figures to ``metrics.jsonl``, saves and restores its state with every checkpoint, and writes
-the ``privacy`` object of ``summary.json``, which says plainly what each mechanism does and does not protect.
+:class:`ServerPrivacy` is the one object the round loop talks to (through :mod:`server.round_hooks`):
+it validates the client segment before the first round, records each client's DP-SGD steps in a
+:class:`PrivacyLedger` (epsilon recomputed with Opacus from the recorded noise multiplier, sample rate
+and steps), adds the per-round figures to ``metrics.jsonl``, saves and restores its state with every
+checkpoint, and writes the ``privacy`` object of ``summary.json``, which says plainly what each
+mechanism does and does not protect.
 """
 
 from __future__ import annotations
