@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Server batching and end to end with the split server's segment on CUDA (issue 8).
+# Server batching and end to end with the split server's segment on CUDA.
 # Self-contained and offline: uses the project's .venv (a CUDA build of torch must be installed
 # there) and the datasets that ship in wheels. Prints the tables; JSON lands in
 # benchmarks/results/{batching,e2e}-cuda.json. About 3 minutes. Not run on the CPU build machines.

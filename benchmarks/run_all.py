@@ -61,7 +61,7 @@ def main() -> None:
         ("client_peak_rss_mb", cl["client_peak_rss_mb"], "< 400", cl["client_peak_rss_mb"] < 400),
     ]
     rows = [{"key": k, "value": v, "target": t, "met": m} for k, v, t, m in targets]
-    print(table(rows, title="Targets (issue 8), ratios measured in this run"))
+    print(table(rows, title="Targets, ratios measured in this run"))
     summary = {
         **{k: v for k, v, _, _ in targets},
         "grpc_floor_ratio_1mb": dp["grpc_floor_ratio_1mb"],

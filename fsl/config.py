@@ -22,7 +22,7 @@ from typing import Any
 
 from fsl.data import DATASETS
 from fsl.models import MODELS, model_spec
-from fsl.privacy.config import PrivacyConfig, check_privacy  # privacy: issue 5
+from fsl.privacy.config import PrivacyConfig, check_privacy
 
 __all__ = [
     "ConfigError",
@@ -162,22 +162,22 @@ class ServerConfig:
     request_timeout_s: float = 120.0
     request_retries: int = 3
     max_batch: int = 4096
-    # issue 8: batch concurrent Train requests into one forward/backward (server/batching.py). Each
+    # batch concurrent Train requests into one forward/backward (server/batching.py). Each
     # client still gets its own exact gradient at the cut; one SGD step on the SUM of the clients'
     # gradients (same lr as unbatched). Not for segments with BatchNorm.
     batching: bool = False
     max_batch_requests: int = 8  # most requests in one batch
     max_batch_wait_ms: float = 20.0  # longest a batch waits for more requests (a lone client never waits)
-    # deploy: where clients dial the split server when `address` binds 0.0.0.0 ("gpu-host" or "gpu-host:7800";
+    # where clients dial the split server when `address` binds 0.0.0.0 ("gpu-host" or "gpu-host:7800";
     # no port = the bound one), and data-plane TLS (PEM paths on the ServerApp's host; fsl/endpoint.py)
     public_address: str = ""  # deploy
-    tls_certfile: str = ""  # deploy: server certificate (chain)
-    tls_keyfile: str = ""  # deploy: its private key
-    tls_ca_certfile: str = ""  # deploy: CA sent to clients to verify the server ("" = the certificate itself)
+    tls_certfile: str = ""  # server certificate (chain)
+    tls_keyfile: str = ""  # its private key
+    tls_ca_certfile: str = ""  # CA sent to clients to verify the server ("" = the certificate itself)
 
     def __post_init__(self) -> None:
-        _check(self.max_batch_requests >= 1, "server.max_batch_requests must be >= 1")  # issue 8
-        _check(self.max_batch_wait_ms >= 0, "server.max_batch_wait_ms must be >= 0")  # issue 8
+        _check(self.max_batch_requests >= 1, "server.max_batch_requests must be >= 1")
+        _check(self.max_batch_wait_ms >= 0, "server.max_batch_wait_ms must be >= 0")
         _check(":" in self.address, f"server.address must be host:port, got {self.address!r}")
         _check(self.request_timeout_s > 0, f"server.request_timeout_s must be > 0, got {self.request_timeout_s}")
         _check(self.request_retries >= 0, f"server.request_retries must be >= 0, got {self.request_retries}")
@@ -213,7 +213,7 @@ class HybridConfig:
 
 
 @dataclass(frozen=True)
-class RecordConfig:  # attacks: the opt-in observation recorder (server/recorder.py), issue 6
+class RecordConfig:  # the opt-in observation recorder (server/recorder.py) that the attacks read
     enabled: bool = False  # store what the split server sees in observations/ (and ground truth in simulation)
     rounds: str = "last"  # "last", "all", or a comma list such as "1,3"
     max_batches: int = 4  # training batches recorded per client and round
@@ -241,7 +241,7 @@ class RecordConfig:  # attacks: the opt-in observation recorder (server/recorder
 
 
 @dataclass(frozen=True)
-class ActivationNoiseConfig:  # attacks: fsl/privacy/activation.py on every release of activations
+class ActivationNoiseConfig:  # fsl/privacy/activation.py, applied to every release of activations
     mechanism: str = "none"  # "none", "gaussian" (L2 clip) or "laplace" (L1 clip)
     clip_norm: float = 1.0  # per-sample norm bound C of the activation at the cut
     noise_multiplier: float = 1.0  # noise std (Gaussian) or scale (Laplace) in units of clip_norm
@@ -268,9 +268,9 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
-    record: RecordConfig = field(default_factory=RecordConfig)  # attacks: issue 6
-    activation_noise: ActivationNoiseConfig = field(default_factory=ActivationNoiseConfig)  # attacks: issue 6
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # privacy: issue 5 (fsl/privacy/config.py)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    activation_noise: ActivationNoiseConfig = field(default_factory=ActivationNoiseConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # fsl/privacy/config.py
 
     @property
     def architecture(self) -> str:
@@ -287,7 +287,7 @@ class ExperimentConfig:
         )
         _check(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
         _check(self.train.min_clients <= self.clients, "train.min_clients cannot exceed clients")
-        check_privacy(self, ConfigError)  # privacy: issue 5
+        check_privacy(self, ConfigError)
 
 
 # ----------------------------------------------------------------------------- (de)serialisation

@@ -1,4 +1,4 @@
-"""Denormal floats flushed to zero on the threads that train (CPU speed; issue 8).
+"""Denormal floats flushed to zero on the threads that train (CPU speed).
 
 SGD momentum buffers of weights that stop receiving gradient (a ReLU unit that no longer fires)
 decay by ``momentum`` every step, and after a few hundred steps they hold denormal floats

@@ -1,4 +1,4 @@
-"""The ``[privacy]`` section of an experiment (issue 5): typed, validated, with what each knob protects.
+"""The ``[privacy]`` section of an experiment: typed, validated, with what each knob protects.
 
 ``[privacy.dp]``      DP-SGD on the client segment (Opacus): protects the segment *updates* that get aggregated.
 ``nopeek_weight``     NoPeek distance-correlation penalty between inputs and smashed activations (empirical, no epsilon).

@@ -70,7 +70,7 @@ def encode_into(out: pb.Tensor, x: torch.Tensor, dtype: torch.dtype | Any = None
 
     Prefer this to ``Reply(grad=encode(g))``: protobuf copies a sub-message passed to a
     constructor by serializing and parsing it again, a second pass over the payload.
-    ``dtype`` may be a :class:`fsl.wire.compress.WireFormat` (int8 quantization, top-k; privacy: issue 5).
+    ``dtype`` may be a :class:`fsl.wire.compress.WireFormat` (int8 quantization, top-k).
     """
     raw = encode_payload(out, x, dtype)
     if raw is not None:
@@ -85,7 +85,7 @@ def encode_payload(out: pb.Tensor, x: torch.Tensor, dtype: torch.dtype | Any = N
     wire dtype), so a frame (:mod:`fsl.wire.frame`) can send it without copying it into the
     message. Compressed formats are encoded into ``out`` whole and return ``None``.
     """
-    if dtype is not None and not isinstance(dtype, torch.dtype):  # privacy: compressed formats (issue 5)
+    if dtype is not None and not isinstance(dtype, torch.dtype):  # a compressed format
         from fsl.wire.compress import encode_compressed
 
         encode_compressed(out, x, dtype)
@@ -149,7 +149,7 @@ def decode(
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise WireError(f"{name}: {count} elements exceed the limit of {max_elements}")
-    if t.indices:  # privacy: a top-k sparse payload (fsl/wire/compress.py, issue 5)
+    if t.indices:  # a top-k sparse payload (fsl/wire/compress.py)
         if data is not None:
             raise WireError(f"{name}: a sparse tensor travels inside its message, not framed")
         from fsl.wire.compress import decode_sparse
@@ -177,7 +177,7 @@ def wire_format(name: str) -> torch.dtype | Any:
     """What to encode with for a format name from :func:`format_of` (a dtype, or a compressed format)."""
     if name in DTYPES and name != "int8":
         return DTYPES[name]
-    from fsl.wire.compress import parse_format  # privacy: int8 quantization, top-k (issue 5)
+    from fsl.wire.compress import parse_format  # int8 quantization, top-k
 
     return parse_format(name)
 
@@ -223,7 +223,7 @@ def _varint_size(n: int) -> int:
 
 
 def _tensor_size(t: pb.Tensor, framed: bool = False) -> int:
-    if t.dtype not in _ITEMSIZE or t.indices:  # privacy: sparse payloads are small; size them exactly
+    if t.dtype not in _ITEMSIZE or t.indices:  # sparse payloads are small; size them exactly
         return t.ByteSize()  # not ours to size cheaply
     head = pb.Tensor(dtype=t.dtype, shape=t.shape, scale=t.scale).ByteSize()
     n = 0 if framed else math.prod(int(d) for d in t.shape) * _ITEMSIZE[t.dtype]

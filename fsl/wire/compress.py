@@ -1,4 +1,4 @@
-"""Compressed tensors on the data plane (issue 5): int8 linear quantization and top-k sparsification.
+"""Compressed tensors on the data plane: int8 linear quantization and top-k sparsification.
 
 A wire format is named by a short string so it can travel with a request and be mirrored in the
 reply: ``"float32"``, ``"float16"``, ``"bfloat16"`` (plain casts, :mod:`fsl.wire.codec`), ``"int8"``
