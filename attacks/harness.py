@@ -20,6 +20,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,7 +130,14 @@ def _train_round(
     ``segment`` is what runs forward (the client segment, or a ground-truth tap around it); the
     privacy wiring attaches to ``trained.client`` itself, as the ClientApp attaches it to its module.
     """
-    kw = {"epochs": 1, "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": 0.0, "seed": seed}
+    kw: dict[str, Any] = {
+        "epochs": 1,
+        "batch_size": batch_size,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": 0.0,
+        "seed": seed,
+    }
     privacy = client_privacy(config, trained.client, len(y), kw, 0)
     kw.update(privacy.kwargs)
     kw.setdefault("release", release)

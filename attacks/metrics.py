@@ -10,6 +10,7 @@ input order (gradient inversion of a batch).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -151,13 +152,8 @@ def label_multiset_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> floa
     """Fraction of ``true`` labels found in ``predicted`` counted as multisets (for a batch whose order is lost)."""
     if not len(true):
         return math.nan
-    left = predicted.long().tolist()
-    hits = 0
-    for y in true.long().tolist():
-        if y in left:
-            left.remove(y)
-            hits += 1
-    return hits / len(true)
+    common = Counter(predicted.long().tolist()) & Counter(true.long().tolist())  # multiset intersection
+    return sum(common.values()) / len(true)
 
 
 def roc_auc(scores: torch.Tensor, true: torch.Tensor) -> float:

@@ -242,7 +242,7 @@ def figure(root: Path, rows: list[dict[str, Any]], dataset: str, n: int = 8) -> 
     cells = [r for r in rows if r["dataset"] == dataset and r["defense"] == "none" and r.get("attack")]
     if not cells:
         return None
-    lines = []
+    lines: list[tuple[str, Any]] = []
     for r in cells:
         with np.load(Path(r["run_dir"]) / "attacks" / r["attack"] / "reconstructions.npz", allow_pickle=False) as z:
             if not lines:

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from attacks.metrics import image_scores, match_by_assignment, match_by_key, psnr, roc_auc, ssim, summarize_scores
+from attacks.metrics import (
+    image_scores,
+    label_multiset_accuracy,
+    match_by_assignment,
+    match_by_key,
+    psnr,
+    roc_auc,
+    ssim,
+    summarize_scores,
+)
 
 
 def test_ssim_is_one_for_identical_images_and_falls_with_noise():
@@ -93,6 +102,12 @@ def test_summarize_scores_gives_mean_and_population_std():
     out = summarize_scores({"ssim": torch.tensor([0.2, 0.4]), "psnr": torch.tensor([])})
     assert out["ssim_mean"] == pytest.approx(0.3) and out["ssim_std"] == pytest.approx(0.1)
     assert math.isnan(out["psnr_mean"]) and math.isnan(out["psnr_std"])
+
+
+def test_label_multiset_accuracy_ignores_order_and_counts_repeats_once_each():
+    assert label_multiset_accuracy(torch.tensor([3, 1, 1]), torch.tensor([1, 3, 2])) == pytest.approx(2 / 3)
+    assert label_multiset_accuracy(torch.tensor([2, 2, 2]), torch.tensor([2, 5, 2])) == pytest.approx(2 / 3)
+    assert math.isnan(label_multiset_accuracy(torch.tensor([]), torch.tensor([])))
 
 
 def test_match_by_key_and_by_assignment():
