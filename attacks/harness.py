@@ -2,34 +2,83 @@
 
 The pieces are the framework's own: :class:`server.split_server.SplitServerState`
 behind an :class:`fsl.channel.InMemoryChannel` (real codec, real validation), the
-client trainer :func:`clients.trainer.train_segment` with the defense as its
-``release`` transform, and :class:`server.recorder.ObservationRecorder` as the
-server's observer. The data owner's :class:`attacks.ground_truth.GroundTruthTap`
-writes the inputs of the recorded batches to ``ground_truth/``. The result is a
-run directory that ``fsl attack`` reads exactly like one from ``fsl run``.
+client trainer :func:`clients.trainer.train_segment`, and
+:class:`server.recorder.ObservationRecorder` as the server's observer. The
+defenses are the ones a run ships, chosen by the same experiment-config keys: the
+``[privacy]`` section (DP-SGD with Opacus and NoPeek through
+:func:`fsl.privacy.client.client_privacy`, top-k or int8 compression through the
+channel's wire format, :func:`fsl.privacy.client.wire_dtype_for`) and
+``[activation_noise]`` (:func:`fsl.privacy.activation_release` on every release).
+The data owner's :class:`attacks.ground_truth.GroundTruthTap` writes the inputs
+of the recorded batches to ``ground_truth/``. The result is a run directory that
+``fsl attack`` reads exactly like one from ``fsl run``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from attacks.base import Observation, sample_keys
-from attacks.defenses import Defense, calibrated_noise, topk_release, train_client_custom
 from attacks.ground_truth import GroundTruthTap
 from attacks.models import segments
-from clients.trainer import TrainHooks, TrainOptions, evaluate_split, train_local, train_segment
+from clients.trainer import TrainOptions, evaluate_split, train_local, train_segment
 from fsl.channel import ChannelIdentity, InMemoryChannel
+from fsl.config import ExperimentConfig
 from fsl.models import cut_shape
+from fsl.privacy import activation_release
+from fsl.privacy.client import client_privacy, wire_dtype_for
 from server.recorder import ObservationRecorder
 from server.split_server import SplitServerState
 
-__all__ = ["TrainedSplit", "fl_step_observation", "record_gradient_step", "record_round", "train_split"]
+__all__ = [
+    "TrainedSplit",
+    "activation_norm",
+    "defense_label",
+    "fl_step_observation",
+    "record_gradient_step",
+    "record_round",
+    "train_split",
+]
+
+
+def defense_label(config: ExperimentConfig) -> str:
+    """A short name of the defenses ``config`` turns on: ``none``, ``noise(0.01)``, ``dpsgd(1)+compression(0.1)``, ..."""
+    p, noise = config.privacy, config.activation_noise
+    parts = []
+    if noise.mechanism != "none":
+        kind = "noise" if noise.mechanism == "gaussian" else "laplace-noise"
+        parts.append(f"{kind}({noise.noise_multiplier:g})")
+    if p.nopeek_weight > 0:
+        parts.append(f"nopeek({p.nopeek_weight:g})")
+    if p.dp.enabled:
+        parts.append(
+            f"dpsgd({p.dp.noise_multiplier:g})" if p.dp.target_epsilon == 0 else f"dpsgd(eps={p.dp.target_epsilon:g})"
+        )
+    if p.compression == "topk":
+        parts.append(f"compression({p.topk_ratio:g})")
+    elif p.compression != "none":
+        parts.append(f"compression({p.compression})")
+    return "+".join(parts) or "none"
+
+
+def activation_norm(
+    model: str, cut: str, x: torch.Tensor, *, num_classes: int = 10, seed: int = 0, n: int = 256
+) -> float:
+    """Median per-sample L2 norm at ``cut`` of the fresh (seeded) ``model`` on ``x[:n]``.
+
+    A clip norm for ``[activation_noise]`` near the typical activation norm: far below it the
+    clipping alone destroys the signal, far above it the same noise multiplier means more noise.
+    """
+    client, _ = segments(model, cut, tuple(x.shape[1:]), num_classes, seed=seed)
+    with torch.no_grad():
+        return float(client(x[:n]).flatten(1).norm(dim=1).median())
 
 
 @dataclass
@@ -41,17 +90,56 @@ class TrainedSplit:
     cut: str
     input_shape: tuple[int, ...]
     num_classes: int
-    defense: Defense
+    config: ExperimentConfig = field(default_factory=ExperimentConfig)
     next_round: int = 2_000  # record_gradient_step: a fresh round each (the server caches step replies)
 
-    def channel(self, rnd: int, client: str = "0") -> InMemoryChannel:
+    @property
+    def defense(self) -> str:
+        return defense_label(self.config)
+
+    def channel(self, rnd: int, client: str = "0", config: ExperimentConfig | None = None) -> InMemoryChannel:
+        """The data plane to the split server, in the wire format the config's compression asks for."""
         return InMemoryChannel(
-            server=self.state, identity=ChannelIdentity(run_id="leakage", round=rnd, client_id=client)
+            server=self.state,
+            identity=ChannelIdentity(run_id="leakage", round=rnd, client_id=client),
+            wire_dtype=wire_dtype_for(config or self.config),
         )
 
     def task_accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Split inference on held-out data, with the defense applied to what is sent."""
         return evaluate_split(self.client, x, y, self.channel(0), release=self.release).accuracy
+
+
+def _train_round(
+    trained: TrainedSplit,
+    segment: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    channel: InMemoryChannel,
+    *,
+    config: ExperimentConfig,
+    release: Callable[[torch.Tensor], torch.Tensor] | None,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    seed: int = 0,
+) -> None:
+    """One local epoch of the client as the ClientApp runs it: ``config``'s DP-SGD and NoPeek
+    (:func:`fsl.privacy.client.client_privacy`) around :func:`clients.trainer.train_segment`.
+
+    ``segment`` is what runs forward (the client segment, or a ground-truth tap around it); the
+    privacy wiring attaches to ``trained.client`` itself, as the ClientApp attaches it to its module.
+    """
+    options = TrainOptions(epochs=1, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=0.0, seed=seed)
+    privacy = client_privacy(config, trained.client, len(y), options, 0)
+    hooks = privacy.hooks
+    if hooks.release is None and release is not None:
+        hooks = dataclasses.replace(hooks, release=release)
+    try:
+        train_segment(segment, x, y, channel, privacy.options, hooks)
+    finally:
+        if privacy.session is not None:
+            privacy.session.close()  # Opacus' hooks off the segment: the attacker's copy is a plain module
 
 
 def train_split(
@@ -61,14 +149,18 @@ def train_split(
     y: torch.Tensor,
     *,
     num_classes: int = 10,
-    defense: Defense | None = None,
+    config: ExperimentConfig | None = None,
     epochs: int = 2,
     batch_size: int = 32,
     lr: float = 0.05,
     seed: int = 0,
 ) -> TrainedSplit:
-    """Train ``model`` cut at ``cut`` on (x, y) by split learning (one client, one epoch per round)."""
-    defense = defense or Defense()
+    """Train ``model`` cut at ``cut`` on (x, y) by split learning (one client, one epoch per round).
+
+    ``config`` picks the defenses by the keys a run uses (``[privacy]``, ``[activation_noise]``;
+    default: none); its model and training sections are not read, the arguments are.
+    """
+    config = config or ExperimentConfig()
     input_shape = tuple(x.shape[1:])
     client, server = segments(model, cut, input_shape, num_classes, seed=seed)
     state = SplitServerState(
@@ -81,19 +173,22 @@ def train_split(
         model_name=model,
         cut=cut,
     )
-    release: Callable[[torch.Tensor], torch.Tensor] | None = None
-    if defense.kind == "noise":
-        release = calibrated_noise(client, x, defense.param, seed)
-    elif defense.kind == "compression":
-        release = topk_release(defense.param)
-    trained = TrainedSplit(client, state, release, model, cut, input_shape, num_classes, defense)
+    # one noise generator for the whole life of the split (training, evaluation, the recorded round)
+    release = activation_release(config.activation_noise, seed=seed)
+    trained = TrainedSplit(client, state, release, model, cut, input_shape, num_classes, config)
     for rnd in range(1, epochs + 1):
-        ch = trained.channel(rnd)
-        if defense.kind in ("nopeek", "dpsgd"):
-            train_client_custom(client, x, y, ch, defense, batch_size=batch_size, lr=lr, seed=seed + rnd)
-        else:
-            opts = TrainOptions(batch_size=batch_size, lr=lr, seed=seed + rnd)
-            train_segment(client, x, y, ch, opts, TrainHooks(release=release))
+        _train_round(
+            trained,
+            client,
+            x,
+            y,
+            trained.channel(rnd),
+            config=config,
+            release=release,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed + rnd,
+        )
     return trained
 
 
@@ -128,17 +223,34 @@ def record_round(
             "input_shape": list(trained.input_shape),
             "sample_shape": list(trained.state.sample_shape),
             "labels_sent": True,
-            "defense": trained.defense.label,
+            "defense": trained.defense,
         },
         rounds=(rnd,),
         max_batches=n_batches,
     )
+    dp = trained.config.privacy.dp
+    if dp.enabled and dp.poisson and len(y) > batch_size:
+        # Poisson batches may be empty (no request, yet a forward the tap counts) and repeat samples,
+        # so the tap's batch numbers would drift from the server's steps
+        raise ValueError(
+            f"record_round under Poisson-sampled DP-SGD needs one batch (got {len(y)} samples for batch size "
+            f"{batch_size}); record fewer samples or set privacy.dp.poisson = false"
+        )
     start = copy.deepcopy(trained.client.state_dict())
     trained.state.observer = recorder
     tap = GroundTruthTap(trained.client, max_batches=n_batches)
     try:
-        opts = TrainOptions(batch_size=batch_size, lr=lr)
-        train_segment(tap, x, y, trained.channel(rnd, client), opts, TrainHooks(release=trained.release))
+        _train_round(
+            trained,
+            tap,
+            x,
+            y,
+            trained.channel(rnd, client),
+            config=trained.config,
+            release=trained.release,
+            batch_size=batch_size,
+            lr=lr,
+        )
     finally:
         trained.state.observer = None
     recorder.end_round(
@@ -160,7 +272,7 @@ def record_gradient_step(
     rnd: int | None = None,
     client: str = "0",
     lr: float = 0.05,
-    defense: Defense | None = None,
+    config: ExperimentConfig | None = None,
     dataset: str = "",
     seed: int = 0,
 ) -> Path:
@@ -169,12 +281,13 @@ def record_gradient_step(
     What gradient inversion needs from an unsecured round, all of it the server's own view: the
     client segment it sent (before), the activations and labels it received, the ``dL/dh`` it
     sent back (the split server's ``exchange_observer``) and the segment the client
-    returned (after). The step is plain SGD on one batch of ``len(y)`` samples, so
-    ``before - after = lr * dL/dW``. ``defense`` ``dpsgd`` makes it a DP-SGD step (per-sample
-    clipping to 1 plus Gaussian noise of std ``param``); otherwise the trained split's release
-    (activation noise, compression) applies. ``trained`` keeps the step, as a real client would.
-    ``rnd`` defaults to a round not used before: the server answers a repeated (round, client,
-    step) from its retry cache, so two steps must not share one.
+    returned (after). The step is SGD without momentum on one batch of ``len(y)`` samples, so
+    ``before - after = lr * dL/dW`` when no defense is on. ``config`` (default: the one the split
+    was trained with) picks the step's defenses by the keys a run uses: ``privacy.dp.enabled``
+    makes it Opacus' DP-SGD step (per-sample clipping to ``privacy.dp.max_grad_norm`` plus Gaussian
+    noise), ``[activation_noise]`` and ``privacy.compression`` change what is sent. ``trained``
+    keeps the step, as a real client would. ``rnd`` defaults to a round not used before: the server
+    answers a repeated (round, client, step) from its retry cache, so two steps must not share one.
 
     Returns
     -------
@@ -186,7 +299,11 @@ def record_gradient_step(
         rnd = trained.next_round
     trained.next_round = max(trained.next_round, rnd) + 1
     run_path = Path(run_path)
-    defense = defense or Defense()
+    release = trained.release
+    if config is None:
+        config = trained.config
+    else:
+        release = activation_release(config.activation_noise, seed=seed)
     recorder = ObservationRecorder(
         run_path,
         meta={
@@ -199,7 +316,7 @@ def record_gradient_step(
             "input_shape": list(trained.input_shape),
             "sample_shape": list(trained.state.sample_shape),
             "labels_sent": True,
-            "defense": defense.label if defense.kind != "none" else trained.defense.label,
+            "defense": defense_label(config),
             "local_steps": 1,
             "client_lr": lr,
         },
@@ -208,17 +325,22 @@ def record_gradient_step(
     )
     start = copy.deepcopy(trained.client.state_dict())
     tap = GroundTruthTap(trained.client, max_batches=1)
-    if defense.kind not in ("none", "dpsgd"):
-        raise ValueError(f"record_gradient_step runs defense none or dpsgd, not {defense.kind!r}")
-    ch = InMemoryChannel(server=trained.state, identity=ChannelIdentity(run_id="leakage", round=rnd, client_id=client))
     n = len(y)
     trained.state.exchange_observer = recorder.exchange  # the server's own record of the exchange
     try:
-        if defense.kind == "dpsgd":
-            train_client_custom(tap, x, y, ch, defense, batch_size=n, lr=lr, momentum=0.0, seed=seed)
-        else:
-            opts = TrainOptions(batch_size=n, lr=lr, momentum=0.0, seed=seed)
-            train_segment(tap, x, y, ch, opts, TrainHooks(release=trained.release))
+        _train_round(
+            trained,
+            tap,
+            x,
+            y,
+            trained.channel(rnd, client, config),
+            config=config,
+            release=release,
+            batch_size=n,
+            lr=lr,
+            momentum=0.0,
+            seed=seed,
+        )
     finally:
         trained.state.exchange_observer = None
     recorder.end_round(
@@ -289,8 +411,8 @@ def ushaped_label_run(
 
     The client keeps the ``cnn`` blocks up to ``cut`` and after ``top_cut`` plus the loss; the
     server holds the middle and sees, per batch, its input activations and the gradient
-    ``dL/dz`` of its output ``z`` (labels never travel). Until the framework's U-shaped data
-    plane is used here, the three segments talk through plain tensors in this process.
+    ``dL/dz`` of its output ``z`` (labels never travel). The three segments exchange plain tensors
+    in this process and the recorder is handed the server's view of each step directly.
     """
     from fsl.models import build_model
 

@@ -10,6 +10,7 @@ input order (gradient inversion of a batch).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,7 +27,7 @@ __all__ = [
     "psnr",
     "roc_auc",
     "ssim",
-    "summarize",
+    "summarize_scores",
 ]
 
 
@@ -47,11 +48,24 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, max_db: floa
     return 10.0 * torch.log10(data_range**2 / m)
 
 
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    ax = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(ax**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).float()
+def _gaussian_filter(t: torch.Tensor, sigma: float, truncate: float) -> torch.Tensor:
+    """``scipy.ndimage.gaussian_filter`` over the last two dims of (N, C, H, W), same size out.
+
+    A separable kernel of radius ``int(truncate * sigma + 0.5)`` with scipy's default ``reflect``
+    boundary (edge sample repeated: numpy's ``symmetric`` padding), so the SSIM below computes
+    exactly what scikit-image's does.
+    """
+    r = int(truncate * sigma + 0.5)
+    ax = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (ax / sigma) ** 2)
+    g = (g / g.sum()).to(t.dtype)
+    n, c, h, w = t.shape
+    rows = torch.from_numpy(np.pad(np.arange(h), r, mode="symmetric"))
+    cols = torch.from_numpy(np.pad(np.arange(w), r, mode="symmetric"))
+    flat = t.reshape(n * c, 1, h, w)
+    flat = F.conv2d(flat.index_select(2, rows), g.view(1, 1, -1, 1))  # (N*C, 1, H, W)
+    flat = F.conv2d(flat.index_select(3, cols), g.view(1, 1, 1, -1))  # (N*C, 1, H, W)
+    return flat.reshape(n, c, h, w)
 
 
 def ssim(
@@ -63,23 +77,28 @@ def ssim(
     k1: float = 0.01,
     k2: float = 0.03,
 ) -> torch.Tensor:
-    """(N,) structural similarity per image (Wang et al. 2004), Gaussian window, averaged over channels.
+    """(N,) structural similarity per image (Wang et al. 2004), Gaussian weights, averaged over channels.
 
-    The window shrinks to the image for tiny images (8x8 digits use a 7x7 window,
-    5x5 would be used below 7 pixels). Only "valid" positions are averaged, as in
-    scikit-image's ``structural_similarity(gaussian_weights=True)``.
+    Equal to scikit-image's ``structural_similarity(data_range=data_range, win_size=window,
+    gaussian_weights=True, sigma=sigma, use_sample_covariance=False)`` per image (the tests check it):
+    local statistics from a Gaussian filter truncated at 3.5 sigma, averaged over the positions at
+    least ``window // 2`` pixels from the border. The window shrinks to the image for tiny images
+    (8x8 digits keep 7, 5 would be used below 7 pixels), where scikit-image would refuse.
     """
     _check(x, y)
     x, y = x.double(), y.double()
-    c = x.shape[1]
     size = min(window, x.shape[-1], x.shape[-2])
     size -= 1 - size % 2  # odd
-    w = _gaussian_window(size, sigma).double().expand(c, 1, size, size).contiguous()
-    conv = lambda t: F.conv2d(t, w, groups=c)  # noqa: E731
-    mu_x, mu_y = conv(x), conv(y)
-    sxx = conv(x * x) - mu_x**2
-    syy = conv(y * y) - mu_y**2
-    sxy = conv(x * y) - mu_x * mu_y
+    pad = (size - 1) // 2
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        out = _gaussian_filter(t, sigma, truncate=3.5)
+        return out[..., pad : out.shape[-2] - pad, pad : out.shape[-1] - pad]
+
+    mu_x, mu_y = local(x), local(y)
+    sxx = local(x * x) - mu_x**2
+    syy = local(y * y) - mu_y**2
+    sxy = local(x * y) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
     return s.flatten(1).mean(1).float()
@@ -92,7 +111,7 @@ def image_scores(reconstructed: torch.Tensor, original: torch.Tensor) -> dict[st
     return {"mse": mse(r, o), "psnr": psnr(r, o), "ssim": ssim(r, o)}
 
 
-def summarize(scores: dict[str, torch.Tensor]) -> dict[str, float]:
+def summarize_scores(scores: dict[str, torch.Tensor]) -> dict[str, float]:
     """``mse_mean``, ``psnr_mean``, ``ssim_mean`` (and ``*_std``) from :func:`image_scores`."""
     out: dict[str, float] = {}
     for k, v in scores.items():
@@ -133,40 +152,21 @@ def label_multiset_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> floa
     """Fraction of ``true`` labels found in ``predicted`` counted as multisets (for a batch whose order is lost)."""
     if not len(true):
         return math.nan
-    left = predicted.long().tolist()
-    hits = 0
-    for y in true.long().tolist():
-        if y in left:
-            left.remove(y)
-            hits += 1
-    return hits / len(true)
+    common = Counter(predicted.long().tolist()) & Counter(true.long().tolist())  # multiset intersection
+    return sum(common.values()) / len(true)
 
 
 def roc_auc(scores: torch.Tensor, true: torch.Tensor) -> float:
-    """ROC AUC: binary for (N,) scores, macro one-vs-rest for (N, K) scores (ties count one half)."""
-    s = scores.detach().double()
-    y = true.long()
-    if s.ndim == 1:
-        return _binary_auc(s, y == 1)
-    aucs = [_binary_auc(s[:, k], y == k) for k in range(s.shape[1]) if 0 < int((y == k).sum()) < len(y)]
+    """ROC AUC (scikit-learn's): binary for (N,) scores, macro one-vs-rest for (N, K) scores; NaN if undefined.
+
+    The (N, K) scores need not be probabilities (scikit-learn's multiclass form requires them), so each
+    class present among both positives and negatives is scored as its own binary problem and the
+    results are averaged: the macro one-vs-rest AUC.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    s = scores.detach().double().cpu().numpy()
+    y = true.long().cpu().numpy()
+    columns = [(s, y == 1)] if s.ndim == 1 else [(s[:, k], y == k) for k in range(s.shape[1])]
+    aucs = [float(roc_auc_score(pos, col)) for col, pos in columns if 0 < pos.sum() < len(pos)]
     return float(np.mean(aucs)) if aucs else math.nan
-
-
-def _binary_auc(s: torch.Tensor, pos: torch.Tensor) -> float:
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    # rank-sum (Mann-Whitney U) with average ranks for ties
-    order = torch.argsort(s)
-    ranks = torch.empty_like(s)
-    sorted_s = s[order]
-    i = 0
-    n = len(s)
-    while i < n:
-        j = i
-        while j + 1 < n and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2
-    return u / (n_pos * n_neg)

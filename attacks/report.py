@@ -33,7 +33,7 @@ from attacks.metrics import (
     match_by_assignment,
     match_by_key,
     roc_auc,
-    summarize,
+    summarize_scores,
 )
 
 __all__ = ["auxiliary_threat", "save_grid", "score_and_write", "score_images"]
@@ -82,7 +82,7 @@ def score_images(result: AttackResult, obs: Observation, truth: dict[str, torch.
     if by_assignment:
         rec = match_by_assignment(rec, orig)
     rec = rec.detach().float().clamp(0, 1)
-    return orig, rec, summarize(image_scores(rec, orig))
+    return orig, rec, summarize_scores(image_scores(rec, orig))
 
 
 def save_grid(original: torch.Tensor, reconstructed: torch.Tensor, path: str | Path, title: str = "", n: int = 16):

@@ -11,6 +11,12 @@
   and ``attacks/<name>/`` (``attack.json``, ``reconstructions.npz``, ``reconstructions.png``),
   so every number can be re-derived with ``fsl attack``.
 
+Defenses are the framework's own, switched on by the experiment-config keys a run uses
+(:func:`defense_overrides`): ``noise`` is ``[activation_noise]`` (Gaussian, clip norm the median
+activation norm at the cut of the fresh model), ``nopeek`` ``privacy.nopeek_weight``, ``dpsgd``
+``[privacy.dp]`` (Opacus, clip 1, Poisson batches) and ``compression`` ``privacy.compression =
+"topk"`` (activations and the returned gradients travel top-k sparse on the data plane).
+
 Private data: training images the client sends in the recorded round (``n_images`` of them,
 never seen before by the model). Auxiliary data (inverse network): the dataset's test split.
 Both datasets use ``train_size`` = 3,500 training images (Fashion-MNIST subsampled from 60k) so a cell
@@ -62,6 +68,28 @@ def _data(name: str, train_size: int, n_images: int, seed: int) -> tuple[torch.T
     return ds.x_train[tr], ds.y_train[tr], ds.x_train[priv], ds.y_train[priv], ds.x_test, ds.y_test
 
 
+def defense_overrides(kind: str, param: float, clip_norm: float = 1.0) -> list[str]:
+    """The ``section.key=value`` overrides that turn on defense ``kind`` at strength ``param``.
+
+    ``clip_norm`` is the activation-noise clip norm (``noise`` only).
+    """
+    if kind == "none":
+        return []
+    if kind == "noise":
+        return [
+            "activation_noise.mechanism='gaussian'",
+            f"activation_noise.noise_multiplier={param!r}",
+            f"activation_noise.clip_norm={clip_norm!r}",
+        ]
+    if kind == "nopeek":
+        return [f"privacy.nopeek_weight={param!r}"]
+    if kind == "dpsgd":
+        return ["privacy.dp.enabled=true", f"privacy.dp.noise_multiplier={param!r}", "privacy.dp.max_grad_norm=1.0"]
+    if kind == "compression":
+        return ["privacy.compression='topk'", f"privacy.topk_ratio={param!r}"]
+    raise ValueError(f"unknown defense {kind!r}; choose one of none, noise, nopeek, dpsgd, compression")
+
+
 def _num(v: float | None, spec: float) -> str:
     return "nan" if v is None else f"{v:{spec}f}"
 
@@ -79,11 +107,15 @@ def run_sweep(
     train_size: int = 3500,
     n_images: int = 32,
     seed: int = 0,
+    overrides: tuple[str, ...] = (),
     log: Any = print,
 ) -> list[dict[str, Any]]:
-    """Every cell; rows are appended to ``root/leakage.json`` as they finish (a crash keeps them)."""
-    from attacks.defenses import Defense
-    from attacks.harness import record_round, train_split
+    """Every cell; rows are appended to ``root/leakage.json`` as they finish (a crash keeps them).
+
+    Each cell's defenses come from ``experiments/leakage.toml`` with ``overrides`` and the cell's
+    :func:`defense_overrides` applied, read by the harness as a run's ClientApp reads them.
+    """
+    from attacks.harness import activation_norm, defense_label, record_round, train_split
     from attacks.observe import load_observation
     from attacks.report import auxiliary_threat, score_and_write
     from server.split_server import InvalidRequest
@@ -94,15 +126,17 @@ def run_sweep(
         x, y, xp, yp, xt, yt = _data(dsname, train_size, n_images, seed)
         for cut in cuts:
             for kind, param in defenses:
-                defense = Defense(kind, param)
-                cell = root / f"{dsname}-{cut}-{defense.label.replace('(', '-').replace(')', '')}"
+                clip = activation_norm(MODEL, cut, x, seed=seed) if kind == "noise" else 1.0
+                cfg = load_experiment("leakage", [*overrides, *defense_overrides(kind, param, clip)])
+                label = defense_label(cfg)
+                cell = root / f"{dsname}-{cut}-{label.replace('(', '-').replace(')', '')}"
                 t0 = time.perf_counter()
                 try:
                     trained = train_split(
-                        MODEL, cut, x, y, defense=defense, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+                        MODEL, cut, x, y, config=cfg, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
                     )
                 except InvalidRequest as e:  # training diverged (non-finite activations): a finding, kept
-                    log(f"  {dsname} {cut} {defense.label}: training diverged ({e}); cell skipped")
+                    log(f"  {dsname} {cut} {label}: training diverged ({e}); cell skipped")
                     rows.append(
                         {
                             "dataset": dsname,
@@ -147,7 +181,7 @@ def run_sweep(
                     }
                     rows.append(row)
                     log(
-                        f"{dsname:14s} {cut:6s} {defense.label:18s} {name:16s} acc {acc:.3f} "
+                        f"{dsname:14s} {cut:6s} {label:18s} {name:16s} acc {acc:.3f} "
                         f"psnr {_num(res['psnr_mean'], 6.2)} ssim {_num(res['ssim_mean'], 0.3)}"
                     )
                     (root / "leakage.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -208,7 +242,7 @@ def figure(root: Path, rows: list[dict[str, Any]], dataset: str, n: int = 8) -> 
     cells = [r for r in rows if r["dataset"] == dataset and r["defense"] == "none" and r.get("attack")]
     if not cells:
         return None
-    lines = []
+    lines: list[tuple[str, Any]] = []
     for r in cells:
         with np.load(Path(r["run_dir"]) / "attacks" / r["attack"] / "reconstructions.npz", allow_pickle=False) as z:
             if not lines:
@@ -233,14 +267,15 @@ def main(args: argparse.Namespace) -> int:
     from fsl.rundir import RunDir
 
     quick = bool(getattr(args, "quick", False))
-    base = load_experiment("leakage", list(getattr(args, "overrides", []) or []))
+    overrides = tuple(getattr(args, "overrides", []) or [])
+    base = load_experiment("leakage", list(overrides))
     torch.manual_seed(base.seed)
     root = RunDir.create(base.output_dir, "leakage-quick" if quick else "leakage").path
     print(f"run directory: {root}")
     kw: dict[str, Any] = {"epochs": base.train.rounds, "batch_size": base.train.batch_size, "lr": base.train.lr}
     if quick:
         kw.update(datasets=QUICK["datasets"], defenses=QUICK["defenses"], attacks=QUICK["attacks"], train_size=2000)
-    rows = run_sweep(root, seed=base.seed, **kw)
+    rows = run_sweep(root, seed=base.seed, overrides=overrides, **kw)
     (root / "leakage.md").write_text(markdown(rows))
     for dsname in {r["dataset"] for r in rows}:
         figure(root, rows, dsname)

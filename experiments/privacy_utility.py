@@ -1,4 +1,4 @@
-"""``fsl run privacy-utility``: what each privacy defense costs in accuracy (issue 5).
+"""``fsl run privacy-utility``: what each privacy defense costs in accuracy.
 
 Every point runs the same experiment (``experiments/privacy_utility.toml``) with one defense turned
 up, each in its own process (``fsl run --resume DIR``), and the results go into one run directory:

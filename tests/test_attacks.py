@@ -10,18 +10,19 @@ import pytest
 import torch
 
 from attacks.base import ThreatModel, get_attack
-from attacks.defenses import Defense
 from attacks.ground_truth import load_ground_truth, load_ground_truth_labels
-from attacks.harness import record_round, train_split, ushaped_label_run
+from attacks.harness import activation_norm, record_round, train_split, ushaped_label_run
 from attacks.metrics import image_scores
 from attacks.observe import load_observation
 from attacks.report import score_and_write
+from fsl.config import load_experiment
 
 
-def _run(tmp_path_factory, digits, defense):
+def _run(tmp_path_factory, digits, name, overrides=()):
+    """Train and record one split whose defenses are the leakage sweep's config with ``overrides``."""
     x, y = digits.x_train[:1200], digits.y_train[:1200]
-    trained = train_split("cnn", "conv1", x, y, defense=defense, epochs=3)
-    d = tmp_path_factory.mktemp(defense.kind)
+    trained = train_split("cnn", "conv1", x, y, config=load_experiment("leakage", list(overrides)), epochs=3)
+    d = tmp_path_factory.mktemp(name)
     record_round(trained, d, digits.x_train[1200:1232], digits.y_train[1200:1232], dataset="digits")
     return d, trained.task_accuracy(digits.x_test, digits.y_test)
 
@@ -35,12 +36,14 @@ def digits_mod():
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory, digits_mod):
-    return _run(tmp_path_factory, digits_mod, Defense())
+    return _run(tmp_path_factory, digits_mod, "none")
 
 
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory, digits_mod):
-    return _run(tmp_path_factory, digits_mod, Defense("noise", 0.3))
+    clip = activation_norm("cnn", "conv1", digits_mod.x_train[:1200])
+    noise = ["activation_noise.mechanism='gaussian'", "activation_noise.noise_multiplier=0.3"]
+    return _run(tmp_path_factory, digits_mod, "noise", [*noise, f"activation_noise.clip_norm={clip!r}"])
 
 
 @pytest.fixture(scope="module")
