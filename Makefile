@@ -1,4 +1,4 @@
-# One command each: `make run` (the quickstart), `make test` (the whole suite), `make lint` (style, layers).
+# One command each: `make run` (the quickstart), `make test` (the whole suite), `make lint` (style, layers, types).
 # The virtual environment is created on first use and refreshed when pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,11 +27,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# the layer contract ([tool.importlinter] in pyproject.toml): no package imports one above it
+# the layer contract ([tool.importlinter] in pyproject.toml): no package imports one above it;
+# mypy ([tool.mypy]): fsl, server, clients and fsl_cli, strict
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports --no-logo
+	$(PY) -m mypy
 
 format: $(STAMP)
 	$(PY) -m ruff format .

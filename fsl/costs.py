@@ -8,6 +8,7 @@ with ``saved_tensors_hooks``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -73,7 +74,7 @@ def split_costs(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes
     model = build_model(cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed).train()
     x = torch.rand(batch, *input_shape)
     full = _train_flops(model, x, grad_out=False)
-    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    params: Callable[[nn.Module], int] = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     if cfg.mode in ("fl", "central"):
         act = saved_activation_bytes(lambda: model(x).sum().backward())
         return SplitCosts(full / batch, 0.0, full / batch, params(model), 0, act / batch, 0)

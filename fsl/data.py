@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -146,7 +147,7 @@ def _idx_folder(folder: Path, hint: str) -> tuple[np.ndarray, ...]:
     except DatasetNotFound as e:
         raise DatasetNotFound(f"{e}. {hint}") from None
     xtr, ytr, xte, yte = parts
-    f = lambda a: (a.astype(np.float32) / 255.0)[:, None]  # noqa: E731
+    f: Callable[[np.ndarray], np.ndarray] = lambda a: (a.astype(np.float32) / 255.0)[:, None]  # noqa: E731
     return f(xtr), ytr.astype(np.int64), f(xte), yte.astype(np.int64)
 
 

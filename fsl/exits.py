@@ -71,12 +71,12 @@ class ExitBlock(nn.Module):
 
     def __getstate__(self) -> dict[str, object]:
         # copies (server replicas, checkpoints) never carry the last batch's logits and their graph
-        state = dict(super().__getstate__())
+        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         state["logits"] = None
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.body(x)  # (B, ...) the block's output, what travels if this is the cut
+        out: torch.Tensor = self.body(x)  # (B, ...) the block's output, what travels if this is the cut
         self.logits = self.head(out)  # (B, num_classes)
         return out
 

@@ -91,12 +91,12 @@ class GrpcChannel(SplitChannel):
             try:
                 return method(req, timeout=self.timeout_s, wait_for_ready=attempt > 0)
             except grpc.RpcError as err:
-                code = err.code()  # type: ignore[attr-defined]
+                code = err.code()
                 if code in _RETRYABLE and attempt < self.retries:
                     time.sleep(delay)
                     delay *= 2
                     continue
-                raise DataPlaneError(code, err.details() or "") from None  # type: ignore[attr-defined]
+                raise DataPlaneError(code, err.details() or "") from None
         raise AssertionError("unreachable")
 
     def _call_framed(self, framed: Any, plain: Any, req: Framed) -> Framed:

@@ -55,7 +55,6 @@ def _exec(cmd: list[str], dry_run: bool, env: dict[str, str] | None = None) -> i
     # Flower's processes start their helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
     full["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full.get("PATH", "")])
     os.execvpe(cmd[0], cmd, full)  # replaces this process: signals reach Flower directly
-    return 1  # unreachable
 
 
 _NO_INSTALL = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}

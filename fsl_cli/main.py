@@ -15,7 +15,10 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fsl.config import ExperimentConfig
 
 __all__ = ["main", "run_experiment"]
 
@@ -156,7 +159,7 @@ def start_ray(init_args: dict[str, Any], attempts: int = 3) -> None:
             time.sleep(2.0 * attempt)
 
 
-def simulation_server_threads(cfg: Any, cpus: int | None = None) -> int:
+def simulation_server_threads(cfg: ExperimentConfig, cpus: int | None = None) -> int:
     """Torch threads for the split server when the simulated clients share its machine.
 
     ``server.threads`` when set; otherwise (0, "auto") the cores the clients leave free: Ray runs

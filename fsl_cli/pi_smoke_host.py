@@ -56,7 +56,7 @@ def cmd_host(args: argparse.Namespace) -> int:
         if args.data_out:
             dataset, arrays = smoke_data(args.train, args.test, args.seed)
             tmp = Path(args.data_out + ".tmp.npz")
-            np.savez(tmp, **arrays)
+            np.savez(tmp, allow_pickle=False, **arrays)
             tmp.replace(args.data_out)
         clients = [c for c in args.clients.split(",") if c]
         ready = {

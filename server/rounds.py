@@ -232,8 +232,8 @@ class RoundRunner:
                 continue
             met = m.content["metrics"]
             node = m.metadata.src_node_id
-            part = int(met["partition-id"]) if "partition-id" in met else None  # type: ignore[arg-type]
-            self.info[node] = NodeInfo(node, int(met["num-examples"]), float(met["capability"]), part)  # type: ignore[arg-type]
+            part = int(met["partition-id"]) if "partition-id" in met else None
+            self.info[node] = NodeInfo(node, int(met["num-examples"]), float(met["capability"]), part)
 
     def _seed_sampling(self, rnd: int, purpose: str) -> None:
         # Flower's strategies sample nodes with the `random` module; seeded per round and purpose, round
@@ -316,7 +316,7 @@ class RoundRunner:
             rep = list(self.grid.send_and_receive([msg], timeout=self.cfg.train.round_timeout_s))
             replies += rep
             if r.plan.handoff and rep and not rep[0].has_error():
-                current = rep[0].content["arrays"]  # type: ignore[assignment]
+                current = rep[0].content["arrays"]
         return replies
 
     def _train_at_once(self, r: Round) -> list[Message]:
@@ -379,9 +379,9 @@ class RoundRunner:
             rows.append(
                 {
                     "node_id": m.metadata.src_node_id,
-                    "examples": int(met["num-examples"]),  # type: ignore[arg-type]
-                    "accuracy": float(met["eval_accuracy"]),  # type: ignore[arg-type]
-                    "loss": float(met["eval_loss"]),  # type: ignore[arg-type]
+                    "examples": int(met["num-examples"]),
+                    "accuracy": float(met["eval_accuracy"]),
+                    "loss": float(met["eval_loss"]),
                 }
             )
         return rows, failures, self.arrays.count_bytes() * len(msgs)
@@ -425,7 +425,7 @@ class RoundRunner:
             replicas=len(r.plan.groups),
             dataplane_up=_total(traffic1, "bytes_up") - _total(traffic0, "bytes_up"),
             dataplane_down=_total(traffic1, "bytes_down") - _total(traffic0, "bytes_down"),
-            control_up=sum(m.content["arrays"].count_bytes() for m in ok),  # type: ignore[union-attr]
+            control_up=sum(m.content["arrays"].count_bytes() for m in ok),
             control_down=r.sent.count_bytes() * len(r.plan.order) + ev.control_down,
             train_s=t_train,
             seconds=time.perf_counter() - t0,

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported where used, so the client can time its imports (torch's dominates under qemu)
+    from collections.abc import Callable
+
     import numpy as np
 
 T_START = time.perf_counter()
@@ -156,8 +158,12 @@ def cmd_client(args: argparse.Namespace) -> int:
         before = evaluate_split(segment, xt, yt, channel, batch_size=256)
         for b in range(args.batches):
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
+
+            def one(idx: torch.Tensor = idx) -> list[torch.Tensor]:
+                return [idx]
+
             t0 = time.perf_counter()
-            one_batch = TrainHooks(batches=lambda idx=idx: [idx], optimizer=opt)
+            one_batch = TrainHooks(batches=one, optimizer=opt)
             s = train_segment(segment, x, y, channel, hooks=one_batch)
             wall = time.perf_counter() - t0
             per_batch.append({"loss": s.loss, "s": wall, "compute_s": s.compute_s, "wire_s": s.wire_s})
@@ -232,7 +238,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     result |= {"server_traffic": host.get("traffic", {}), "runs": runs, "history": history}
     write_json(out, result)
 
-    rows = [
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("QEMU_CPU", lambda r: r["qemu_cpu"] or "(host)"),
         ("arch", lambda r: r["arch"]),
         ("python", lambda r: r["python"]),

@@ -70,7 +70,7 @@ def clip_per_sample(h: torch.Tensor, max_norm: float, p: float = 2.0) -> torch.T
         return h.clone()
     flat = h.reshape(h.shape[0], -1)
     norms = flat.norm(p=p, dim=1)  # (B,)
-    factor = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+    factor: torch.Tensor = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
     return (flat * factor[:, None]).reshape(h.shape)
 
 

@@ -99,7 +99,7 @@ class ServerPrivacy:
             for n in nodes
         ]
         keys = {
-            str(m.metadata.src_node_id): bytes(m.content["secagg"]["public"])  # type: ignore[index, arg-type]
+            str(m.metadata.src_node_id): bytes(m.content["secagg"]["public"])
             for m in grid.send_and_receive(msgs, timeout=timeout)
             if not m.has_error()
         }

@@ -124,7 +124,7 @@ def encode_payload(out: pb.Tensor, x: torch.Tensor, dtype: torch.dtype | Any = N
     out.ClearField("data")
     out.ClearField("indices")
     out.scale = scale
-    return raw  # type: ignore[no-any-return]
+    return raw
 
 
 def decode(
@@ -224,8 +224,8 @@ def _varint_size(n: int) -> int:
 
 def _tensor_size(t: pb.Tensor, framed: bool = False) -> int:
     if t.dtype not in _ITEMSIZE or t.indices:  # sparse payloads are small; size them exactly
-        return t.ByteSize()  # not ours to size cheaply
-    head = pb.Tensor(dtype=t.dtype, shape=t.shape, scale=t.scale).ByteSize()
+        return int(t.ByteSize())  # not ours to size cheaply
+    head: int = pb.Tensor(dtype=t.dtype, shape=t.shape, scale=t.scale).ByteSize()
     n = 0 if framed else math.prod(int(d) for d in t.shape) * _ITEMSIZE[t.dtype]
     return head + (1 + _varint_size(n) + n if n else 0)  # field 3: tag, length, bytes
 
@@ -251,7 +251,7 @@ def message_size(msg: Any, framed: frozenset[str] | set[str] = frozenset()) -> i
             getattr(small, fd.name).extend(value)
         else:
             setattr(small, fd.name, value)
-    return total + small.ByteSize()
+    return total + int(small.ByteSize())
 
 
 _ALLOCATOR_TUNED = False
@@ -273,7 +273,7 @@ def tune_allocator() -> bool:
     try:
         libc = ctypes.CDLL(None)
         m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1
+        ok: bool = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1
         ok = libc.mallopt(m_trim_threshold, 64 * 1024 * 1024) == 1 and ok
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         ok = False

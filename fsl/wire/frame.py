@@ -63,7 +63,7 @@ def _pad(offset: int) -> int:
 
 def _bytes_view(raw: Any) -> memoryview:
     """A flat byte view of a payload (a numpy array or a buffer), without copying it."""
-    return memoryview(np.ascontiguousarray(raw) if isinstance(raw, np.ndarray) else raw).cast("B")
+    return memoryview(np.ascontiguousarray(raw).data if isinstance(raw, np.ndarray) else raw).cast("B")
 
 
 @dataclass
@@ -126,7 +126,7 @@ def frame_bytes(message: Framed | Any) -> bytes:
     """
     framed = message if isinstance(message, Framed) else Framed(message)
     msg, payloads = framed.msg, framed.payloads
-    numbers = _field_numbers(type(msg))
+    numbers = _field_numbers(type(msg))  # type: ignore[arg-type]  # mypy holds type[Any] unhashable
     head = msg.SerializeToString()
     views = [(name, _bytes_view(raw)) for name, raw in payloads.items()]
     parts: list[Any] = [_PREFIX.pack(MAGIC, len(head), len(views))]
