@@ -83,10 +83,5 @@ def run(quick: bool = False) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    ap = bench_parser(__doc__)
-    run(**vars(ap.parse_args()))
-
-
 if __name__ == "__main__":
-    main()
+    run(**vars(bench_parser(__doc__).parse_args()))

@@ -298,10 +298,5 @@ def run(quick: bool = False) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    ap = bench_parser(__doc__, quick_help="fewer sizes and repeats")
-    run(**vars(ap.parse_args()))
-
-
 if __name__ == "__main__":
-    main()
+    run(**vars(bench_parser(__doc__, quick_help="fewer sizes and repeats").parse_args()))

@@ -147,10 +147,5 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    ap = bench_parser(__doc__, device=True)
-    run(**vars(ap.parse_args()))
-
-
 if __name__ == "__main__":
-    main()
+    run(**vars(bench_parser(__doc__, device=True).parse_args()))
