@@ -35,6 +35,10 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.config_path = self.path / "config.toml"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.summary_path = self.path / "summary.json"
+        self.plot_path = self.path / "curves.png"
 
     @classmethod
     def create(cls, output_dir: str | Path, name: str) -> RunDir:
@@ -48,22 +52,6 @@ class RunDir:
         return cls(path)
 
     # ------------------------------------------------------------------ files
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.toml"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / "summary.json"
-
-    @property
-    def plot_path(self) -> Path:
-        return self.path / "curves.png"
-
     def write_config(self, toml_text: str) -> None:
         _atomic_write(self.config_path, toml_text)
 
