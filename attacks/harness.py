@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -212,21 +213,7 @@ def record_round(
     run_path = Path(run_path)
     n_batches = (len(y) + batch_size - 1) // batch_size
     recorder = ObservationRecorder(
-        run_path,
-        meta={
-            "model": trained.model,
-            "cut": trained.cut,
-            "norm": "",
-            "dataset": dataset,
-            "mode": "sl",
-            "num_classes": trained.num_classes,
-            "input_shape": list(trained.input_shape),
-            "sample_shape": list(trained.state.sample_shape),
-            "labels_sent": True,
-            "defense": trained.defense,
-        },
-        rounds=(rnd,),
-        max_batches=n_batches,
+        run_path, meta=_run_meta(trained, dataset, trained.config), rounds=(rnd,), max_batches=n_batches
     )
     dp = trained.config.privacy.dp
     if dp.enabled and dp.poisson and len(y) > batch_size:
@@ -236,31 +223,21 @@ def record_round(
             f"record_round under Poisson-sampled DP-SGD needs one batch (got {len(y)} samples for batch size "
             f"{batch_size}); record fewer samples or set privacy.dp.poisson = false"
         )
-    start = copy.deepcopy(trained.client.state_dict())
-    trained.state.observer = recorder
-    tap = GroundTruthTap(trained.client, max_batches=n_batches)
-    try:
-        _train_round(
-            trained,
-            tap,
-            x,
-            y,
-            trained.channel(rnd, client),
-            config=trained.config,
-            release=trained.release,
-            batch_size=batch_size,
-            lr=lr,
-        )
-    finally:
-        trained.state.observer = None
-    recorder.end_round(
-        rnd,
-        client_segment=start,
-        server_segment=trained.state.segment_state_dict(),
-        updates=[(client, trained.client.state_dict())],
+    return _recorded_round(
+        trained,
+        recorder,
+        x,
+        y,
+        rnd=rnd,
+        client=client,
+        max_batches=n_batches,
+        exchange=False,
+        channel=trained.channel(rnd, client),
+        config=trained.config,
+        release=trained.release,
+        batch_size=batch_size,
+        lr=lr,
     )
-    tap.save(run_path, rnd, client)
-    return run_path
 
 
 def record_gradient_step(
@@ -298,59 +275,87 @@ def record_gradient_step(
     if rnd is None:
         rnd = trained.next_round
     trained.next_round = max(trained.next_round, rnd) + 1
-    run_path = Path(run_path)
     release = trained.release
     if config is None:
         config = trained.config
     else:
         release = activation_release(config.activation_noise, seed=seed)
-    recorder = ObservationRecorder(
-        run_path,
-        meta={
-            "model": trained.model,
-            "cut": trained.cut,
-            "norm": "",
-            "dataset": dataset,
-            "mode": "sl",
-            "num_classes": trained.num_classes,
-            "input_shape": list(trained.input_shape),
-            "sample_shape": list(trained.state.sample_shape),
-            "labels_sent": True,
-            "defense": defense_label(config),
-            "local_steps": 1,
-            "client_lr": lr,
-        },
-        rounds=(rnd,),
+    meta = {**_run_meta(trained, dataset, config), "local_steps": 1, "client_lr": lr}
+    recorder = ObservationRecorder(Path(run_path), meta=meta, rounds=(rnd,), max_batches=1)
+    return _recorded_round(
+        trained,
+        recorder,
+        x,
+        y,
+        rnd=rnd,
+        client=client,
         max_batches=1,
+        exchange=True,
+        channel=trained.channel(rnd, client, config),
+        config=config,
+        release=release,
+        batch_size=len(y),
+        lr=lr,
+        momentum=0.0,
+        seed=seed,
     )
-    start = copy.deepcopy(trained.client.state_dict())
-    tap = GroundTruthTap(trained.client, max_batches=1)
-    n = len(y)
-    trained.state.exchange_observer = recorder.exchange  # the server's own record of the exchange
+
+
+def _run_meta(trained: TrainedSplit, dataset: str, config: ExperimentConfig) -> dict[str, Any]:
+    """What a recorded run says about itself: enough for ``fsl attack`` to rebuild the segments."""
+    return {
+        "model": trained.model,
+        "cut": trained.cut,
+        "norm": "",
+        "dataset": dataset,
+        "mode": "sl",
+        "num_classes": trained.num_classes,
+        "input_shape": list(trained.input_shape),
+        "sample_shape": list(trained.state.sample_shape),
+        "labels_sent": True,
+        "defense": defense_label(config),
+    }
+
+
+def _recorded_round(
+    trained: TrainedSplit,
+    recorder: ObservationRecorder,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    rnd: int,
+    client: str,
+    max_batches: int,
+    exchange: bool,
+    **train: Any,
+) -> Path:
+    """Round ``rnd`` of :func:`_train_round` with the server recording into ``recorder`` and the data
+    owner's tap writing the inputs of the first ``max_batches`` batches to ``ground_truth/``.
+
+    ``exchange``: the server records both ways (its ``exchange_observer``: the activations, labels and
+    the ``dL/dh`` it returns, for gradient inversion); otherwise what it receives (its ``observer``).
+    """
+    start = copy.deepcopy(trained.client.state_dict())  # the segment the server sent: what it knows
+    tap = GroundTruthTap(trained.client, max_batches=max_batches)
+    if exchange:
+        trained.state.exchange_observer = recorder.exchange
+    else:
+        trained.state.observer = recorder
     try:
-        _train_round(
-            trained,
-            tap,
-            x,
-            y,
-            trained.channel(rnd, client, config),
-            config=config,
-            release=release,
-            batch_size=n,
-            lr=lr,
-            momentum=0.0,
-            seed=seed,
-        )
+        _train_round(trained, tap, x, y, **train)
     finally:
-        trained.state.exchange_observer = None
+        if exchange:
+            trained.state.exchange_observer = None
+        else:
+            trained.state.observer = None
     recorder.end_round(
         rnd,
         client_segment=start,
         server_segment=trained.state.segment_state_dict(),
         updates=[(client, trained.client.state_dict())],
     )
-    tap.save(run_path, rnd, client)
-    return run_path
+    tap.save(recorder.run_path, rnd, client)
+    return recorder.run_path
 
 
 def fl_step_observation(

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from attacks._optim import feature_loss, invert_features, total_variation
+from attacks._optim import feature_loss, total_variation
 from attacks.base import AttackResult, Observation, Progress, ThreatModel, freeze, progress_or_silent, register
 from attacks.models import segments
+from attacks.rmle import RMLE
 
 __all__ = ["QueryFree"]
 
@@ -78,17 +79,7 @@ class QueryFree:
                 opt.step()
                 correct += int((logits.argmax(1) == y_aux[idx]).sum())
             report(ep + 1, self.shadow_epochs + 1, f"query-free: shadow epoch {ep + 1}, acc {correct / len(y_aux):.3f}")
-        freeze(shadow)
-        x = invert_features(
-            shadow,
-            obs.activations,
-            obs.input_shape,
-            iters=self.iters,
-            lr=self.lr,
-            tv=self.tv,
-            progress=progress,
-            label="query-free rmle",
-        )
+        x = RMLE(iters=self.iters, lr=self.lr, tv=self.tv).invert(shadow, obs, progress, label="query-free rmle")
         return AttackResult(reconstructed=x, extra={"shadow_train_accuracy": correct / len(y_aux)})
 
     def _unsplit(self, obs: Observation, progress: Progress | None) -> AttackResult:

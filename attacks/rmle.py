@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from attacks._optim import invert_features
 from attacks.base import AttackResult, Observation, Progress, ThreatModel, freeze, register
 from attacks.models import segments
@@ -35,15 +38,20 @@ class RMLE:
             observation.model, observation.cut, observation.input_shape, observation.num_classes, observation.norm
         )
         client.load_state_dict(observation.client_segment)
-        freeze(client)
-        x = invert_features(
-            client,
+        return AttackResult(reconstructed=self.invert(client, observation, progress))
+
+    def invert(
+        self, segment: nn.Module, observation: Observation, progress: Progress | None = None, label: str = "rmle"
+    ) -> torch.Tensor:
+        """The inputs that ``segment`` (frozen here) maps closest to the observed activations (N, C, H, W)."""
+        freeze(segment)
+        return invert_features(
+            segment,
             observation.activations,
             observation.input_shape,
             iters=self.iters,
             lr=self.lr,
             tv=self.tv,
             progress=progress,
-            label="rmle",
+            label=label,
         )
-        return AttackResult(reconstructed=x)

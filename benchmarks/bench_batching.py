@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import machine, median, table, write_result
+from benchmarks.common import bench_parser, machine, median, table, write_result
 from fsl.channel import ChannelIdentity
 from fsl.grpc_channel import GrpcChannel
 from fsl.models import build_model, cut_shape, split_model
@@ -232,9 +232,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
+    ap = bench_parser(__doc__, device=True)
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the client process
     ap.add_argument("--k", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)

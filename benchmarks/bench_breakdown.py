@@ -16,7 +16,6 @@ server's CPU per batch bounds the samples per second, whatever the number of cli
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import machine, table, write_result
+from benchmarks.common import bench_parser, machine, table, write_result
 
 BATCH = 32
 
@@ -205,8 +204,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         client_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    ap = bench_parser(__doc__)
     run(**vars(ap.parse_args()))
 
 

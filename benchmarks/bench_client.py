@@ -12,13 +12,12 @@ It then imports ``flwr.clientapp`` too (what a SuperNode's ClientApp adds) and r
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from typing import Any
 
-from benchmarks.common import machine, table, write_result
+from benchmarks.common import bench_parser, machine, table, write_result
 
 CHILD = r"""
 import json, sys, time
@@ -96,11 +95,5 @@ def run(quick: bool = False) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    run(**vars(ap.parse_args()))
-
-
 if __name__ == "__main__":
-    main()
+    run(**vars(bench_parser(__doc__).parse_args()))

@@ -14,13 +14,12 @@ small head and views the payload in the received bytes (``parse`` + ``tensor``: 
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
 import torch
 
-from benchmarks.common import machine, median, table, timeit, write_result
+from benchmarks.common import bench_parser, machine, median, table, timeit, write_result
 from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed
@@ -84,11 +83,5 @@ def run(quick: bool = False) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    run(**vars(ap.parse_args()))
-
-
 if __name__ == "__main__":
-    main()
+    run(**vars(bench_parser(__doc__).parse_args()))

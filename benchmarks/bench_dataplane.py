@@ -14,7 +14,6 @@ TCP relay (HTTP/2 frames, gRPC prefixes, headers and protobuf framing all includ
 
 from __future__ import annotations
 
-import argparse
 import socket
 import struct
 import threading
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import machine, median, table, timeit, write_result
+from benchmarks.common import bench_parser, machine, median, table, timeit, write_result
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES, GrpcChannel, grpc_options
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
@@ -299,11 +298,5 @@ def run(quick: bool = False) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    run(**vars(ap.parse_args()))
-
-
 if __name__ == "__main__":
-    main()
+    run(**vars(bench_parser(__doc__, quick_help="fewer sizes and repeats").parse_args()))

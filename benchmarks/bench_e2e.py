@@ -20,7 +20,6 @@ measured too, with 1 and 2 torch threads, as a check on the ``central`` mode.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import machine, table, write_result
+from benchmarks.common import bench_parser, machine, table, write_result
 
 TARGET = 0.95
 
@@ -148,12 +147,5 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    run(**vars(ap.parse_args()))
-
-
 if __name__ == "__main__":
-    main()
+    run(**vars(bench_parser(__doc__, device=True).parse_args()))

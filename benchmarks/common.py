@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -87,6 +88,15 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, 
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + " |" for row in cells]
     return "\n".join(lines) + "\n"
+
+
+def bench_parser(doc: str | None, *, device: bool = False, quick_help: str | None = None) -> argparse.ArgumentParser:
+    """The command line every benchmark takes: ``--quick``, and ``--device`` where it can run on an accelerator."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    if device:
+        ap.add_argument("--device", default="cpu")
+    return ap
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

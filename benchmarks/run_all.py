@@ -8,18 +8,16 @@ the issue's keys, each target with the measured value and whether it is met, and
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Any
 
 from benchmarks import bench_batching, bench_breakdown, bench_client, bench_codec, bench_dataplane, bench_e2e
-from benchmarks.common import machine, table, write_result
+from benchmarks.common import bench_parser, machine, table, write_result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer sizes, steps and rounds")
+    ap = bench_parser(__doc__, quick_help="fewer sizes, steps and rounds")
     quick = ap.parse_args().quick
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     t0 = time.perf_counter()

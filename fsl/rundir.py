@@ -35,6 +35,10 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.config_path = self.path / "config.toml"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.summary_path = self.path / "summary.json"
+        self.plot_path = self.path / "curves.png"
 
     @classmethod
     def create(cls, output_dir: str | Path, name: str) -> RunDir:
@@ -48,22 +52,6 @@ class RunDir:
         return cls(path)
 
     # ------------------------------------------------------------------ files
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.toml"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / "summary.json"
-
-    @property
-    def plot_path(self) -> Path:
-        return self.path / "curves.png"
-
     def write_config(self, toml_text: str) -> None:
         _atomic_write(self.config_path, toml_text)
 
@@ -138,22 +126,19 @@ class RunDir:
         from matplotlib.ticker import MaxNLocator
 
         rounds = [h["round"] for h in history]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        ax1.plot(rounds, [h["accuracy"] for h in history], "o-", label="central test")
-        fed = [(h["round"], h["fed_accuracy"]) for h in history if h.get("fed_accuracy") is not None]
-        if fed:
-            ax1.plot(*zip(*fed, strict=True), "s--", label="federated (clients' own data)")
-        ax1.set(xlabel="round", ylabel="accuracy", title="accuracy")
-        ax1.grid(alpha=0.3)
-        ax1.legend()
-        ax2.plot(rounds, [h["loss"] for h in history], "o-", label="central test")
-        tr = [(h["round"], h["train_loss"]) for h in history if h.get("train_loss") is not None]
-        if tr:
-            ax2.plot(*zip(*tr, strict=True), "s--", label="train (clients)")
-        ax2.set(xlabel="round", ylabel="cross-entropy", title="loss")
-        ax2.grid(alpha=0.3)
-        ax2.legend()
-        for ax in (ax1, ax2):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        panels = (  # (central key, clients' key, clients' label, y label, title)
+            ("accuracy", "fed_accuracy", "federated (clients' own data)", "accuracy", "accuracy"),
+            ("loss", "train_loss", "train (clients)", "cross-entropy", "loss"),
+        )
+        for ax, (central, clients, clients_label, ylabel, panel_title) in zip(axes, panels, strict=True):
+            ax.plot(rounds, [h[central] for h in history], "o-", label="central test")
+            pts = [(h["round"], h[clients]) for h in history if h.get(clients) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "s--", label=clients_label)
+            ax.set(xlabel="round", ylabel=ylabel, title=panel_title)
+            ax.grid(alpha=0.3)
+            ax.legend()
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(title)
         fig.tight_layout()

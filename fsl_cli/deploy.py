@@ -110,6 +110,13 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _superlink_access(p: argparse.ArgumentParser) -> None:
+    """How a command reaches a running SuperLink (supernode, connect, launch): address and CA, or no TLS."""
+    p.add_argument("--superlink", required=True, help="SuperLink host:port")
+    p.add_argument("--root-certificates", help="the deployment's ca.pem")
+    p.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
+
+
 def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add ``certs``, ``superlink``, ``supernode`` and ``launch`` to the ``fsl`` CLI."""
     p = sub.add_parser("certs", help="create a CA, server certificates and SuperNode keys for a deployment")
@@ -128,8 +135,7 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
 
     p = sub.add_parser("supernode", help="start Flower's SuperNode on a device with its data and resource limits")
-    p.add_argument("--superlink", required=True, help="SuperLink host:port")
-    p.add_argument("--root-certificates", help="the deployment's ca.pem")
+    _superlink_access(p)
     p.add_argument("--key", help="this node's private key (node-N.key)")
     p.add_argument("--partition-id", type=int, required=True)
     p.add_argument("--num-partitions", type=int, required=True)
@@ -141,23 +147,18 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     )
     p.add_argument("--capability", type=float, default=0.0, help="declared speed for hybrid grouping (0: 1.0)")
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's local ClientApp API port")
-    p.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
 
     p = sub.add_parser("connect", help="write the SuperLink connection 'fsl' into Flower's config (for flwr commands)")
-    p.add_argument("--superlink", required=True, help="SuperLink host:port")
-    p.add_argument("--root-certificates", help="the deployment's ca.pem")
-    p.add_argument("--insecure", action="store_true")
+    _superlink_access(p)
 
     p = sub.add_parser("launch", help="submit an experiment to a running SuperLink (`flwr run`)")
     p.add_argument("experiment", help="experiment name or .toml path")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.add_argument("--superlink", required=True, help="SuperLink host:port")
-    p.add_argument("--root-certificates", help="the deployment's ca.pem")
+    _superlink_access(p)
     p.add_argument("--dataplane-certs", help="folder (as seen on the SuperLink host) with server.pem/server.key/ca.pem")
     p.add_argument("--resume", help="run directory on the SuperLink host to continue")
     p.add_argument("--app", default=".", help="the Flower app folder (this project)")
-    p.add_argument("--insecure", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     return {
         "certs": _cmd_certs,

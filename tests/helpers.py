@@ -19,19 +19,23 @@ def make_state(model_name="cnn", cut="conv1", input_shape=None, lr=0.1, momentum
     model = build_model(model_name, input_shape=shape, seed=seed)
     reference = copy.deepcopy(model)
     split = split_model(model, cut)
-    state = SplitServerState(
+    state = split_state(
+        split, shape, lr=lr, momentum=momentum, authority=authority, model_name=model_name, cut=cut, **kw
+    )
+    return reference, split, state
+
+
+def split_state(split, input_shape, *, lr=0.05, momentum=0.9, **kw):
+    """The split server for ``split`` of a 10-class model on ``input_shape``, on the CPU."""
+    return SplitServerState(
         split.server,
-        sample_shape=cut_shape(split.client, shape),
+        sample_shape=cut_shape(split.client, input_shape),
         num_classes=10,
         lr=lr,
         momentum=momentum,
         device="cpu",
-        authority=authority,
-        model_name=model_name,
-        cut=cut,
         **kw,
     )
-    return reference, split, state
 
 
 @contextlib.contextmanager

@@ -10,8 +10,8 @@ from fsl.data import client_partition
 from fsl.exits import ExitBlock, add_exits, all_exit_logits, exit_names
 from fsl.experiment import build_model_for
 from fsl.models import build_model, cut_shape, split_model
+from helpers import split_state
 from server.batching import RequestBatcher
-from server.split_server import SplitServerState
 
 
 def _accuracies(model, ds):
@@ -57,15 +57,7 @@ def test_split_training_trains_client_and_server_exits(digits, batched):
     torch.manual_seed(0)
     model = add_exits(build_model("cnn", digits.input_shape, seed=0), digits.input_shape, 10, ("conv1", "conv2", "fc1"))
     split = split_model(model, "conv1")
-    state = SplitServerState(
-        split.server,
-        sample_shape=cut_shape(split.client, digits.input_shape),
-        num_classes=10,
-        lr=0.05,
-        momentum=0.9,
-        device="cpu",
-        exit_weight=0.5,
-    )
+    state = split_state(split, digits.input_shape, exit_weight=0.5)
     server = RequestBatcher(state, max_requests=4, max_wait_ms=1.0) if batched else state
     part = client_partition(digits, 0, 1, seed=0)
     ch = InMemoryChannel(server=server)
@@ -90,14 +82,7 @@ def test_training_reports_true_label_confidence_per_sample(digits, mode):
     n = len(y)
     if mode == "split":
         split = split_model(model, "conv1")
-        state = SplitServerState(
-            split.server,
-            sample_shape=cut_shape(split.client, digits.input_shape),
-            num_classes=10,
-            lr=0.05,
-            momentum=0.9,
-            device="cpu",
-        )
+        state = split_state(split, digits.input_shape)
         train_segment(
             split.client, x, y, InMemoryChannel(server=state), TrainOptions(epochs=3), TrainHooks(cartography=record)
         )

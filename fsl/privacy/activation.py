@@ -31,6 +31,7 @@ Example
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -100,30 +101,32 @@ def gaussian_epsilon(sigma: float, delta: float, sensitivity: float) -> float:
         raise ValueError(f"delta must lie in (0, 1), got {delta}")
     if _gaussian_delta(0.0, sigma, sensitivity) <= delta:
         return 0.0
-    lo, hi = 0.0, 1.0
-    while _gaussian_delta(hi, sigma, sensitivity) > delta:
-        hi *= 2.0
-        if hi > 1e6:
-            return math.inf
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if _gaussian_delta(mid, sigma, sensitivity) > delta:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return _smallest_meeting(lambda eps: _gaussian_delta(eps, sigma, sensitivity), delta, 0.0, 1.0, give_up=1e6)
 
 
 def gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
     """Smallest noise std that makes an L2-``sensitivity`` query (epsilon, delta)-DP (inverse of the above)."""
     if epsilon <= 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    lo, hi = 1e-6 * sensitivity, sensitivity
-    while gaussian_epsilon(hi, delta, sensitivity) > epsilon:
+    return _smallest_meeting(
+        lambda sigma: gaussian_epsilon(sigma, delta, sensitivity), epsilon, 1e-6 * sensitivity, sensitivity
+    )
+
+
+def _smallest_meeting(
+    f: Callable[[float], float], target: float, lo: float, hi: float, give_up: float = math.inf
+) -> float:
+    """The smallest ``x >= lo`` with ``f(x) <= target``, for a non-increasing ``f``, to within float precision.
+
+    ``hi`` doubles until it meets the target (past ``give_up``: ``inf``), then 100 bisection steps.
+    """
+    while f(hi) > target:
         hi *= 2.0
+        if hi > give_up:
+            return math.inf
     for _ in range(100):
         mid = 0.5 * (lo + hi)
-        if gaussian_epsilon(mid, delta, sensitivity) > epsilon:
+        if f(mid) > target:
             lo = mid
         else:
             hi = mid
