@@ -384,34 +384,18 @@ def profile_model(
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """A machine that runs a segment of the model.
+    """A machine that runs a segment of the model."""
 
-    Attributes
-    ----------
-    name : str
-        Identifier (e.g. ``"pi4"``).
-    tier : str
-        ``"device"``, ``"edge"`` or ``"cloud"``.
-    speed : float
-        Throughput relative to the profiling host with one thread (1.0 = that host): a
-        segment that takes ``t`` ms in the :class:`ModelProfile` takes ``t / speed`` here.
-    memory_mb : float
-        Memory available to the model segment (MiB).
-    declared : bool
-        True when ``speed`` is an estimate written down rather than measured.
-    note : str
-        Where the figure comes from.
-    overhead_ms : float
-        Fixed cost per block call that does not shrink with ``speed`` (kernel launches on a
-        GPU, for instance); 0 for CPUs, whose overheads are already in the host profile.
-    """
-
-    name: str
-    tier: str
+    name: str  # identifier, e.g. "pi4"
+    tier: str  # "device", "edge" or "cloud"
+    # throughput relative to the profiling host with one thread (1.0 = that host): a segment that
+    # takes t ms in the ModelProfile takes t / speed here
     speed: float
-    memory_mb: float
-    declared: bool = True
-    note: str = ""
+    memory_mb: float  # memory available to the model segment (MiB)
+    declared: bool = True  # True when speed is an estimate written down rather than measured
+    note: str = ""  # where the figure comes from
+    # fixed cost per block call (ms) that does not shrink with speed (kernel launches on a GPU, for
+    # instance); 0 for CPUs, whose overheads are already in the host profile
     overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
@@ -531,30 +515,14 @@ DEVICES: dict[str, DeviceProfile] = {
 
 @dataclass(frozen=True)
 class NetworkProfile:
-    """A link between a device and the server.
+    """A link between a device and the server."""
 
-    Attributes
-    ----------
-    name : str
-        Identifier (e.g. ``"4g"``).
-    bandwidth_mbps : float
-        Uplink bandwidth (megabits per second): what activations travel on.
-    rtt_ms : float
-        Round-trip time (ms).
-    loss : float
-        Packet loss probability in [0, 1).
-    downlink_mbps : float or None
-        Downlink bandwidth; ``None`` means the same as the uplink.
-    note : str
-        Where the figures come from.
-    """
-
-    name: str
-    bandwidth_mbps: float
-    rtt_ms: float
-    loss: float = 0.0
-    downlink_mbps: float | None = None
-    note: str = field(default="", compare=False)
+    name: str  # identifier, e.g. "4g"
+    bandwidth_mbps: float  # uplink bandwidth (megabits per second): what activations travel on
+    rtt_ms: float  # round-trip time (ms)
+    loss: float = 0.0  # packet loss probability in [0, 1)
+    downlink_mbps: float | None = None  # downlink bandwidth (Mbit/s); None: the same as the uplink
+    note: str = field(default="", compare=False)  # where the figures come from
 
     def __post_init__(self) -> None:
         if self.bandwidth_mbps <= 0 or (self.downlink_mbps is not None and self.downlink_mbps <= 0):

@@ -48,21 +48,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of a multi-exit model.
+    """One stage of a multi-exit model."""
 
-    Attributes
-    ----------
-    name : str
-        Identifier (e.g. the block its exit classifier follows).
-    service_ms : float
-        Service time of one request on one server lane (ms).
-    exit_rate : float
-        Fraction of the requests *reaching* this stage that leave at its exit classifier (the
-        last stage's own value is ignored: whatever reaches it ends there).
-    """
-
-    name: str
-    service_ms: float
+    name: str  # identifier, e.g. the block its exit classifier follows
+    service_ms: float  # service time of one request on one server lane (ms)
+    # fraction of the requests *reaching* this stage that leave at its exit classifier (the last
+    # stage's own value is ignored: whatever reaches it ends there)
     exit_rate: float = 0.0
 
     def __post_init__(self) -> None:
@@ -72,20 +63,11 @@ class Stage:
 
 @dataclass(frozen=True)
 class FixedServers:
-    """Always-on servers (VM-like).
+    """Always-on servers (VM-like)."""
 
-    Attributes
-    ----------
-    cost_per_hour : float
-        Price of one server for one hour, busy or idle.
-    lanes : int
-        Requests one server runs at once.
-    max_utilization : float
-        Load a server is planned for, as a fraction of its capacity (headroom for queueing).
-    """
-
-    cost_per_hour: float = 1.0
-    lanes: int = 1
+    cost_per_hour: float = 1.0  # price of one server for one hour, busy or idle
+    lanes: int = 1  # requests one server runs at once
+    # load a server is planned for, as a fraction of its capacity (headroom for queueing)
     max_utilization: float = 0.8
 
     def __post_init__(self) -> None:
@@ -99,25 +81,15 @@ class FixedServers:
 
 @dataclass(frozen=True)
 class OnDemandWorkers:
-    """On-demand workers (serverless-like).
+    """On-demand workers (serverless-like)."""
 
-    Attributes
-    ----------
-    cost_per_second : float
-        Price of one second of execution (a "request-second").
-    cost_per_request : float
-        Price per invocation.
-    cold_start_ms : float
-        Time a new worker takes to start; billed, and added to the latency of the request that
-        waits for it.
-    keep_alive_s : float
-        How long an idle worker stays warm.
-    """
-
-    cost_per_second: float = 1.0 / 3600 * 3  # three times the always-on price per busy second
-    cost_per_request: float = 0.0
+    # price of one second of execution (a "request-second"): by default three times the always-on
+    # price per busy second
+    cost_per_second: float = 1.0 / 3600 * 3
+    cost_per_request: float = 0.0  # price per invocation
+    # time a new worker takes to start (ms); billed, and added to the latency of the request that waits for it
     cold_start_ms: float = 500.0
-    keep_alive_s: float = 600.0
+    keep_alive_s: float = 600.0  # how long an idle worker stays warm (s)
 
     def __post_init__(self) -> None:
         if min(self.cost_per_second, self.cost_per_request, self.cold_start_ms, self.keep_alive_s) < 0:

@@ -52,37 +52,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SimDevice:
-    """One simulated device.
+    """One simulated device."""
 
-    Attributes
-    ----------
-    name : str
-        Unique identifier (e.g. ``"pi4-3"``).
-    device : DeviceProfile
-        Its declared profile (what a planner believes).
-    network : NetworkProfile
-        Its link to the server.
-    target_ms : float
-        End-to-end latency target of each request.
-    rate_hz : float
-        Poisson arrival rate (requests per second), used when ``arrivals_ms`` is None.
-    arrivals_ms : tuple of float, optional
-        Explicit arrival times (ms), e.g. from :func:`bursty_trace`.
-    slowdown : float
-        True compute time / declared compute time from ``slowdown_from_ms`` on (thermal
-        throttling, a background job): 1 = as declared.
-    slowdown_from_ms : float
-        When ``slowdown`` starts.
-    """
-
-    name: str
-    device: DeviceProfile
-    network: NetworkProfile
-    target_ms: float
-    rate_hz: float = 0.0
-    arrivals_ms: tuple[float, ...] | None = None
+    name: str  # unique identifier, e.g. "pi4-3"
+    device: DeviceProfile  # its declared profile (what a planner believes)
+    network: NetworkProfile  # its link to the server
+    target_ms: float  # end-to-end latency target of each request
+    rate_hz: float = 0.0  # Poisson arrival rate (requests per second), used when arrivals_ms is None
+    arrivals_ms: tuple[float, ...] | None = None  # explicit arrival times (ms), e.g. from bursty_trace
+    # true compute time / declared compute time from slowdown_from_ms on (thermal throttling, a
+    # background job): 1 = as declared
     slowdown: float = 1.0
-    slowdown_from_ms: float = 0.0
+    slowdown_from_ms: float = 0.0  # when slowdown starts (ms)
 
     @property
     def kind(self) -> str:
@@ -92,24 +73,12 @@ class SimDevice:
 
 @dataclass(frozen=True)
 class SimServerConfig:
-    """The batching server.
+    """The batching server."""
 
-    Attributes
-    ----------
-    device : DeviceProfile
-        The machine (its ``speed`` scales the profile's latencies).
-    workers : int
-        Parallel lanes, each running one batch at a time.
-    max_batch : int
-        Largest batch.
-    max_wait_ms : float
-        Longest a request waits for its batch to fill (deadlines may shorten it).
-    """
-
-    device: DeviceProfile
-    workers: int = 1
-    max_batch: int = 8
-    max_wait_ms: float = 5.0
+    device: DeviceProfile  # the machine (its speed scales the profile's latencies)
+    workers: int = 1  # parallel lanes, each running one batch at a time
+    max_batch: int = 8  # largest batch
+    max_wait_ms: float = 5.0  # longest a request waits for its batch to fill (deadlines may shorten it)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.max_batch < 1 or self.max_wait_ms < 0:
