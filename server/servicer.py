@@ -130,7 +130,7 @@ def _lenient_frame(cls: Any) -> Callable[[bytes], Any]:
 
 def add_servicer(servicer: SplitServicer, server: grpc.Server) -> None:
     """Register the data plane's methods (as the generated code does, with lenient parsing)."""
-    methods = {
+    methods: dict[str, tuple[Any, Any, Any]] = {
         "Train": (servicer.Train, pb.TrainRequest, pb.TrainReply),
         "Infer": (servicer.Infer, pb.InferRequest, pb.InferReply),
         "Info": (servicer.Info, pb.InfoRequest, pb.InfoReply),

@@ -137,7 +137,7 @@ def train_step(
     if any(j.want_confidence for j in jobs):  # only data cartography reads it
         confidence = true_label_probability(logits.detach(), y).cpu()  # (N,)
     staged = staging is not None and device.type == "cuda"
-    grad = staging.to_host(h.grad) if staged else h.grad.cpu()  # (N, ...) dL/dh
+    grad = staging.to_host(h.grad) if staging is not None and staged else h.grad.cpu()  # (N, ...) dL/dh
     for job, s, loss, hit in zip(jobs, parts, values, correct, strict=True):
         reply = Framed(pb.TrainReply(loss=loss, correct=int(hit)))
         fmt = codec.wire_format(job.wire_format)  # in the sender's format

@@ -59,6 +59,7 @@ def backward_step(job: BackwardJob, device: torch.device) -> None:
             for k, b in rep.segment.named_buffers():
                 b.copy_(buffers[k])
         p = Pending(p.round, p.step, h, out, rep.steps)
+    assert job.grad is not None  # admission set it
     rep.optimizer.zero_grad(set_to_none=True)
     out.backward(job.grad.to(device, dtype=torch.float32))
     rep.optimizer.step()

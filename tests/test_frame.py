@@ -172,7 +172,7 @@ def test_inference_is_framed_and_answers_like_the_plain_call():
 
 
 def test_a_client_falls_back_to_protobuf_against_a_server_without_frames():
-    """A split server from before frames answers TrainFrame with UNIMPLEMENTED; the client switches to Train."""
+    """A split server without frames answers TrainFrame with UNIMPLEMENTED; the client switches to Train."""
     _, split, state = make_state("cnn", "conv1")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     pb_grpc.add_SplitDataPlaneServicer_to_server(SplitServicer(state), server)  # the .proto methods only

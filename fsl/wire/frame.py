@@ -3,7 +3,7 @@
 Protobuf holds a ``bytes`` field in its own memory, so a tensor that travels inside a message is
 copied on its way from the tensor to the socket (``tobytes``, the field setter, serialization)
 and again on its way back (parsing, reading the field): about 0.1-0.2 ms per copy per megabyte
-(issue 8, ``benchmarks/bench_dataplane.py``). A frame carries the same message with the large
+(``benchmarks/bench_dataplane.py``). A frame carries the same message with the large
 tensors' ``data`` left empty and their raw bytes appended after it. The sender joins the parts
 into the one buffer gRPC sends (one copy, from the tensor's memory); the receiver's tensors view
 the received bytes (no copy).
