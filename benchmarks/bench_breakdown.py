@@ -98,10 +98,10 @@ def shared(k: int, steps: int) -> dict[str, Any]:
     locked = {"s": 0.0, "n": 0, "s0": 0.0}
 
     class TimedState(SplitServerState):
-        def _train_locked(self, *a: Any, **kw: Any) -> Any:  # type: ignore[override]
+        def run_train(self, *a: Any, **kw: Any) -> Any:  # the step under the segment's lock
             t0 = time.thread_time()
             try:
-                return super()._train_locked(*a, **kw)
+                return super().run_train(*a, **kw)
             finally:
                 locked["s"] += time.thread_time() - t0
                 locked["n"] += 1

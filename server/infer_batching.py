@@ -9,8 +9,10 @@ and the batcher holds a batch only while *every* request in it can still make it
 
 where the service time of a batch of ``n`` samples is learned online (a running fit of
 ``a + b * n`` from the batches served so far). Requests without a budget wait at most
-``max_wait_ms``. One worker thread per lane runs the batches; gRPC threads only enqueue
-and wait, so the server segment is never touched by two threads at once.
+``max_wait_ms``. One worker thread runs the batches; gRPC threads only admit their request
+(``state.admit_infer``: credential and tensor checks) and wait, and the worker computes
+(``state.run_infer``) and commits (``state.commit``) through the split server's public calls.
+Time is read from an injectable ``clock``, on which every wait is planned.
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from fsl.deadlines import deadline_wait_ms
-from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
-from fsl.wire.frame import Framed, as_framed, as_sent, wire_size
-from server.split_server import SplitServerState
+from fsl.wire.frame import Framed
+from server.jobs import InferJob
+from server.state import SplitServerState
 
 __all__ = ["InferBatcher", "ServiceModel"]
 
@@ -65,16 +66,12 @@ class ServiceModel:
         return self.a + self.b * n
 
 
-@dataclass
-class _Job:
-    request: pb.InferRequest | Framed  # as it came (a frame is answered with a frame)
-    client_id: str
-    h: torch.Tensor  # (B, ...) validated activations
-    arrival: float  # time.monotonic()
+@dataclass(eq=False)
+class _Entry:
+    job: InferJob
+    arrival: float  # on the batcher's clock
     deadline: float  # arrival + budget (or + max_wait when the request has no budget)
     done: threading.Event = field(default_factory=threading.Event)
-    reply: pb.InferReply | None = None
-    error: BaseException | None = None
 
 
 class InferBatcher:
@@ -83,17 +80,32 @@ class InferBatcher:
     Parameters
     ----------
     state:
-        The split server's state (checks, credentials, counters and the global server segment).
+        The split server's state: requests are admitted, run and committed by its public calls.
     max_samples:
         Most samples in one batch.
     max_wait_ms:
         Longest wait for requests that carry no latency budget.
     margin_ms:
         Safety margin kept below every deadline (network jitter on the way back).
+    clock:
+        Seconds on a monotonic clock: arrivals, deadlines, waits and measured service times
+        (tests pass a clock they move).
+    on_hold:
+        Called with the clock time until which the worker holds a batch, each time it decides to
+        wait (tracing; tests read the schedule from it).
     """
 
+    accepts_frames = True  # infer() reads fsl.wire.frame.Framed requests in place
+
     def __init__(
-        self, state: SplitServerState, *, max_samples: int = 256, max_wait_ms: float = 5.0, margin_ms: float = 1.0
+        self,
+        state: SplitServerState,
+        *,
+        max_samples: int = 256,
+        max_wait_ms: float = 5.0,
+        margin_ms: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_hold: Callable[[float], None] | None = None,
     ) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
@@ -103,36 +115,35 @@ class InferBatcher:
         self.max_samples = max_samples
         self.max_wait_s = max_wait_ms / 1000.0
         self.margin_s = margin_ms / 1000.0
+        self.clock = clock
+        self.on_hold = on_hold
         self.service = ServiceModel()
         self.batches = 0
         self.requests = 0
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[_Entry] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="infer-batcher", daemon=True)
         self._worker.start()
 
     # ------------------------------------------------------------------ entry point
-    accepts_frames = True  # infer() reads fsl.wire.frame.Framed requests in place
-
     def infer(self, request: pb.InferRequest | Framed) -> pb.InferReply | Framed:
-        st = self.state
-        req = as_framed(request)
-        st._authenticate(req.msg.header)
-        h = st._activations(req.msg.activations, req.payloads.get("activations"))  # validated before it joins a batch
-        now = time.monotonic()
-        budget = req.msg.budget_ms / 1000.0 if req.msg.budget_ms > 0 else self.max_wait_s
-        job = _Job(request, req.msg.header.client_id, h, now, now + budget)
+        job = self.state.admit_infer(request)  # checked before it joins a batch
+        now = self.clock()
+        budget = job.budget_ms / 1000.0 if job.budget_ms > 0 else self.max_wait_s
+        entry = _Entry(job, now, now + budget)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the inference batcher is closed")
-            self._queue.append(job)
+            self._queue.append(entry)
             self._cond.notify_all()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        assert job.reply is not None
-        return as_sent(job.reply, isinstance(request, Framed))  # type: ignore[no-any-return]
+        entry.done.wait()
+        return job.result()  # type: ignore[no-any-return]
+
+    def wake(self) -> None:
+        """Make the worker read the clock again (for a clock that was moved by hand)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
@@ -151,25 +162,30 @@ class InferBatcher:
                 batch = self._collect()
             self._run(batch)
 
-    def _collect(self) -> list[_Job]:
-        """Take a batch off the queue (lock held): wait for more while every deadline allows it."""
-        batch: list[_Job] = []
+    def _collect(self) -> list[_Entry]:
+        """Take a batch off the queue (lock held): wait for more while every deadline allows it.
+
+        A batch runs on one segment copy: a request for another copy waits for the next batch.
+        """
+        batch: list[_Entry] = []
         n = 0
         while True:
-            while self._queue and n + self._queue[0].h.shape[0] <= self.max_samples:
-                job = self._queue.popleft()
-                batch.append(job)
-                n += job.h.shape[0]
+            q = self._queue
+            while (
+                q and n + q[0].job.rows <= self.max_samples and (not batch or q[0].job.replica is batch[0].job.replica)
+            ):
+                entry = q.popleft()
+                batch.append(entry)
+                n += entry.job.rows
             if not batch:  # a single request larger than max_samples runs alone
-                job = self._queue.popleft()
-                return [job]
-            if n >= self.max_samples or self._queue or self._closed:
+                return [q.popleft()]
+            if n >= self.max_samples or q or self._closed:
                 return batch
-            now = time.monotonic()
-            oldest = min(j.arrival for j in batch)
+            now = self.clock()
+            oldest = min(e.arrival for e in batch)
             wait_s = (
                 deadline_wait_ms(
-                    [j.deadline * 1000.0 for j in batch],
+                    [e.deadline * 1000.0 for e in batch],
                     now * 1000.0,
                     self.service.predict(n + 1) + self.margin_s * 1000.0,  # if one more request joins
                     max_wait_ms=max(0.0, oldest + self.max_wait_s - now) * 1000.0,
@@ -178,41 +194,30 @@ class InferBatcher:
             )
             if wait_s <= 0:
                 return batch
+            if self.on_hold is not None:
+                self.on_hold(now + wait_s)
             self._cond.wait(timeout=wait_s)
 
-    def _run(self, batch: list[_Job]) -> None:
+    def _run(self, batch: list[_Entry]) -> None:
         st = self.state
-        rep = st.global_replica
-        t0 = time.monotonic()
+        jobs = [e.job for e in batch]
+        t0 = self.clock()
         try:
-            h = torch.cat([j.h for j in batch]).to(st.torch_device, dtype=torch.float32)  # (N, ...)
-            with rep.lock:
-                was = rep.segment.training
-                rep.segment.eval()
-                with torch.no_grad():
-                    out = rep.segment(h).float()  # (N, num_classes)
-                rep.segment.train(was)
-            if out.is_cuda:
-                torch.cuda.synchronize(out.device)
-            out = out.cpu()
+            compute_ms = st.run_infer(jobs, clock=self.clock)
         except BaseException as e:  # noqa: BLE001 - every waiting request gets the error, the server lives
             log.exception("inference batch failed")
-            for j in batch:
-                j.error = e
-                j.done.set()
+            for entry in batch:
+                entry.job.error = e
+                entry.done.set()
             return
-        t1 = time.monotonic()
-        compute_ms = (t1 - t0) * 1000.0
-        self.service.update(h.shape[0], compute_ms)
+        n = sum(j.rows for j in jobs)
+        self.service.update(n, compute_ms)
         self.batches += 1
         self.requests += len(batch)
-        a = 0
-        for j in batch:
-            b = a + j.h.shape[0]
-            reply = pb.InferReply(queue_ms=(t0 - j.arrival) * 1000.0, compute_ms=compute_ms, batch=int(h.shape[0]))
-            codec.encode_into(reply.logits, out[a:b])
-            j.reply = reply
-            down = wire_size(as_sent(reply, isinstance(j.request, Framed)))
-            st._count(j.client_id, wire_size(j.request), down, train=False)
-            a = b
-            j.done.set()
+        for entry in batch:
+            entry.job.reply.queue_ms = (t0 - entry.arrival) * 1000.0
+            try:
+                st.commit(entry.job)
+            except BaseException as e:  # noqa: BLE001 - as above: this request fails, the worker lives
+                entry.job.error = e
+            entry.done.set()

@@ -3,14 +3,20 @@
 Oracle: a batch of requests from several clients gives every client exactly the gradient at the
 cut it would get unbatched from the same weights, and the weights move by one SGD step on the sum
 of the clients' gradients. Plus concurrency over real gRPC, isolation of bad input, retries.
+
+Which requests share a batch is fixed by the batcher's schedule, not by how fast the host is: the
+batchers read an injected clock that stands still unless the test moves it, so a leader holds its
+batch until it is full (or the test moves the clock past the deadline the leader planned).
 """
 
 import copy
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from clocks import Holds, ManualClock
 from fsl.channel import ChannelIdentity
 from fsl.grpc_channel import DataPlaneError, GrpcChannel
 from fsl.models import build_model, cut_shape, split_model
@@ -71,7 +77,7 @@ def _run_concurrently(batcher, requests):
 def test_batched_gradients_equal_unbatched_from_same_weights(cut, sizes, framed):
     torch.manual_seed(0)
     _, split, state = make_state("cnn", cut, lr=0.1, momentum=0.0)
-    batcher = RequestBatcher(state, max_requests=len(sizes), max_wait_ms=5000, adaptive=False)
+    batcher = RequestBatcher(state, max_requests=len(sizes), adaptive=False, clock=ManualClock())  # until full
     shape = state.sample_shape
     data = [(torch.randn(b, *shape), torch.randint(0, 10, (b,))) for b in sizes]
     before = params(state.segment)
@@ -116,7 +122,7 @@ def test_single_request_matches_the_unbatched_server_step_for_step():
 
 def test_float16_and_bfloat16_requests_share_a_batch_and_get_their_own_dtype_back():
     _, _, state = make_state("cnn", "conv1")
-    batcher = RequestBatcher(state, max_requests=3, max_wait_ms=5000, adaptive=False)
+    batcher = RequestBatcher(state, max_requests=3, adaptive=False, clock=ManualClock())
     dtypes = [None, torch.float16, torch.bfloat16]
     reqs = [
         _request(f"c{i}", torch.rand(2, *state.sample_shape), torch.tensor([1, 2]), wire=d)
@@ -130,7 +136,8 @@ def test_float16_and_bfloat16_requests_share_a_batch_and_get_their_own_dtype_bac
 def test_bad_input_fails_only_its_own_request_and_never_touches_the_model():
     torch.manual_seed(2)
     _, _, state = make_state("cnn", "conv1", lr=0.1, momentum=0.0)
-    batcher = RequestBatcher(state, max_requests=4, max_wait_ms=300, adaptive=False)
+    # the NaN request fails admission and never joins: the other three fill the batch
+    batcher = RequestBatcher(state, max_requests=3, adaptive=False, clock=ManualClock())
     good = [(torch.randn(3, *state.sample_shape), torch.randint(0, 10, (3,))) for _ in range(2)]
     oracle = [_unbatched(state, h, y) for h, y in good]
     nan = torch.randn(3, *state.sample_shape)
@@ -182,6 +189,71 @@ def test_batchnorm_segment_is_refused_with_a_reason():
     state = SplitServerState(split.server, cut_shape(split.client, (3, 32, 32)), 10, device="cpu")
     with pytest.raises(BatchingError, match="BatchNorm.*norm='group'"):
         RequestBatcher(state)
+
+
+def test_a_held_batch_takes_what_arrives_and_is_released_at_the_planned_deadline():
+    _, _, state = make_state("cnn", "conv1")
+    clock, holds = ManualClock(100.0), Holds()
+    # a minute on the clock: the leader wakes only when a request arrives or the test moves the clock
+    batcher = RequestBatcher(state, max_requests=8, max_wait_ms=60_000, adaptive=False, clock=clock, on_hold=holds)
+    shape = state.sample_shape
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(batcher.train, _request("a", torch.rand(2, *shape), torch.tensor([0, 1])))
+        assert holds.next() == pytest.approx(160.0)  # the leader holds until arrival + max_wait
+        second = pool.submit(batcher.train, _request("b", torch.rand(3, *shape), torch.tensor([2, 3, 4])))
+        assert holds.next() == pytest.approx(160.0)  # b arrived and joined; the deadline stays the first's
+        clock.set(159.999)
+        batcher.wake()
+        assert holds.next() == pytest.approx(160.0)  # not yet
+        assert not first.done() and state.steps == 0
+        clock.set(160.0)
+        batcher.wake()
+        a, b = first.result(timeout=30), second.result(timeout=30)
+    assert a.server_step == b.server_step == 1 and batcher.batches == 1 and batcher.batched_requests == 2
+    assert state.traffic()["a"].samples == 2 and state.traffic()["b"].samples == 3
+
+
+def test_the_leader_stops_waiting_once_every_active_client_has_a_request():
+    _, _, state = make_state("cnn", "conv1")
+    holds = Holds()
+    batcher = RequestBatcher(
+        state, max_wait_ms=60_000, active_window_s=10.0, clock=ManualClock(), on_hold=holds
+    )  # adaptive
+    shape = state.sample_shape
+
+    def req(client, step):
+        return _request(client, torch.rand(2, *shape), torch.tensor([0, 1]), step=step)
+
+    assert batcher.train(req("a", 1)).server_step == 1  # alone and the only active client: no wait
+    with ThreadPoolExecutor(2) as pool:
+        b = pool.submit(batcher.train, req("b", 1))
+        holds.next()  # b waits for a, active a moment ago
+        a = pool.submit(batcher.train, req("a", 2))
+        assert a.result(timeout=30).server_step == b.result(timeout=30).server_step == 2  # one batch, no clock moved
+    assert batcher.batches == 2
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_confidence_is_computed_and_sent_only_when_asked(batched):
+    torch.manual_seed(4)
+    _, _, state = make_state("cnn", "conv1")
+    data = [(torch.randn(3, *state.sample_shape), torch.tensor([1, 5, 7])) for _ in range(2)]
+    reqs = [_request(f"c{i}", h, y) for i, (h, y) in enumerate(data)]
+    reqs[1].want_confidence = True
+    if batched:  # in the same batch, from the same weights: one asks, one does not
+        seg = copy.deepcopy(state.segment)
+        batcher = RequestBatcher(state, max_requests=2, adaptive=False, clock=ManualClock())
+        replies, errors = _run_concurrently(batcher, reqs)
+        assert errors == [None, None] and batcher.batches == 1
+    else:
+        replies = [state.train(reqs[0])]
+        seg = copy.deepcopy(state.segment)  # the weights the second request meets
+        replies.append(state.train(reqs[1]))
+    assert not replies[0].HasField("confidence")
+    h, y = data[1]
+    with torch.no_grad():
+        expected = torch.softmax(seg(h), dim=1)[torch.arange(3), y]  # p(true label): data cartography's confidence
+    assert torch.allclose(codec.decode(replies[1].confidence), expected, atol=1e-6)
 
 
 @pytest.mark.integration

@@ -14,7 +14,7 @@ from fsl.wire import dataplane_pb2_grpc as pb_grpc
 from fsl.wire.compress import WireFormat
 from fsl.wire.frame import Framed
 from helpers import make_state, params
-from server.split_server import SplitServicer
+from server.split_server import SplitServicer, add_servicer
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.uint8]
 
@@ -131,9 +131,7 @@ def test_malformed_frames_raise_clear_errors():
 def test_malformed_frames_over_grpc_get_invalid_argument_and_change_nothing():
     _, split, state = make_state("cnn", "conv1")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    from server.split_server import _add_servicer
-
-    _add_servicer(SplitServicer(state), server)
+    add_servicer(SplitServicer(state), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -174,7 +172,7 @@ def test_inference_is_framed_and_answers_like_the_plain_call():
 
 
 def test_a_client_falls_back_to_protobuf_against_a_server_without_frames():
-    """A split server from before frames answers TrainFrame with UNIMPLEMENTED; the client switches to Train."""
+    """A split server without frames answers TrainFrame with UNIMPLEMENTED; the client switches to Train."""
     _, split, state = make_state("cnn", "conv1")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     pb_grpc.add_SplitDataPlaneServicer_to_server(SplitServicer(state), server)  # the .proto methods only

@@ -20,7 +20,7 @@ def test_each_replica_trains_alone_and_the_merge_is_a_weighted_average():
         _ch(state, client).train_step(torch.rand(n, 16, 14, 14), torch.randint(0, 10, (n,)))
     # during the round the global segment is untouched; each copy moved on its own
     assert all(torch.equal(v, start[k]) for k, v in params(state.segment).items())
-    reps = {rid: params(r.segment) for rid, r in state._replicas.items()}
+    reps = {rid: params(r.segment) for rid, r in state.replicas().items()}
     assert not torch.equal(reps["g0"]["fc2.weight"], reps["g1"]["fc2.weight"])
     weights = state.merge_replicas()
     assert weights == {"g0": 8, "g1": 24}
@@ -45,7 +45,7 @@ def test_momentum_is_carried_into_the_copies_and_averaged_back():
     _ch(state, "warm").train_step(torch.rand(4, 16, 14, 14), torch.randint(0, 10, (4,)))
     buf = {id(p): state.optimizer.state[p]["momentum_buffer"].clone() for p in state.segment.parameters()}
     state.open_replicas({"a": "g0", "b": "g1"})
-    for rep in state._replicas.values():
+    for rep in state.replicas().values():
         for p, q in zip(state.segment.parameters(), rep.segment.parameters(), strict=True):
             torch.testing.assert_close(rep.optimizer.state[q]["momentum_buffer"], buf[id(p)])
     state.merge_replicas()  # no one trained: the average of identical buffers is the buffer

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -16,6 +16,7 @@ import torch
 
 from clients.predictor import SplitPredictor
 from clients.trainer import TrainOptions, train_local
+from clocks import Holds, ManualClock
 from fsl.channel import ChannelIdentity, InMemoryChannel
 from fsl.config import ExperimentConfig, from_dict, to_toml
 from fsl.exits import add_exits
@@ -72,43 +73,51 @@ def test_service_model_learns_a_linear_cost():
 def test_concurrent_requests_share_batches_and_get_their_own_rows(digits):
     split = split_model(_trained(digits), "conv1")
     state = _state(split, digits)
-    batcher = InferBatcher(state, max_samples=64, max_wait_ms=50.0)
+    # the clock stands still: the batch is held until it is full, however the requests are spread
+    batcher = InferBatcher(state, max_samples=16, max_wait_ms=50.0, clock=ManualClock())
     x = digits.x_test[:16]
     with torch.no_grad():
         h = split.client.eval()(x)  # (16, 16, 4, 4)
         expected = split.server.eval()(h)
-    replies: dict[int, pb.InferReply] = {}
-
-    def send(i):
-        replies[i] = batcher.infer(_request(h[i : i + 1], budget_ms=200.0))
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda i: batcher.infer(_request(h[i : i + 1], budget_ms=200.0)), range(16)))
     batcher.close()
-    got = torch.cat([codec.decode(replies[i].logits) for i in range(16)])
+    got = torch.cat([codec.decode(r.logits) for r in replies])
     assert torch.allclose(got, expected, atol=1e-5)  # every request got its own rows
-    assert batcher.requests == 16 and batcher.batches < 8  # and they were served together
-    assert max(r.batch for r in replies.values()) > 2
+    assert batcher.requests == 16 and batcher.batches == 1  # and they were served together
+    assert all(r.batch == 16 for r in replies)
 
 
-def test_a_tight_budget_is_not_held_for_company(digits):
+def test_a_request_is_held_for_company_only_as_long_as_its_budget_allows(digits):
     split = split_model(_trained(digits), "conv1")
-    batcher = InferBatcher(_state(split, digits), max_samples=64, max_wait_ms=1000.0)
+    clock, holds = ManualClock(10.0), Holds()
+    batcher = InferBatcher(
+        _state(split, digits), max_samples=64, max_wait_ms=1000.0, margin_ms=1.0, clock=clock, on_hold=holds
+    )
     with torch.no_grad():
         h = split.client.eval()(digits.x_test[:1])
-    loose = batcher.infer(_request(h, budget_ms=300.0))  # alone: waits for company, but not past its budget
-    tight = batcher.infer(_request(h, budget_ms=5.0))
-    no_budget = batcher.infer(_request(h))  # waits at most max_wait_ms... which here is long
+
+    def held(budget_ms):
+        """Send one request alone; return (planned release - arrival, queue_ms) in ms."""
+        arrival = clock()
+        service_ms = batcher.service.predict(2)  # what the batcher expects a batch with one more to take
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(batcher.infer, _request(h, budget_ms=budget_ms))
+            release = holds.next()
+            clock.set(release + 1e-9)  # the clock passes the planned release: the worker lets the batch go
+            batcher.wake()
+            got = reply.result(timeout=30)
+        holds.clear()  # re-plans while the clock stood still
+        return (release - arrival) * 1000.0, got.queue_ms, service_ms
+
+    # held (there might be company), but released in time for its deadline: budget - service - margin
+    wait, queued, service = held(300.0)
+    assert wait == pytest.approx(300.0 - service - 1.0) and queued == pytest.approx(wait, abs=1e-5)
+    wait, queued, service = held(5.0)  # a tight budget is held only for what it can spare
+    assert wait == pytest.approx(5.0 - service - 1.0) and wait < 5.0 and queued == pytest.approx(wait, abs=1e-5)
+    wait, queued, service = held(0.0)  # no budget: at most max_wait_ms
+    assert wait == pytest.approx(1000.0 - service - 1.0) and queued == pytest.approx(wait, abs=1e-5)
     batcher.close()
-    # not held: it runs as soon as the worker wakes (a few ms idle; a loaded 2-core CI host can add tens)
-    assert tight.queue_ms < 50.0, tight.queue_ms
-    # held (there might be company), released for its budget: the batcher plans the release before
-    # the deadline; a loaded CI host woke it 0.24 ms past it once, so the OS's wake-up jitter is allowed
-    assert 100.0 < loose.queue_ms < 300.0 + 25.0, loose.queue_ms
-    assert no_budget.queue_ms > 500.0, no_budget.queue_ms
 
 
 def test_bad_requests_fail_alone(digits):

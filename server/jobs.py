@@ -1,0 +1,103 @@
+"""Admitted data-plane requests (jobs): what the split server's admission hands to its steps.
+
+A job is made by one of :class:`server.state.SplitServerState`'s ``admit_*`` calls once the
+request passed every check, carries the validated tensors and the segment copy it runs on,
+receives its reply (or error) from the step, and is finished by ``state.commit(job)``. The
+batchers queue jobs; they never look inside the server state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fsl.wire import dataplane_pb2 as pb
+from fsl.wire.frame import Framed, as_sent
+from server.replicas import Replica
+
+__all__ = ["BackwardJob", "ForwardJob", "InferJob", "Job", "TrainJob"]
+
+
+@dataclass(eq=False)
+class Job:
+    """One admitted request and, once it ran, its reply or its error."""
+
+    header: pb.Header
+    request: Any  # as it came: a protobuf message or a fsl.wire.frame.Framed (answered with a frame)
+    replica: Replica  # the segment copy it runs on
+    reply: Any = None  # set by the step, or from the retry cache
+    error: BaseException | None = None
+    retry: bool = False  # a retry of a step already taken: answered from the cache, not run or counted again
+    sent: Any = None  # the reply in the form the request came in (set by commit)
+
+    @property
+    def framed(self) -> bool:
+        return isinstance(self.request, Framed)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """(client, round, step): the identity of a step, the same for all its retries."""
+        return (self.header.client_id, self.header.round, self.header.step)
+
+    @property
+    def samples(self) -> int:
+        return 0
+
+    def answered_like(self, other: Job) -> None:
+        """Take ``other``'s outcome: this request is a retry of the same step, which ``other`` ran."""
+        self.reply, self.error, self.retry = other.reply, other.error, True
+
+    def result(self) -> Any:
+        """The reply as sent back, or the job's error raised."""
+        if self.error is not None:
+            raise self.error
+        if self.sent is None:
+            self.sent = as_sent(self.reply, self.framed)
+        return self.sent
+
+
+@dataclass(eq=False, kw_only=True)
+class TrainJob(Job):
+    """An admitted ``Train`` request: activations and labels, checked."""
+
+    h: torch.Tensor  # (B, ...) validated activations (a read-only view of the request)
+    y: torch.Tensor  # (B,) validated labels
+    wire_format: str = "float32"  # the activations' format: the gradient goes back in the same one
+    want_confidence: bool = False  # the client asked for p(true label) per sample (data cartography)
+
+    @property
+    def samples(self) -> int:
+        return int(self.h.shape[0])
+
+
+@dataclass(eq=False, kw_only=True)
+class InferJob(Job):
+    """An admitted ``Infer`` request."""
+
+    h: torch.Tensor  # (B, ...) validated activations
+    budget_ms: float = 0.0  # latency the client may still spend (0: none)
+
+    @property
+    def rows(self) -> int:
+        return int(self.h.shape[0])
+
+
+@dataclass(eq=False, kw_only=True)
+class ForwardJob(Job):
+    """An admitted U-shaped ``Forward`` request (activations at the first cut, no labels)."""
+
+    h: torch.Tensor  # (B, ...) validated activations at the first cut
+
+    @property
+    def samples(self) -> int:
+        return int(self.h.shape[0])
+
+
+@dataclass(eq=False, kw_only=True)
+class BackwardJob(Job):
+    """An admitted U-shaped ``Backward`` request: the gradient at the second cut, for a kept forward."""
+
+    grad: torch.Tensor | None = None  # (B, ...) validated, set once the kept forward is found
+    pending: Any = None  # the server.ushaped.Pending forward it belongs to

@@ -1,0 +1,415 @@
+"""The split server's state: its segment copies, admission of requests, the steps, the bookkeeping.
+
+Every data-plane call goes through the same three stages, which the batchers use as they are:
+
+* **admission** (``admit_train``, ``admit_infer``, ``admit_forward``, ``admit_backward``): the
+  call is allowed (training server, split shape), the credential is valid, a retry of a step
+  already taken is found in the retry cache, and the tensors are checked (server.validation).
+  Nothing is touched before a request has passed every check, so bad input never changes the model;
+* **the step** (``run_train``, ``run_infer``; U-shaped forward and backward): the compute on the
+  segment copy the client is assigned, under that copy's lock (server.step, server.ushaped);
+* **commit** (``commit``): the exchange is shown to the attack observer, the reply takes the form
+  the request came in (frame or message) and the client's traffic is counted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fsl.auth import RoundAuthority
+from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES
+from fsl.wire import codec
+from fsl.wire import dataplane_pb2 as pb
+from fsl.wire.frame import Framed, as_framed, as_sent, wire_size
+from server.jobs import BackwardJob, ForwardJob, InferJob, Job, TrainJob
+from server.replicas import Replica, ReplicaSet
+from server.step import Staging, infer_step, train_step
+from server.ushaped import Pending, backward_step, forward_step
+from server.validation import ACTIVATION_DTYPES, InvalidRequest, check_labels, check_tensor
+
+__all__ = ["ClientStats", "SplitServerState", "resolve_device"]
+
+NON_FINITE = "the batch gives a non-finite loss; the server segment was not updated"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+@dataclass
+class ClientStats:
+    """Data-plane traffic of one client, as the server counted it."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_requests: int = 0
+    infer_requests: int = 0
+    samples: int = 0
+
+
+@dataclass
+class SplitServerState:
+    """The server segment(s), the optimizer(s) and the checks every request must pass."""
+
+    accepts_frames: ClassVar[bool] = True  # train() and infer() read fsl.wire.frame.Framed requests in place
+
+    segment: nn.Module  # the global server segment (in U-shaped splits: the middle segment)
+    sample_shape: tuple[int, ...]  # per-sample activation shape at the cut, e.g. (16, 14, 14)
+    num_classes: int
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    device: str = "auto"
+    max_batch: int = 4096
+    authority: RoundAuthority | None = None
+    model_name: str = ""
+    cut: str = ""
+    mode: str = "fsl"
+    ushaped: bool = False  # train through Forward/Backward; the server never sees labels
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    inference_only: bool = False  # fsl serve: refuse Train/Forward/Backward (rounds belong to the ServerApp)
+    exit_weight: float = 0.5  # multi-exit models: weight of each server-side exit's loss (fsl.exits)
+    # called with (header, activations, labels) of every accepted training request: what an
+    # honest-but-curious server sees (the observation recorder of the attack suite hooks in here);
+    # in U-shaped splits labels is None
+    observer: Callable[[pb.Header, torch.Tensor, torch.Tensor | None], None] | None = None
+    # called after each accepted training step with (header, activations, labels, dL/dh sent back):
+    # the whole exchange, for the gradient-inversion attack (server/recorder.py sets one or the other)
+    exchange_observer: Callable[[pb.Header, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    stats: dict[str, ClientStats] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.torch_device = resolve_device(self.device)
+        self.segment.to(self.torch_device)
+        self.global_replica = Replica(self.segment, self.lr, self.momentum, self.weight_decay)
+        self.optimizer = self.global_replica.optimizer
+        self._copies = ReplicaSet(self.global_replica, self.lr, self.momentum, self.weight_decay)
+        self._lock = threading.Lock()  # guards the tables below, never held during compute
+        self._last: dict[str, tuple[int, int, Any]] = {}  # client -> (round, step, reply): the retry cache
+        self._pending: dict[str, Pending] = {}  # client -> U-shaped forward awaiting backward
+        with torch.no_grad():
+            was = self.segment.training
+            probe = self.segment.eval()(torch.zeros(1, *self.sample_shape, device=self.torch_device))
+            self.segment.train(was)
+        self.out_shape = tuple(probe.shape[1:])  # per-sample shape of the segment's output
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken on the server side, over all copies."""
+        return self._copies.steps
+
+    # ------------------------------------------------------------- replicas
+    def open_replicas(self, assignment: dict[str, str]) -> None:
+        """Give each replica id in ``assignment`` (client -> replica) its own copy of the global
+        segment for this round. A single replica id means: everyone trains the global segment."""
+        self._copies.open(assignment)
+
+    def merge_replicas(self) -> dict[str, int]:
+        """FedAvg the replicas into the global segment, weighted by the samples each trained on
+        (optimizer momentum averaged the same way); returns the weights. No-op with one replica."""
+        return self._copies.merge()
+
+    def replicas(self) -> dict[str, Replica]:
+        """This round's copies of the segment by replica id (empty: everyone trains the global one)."""
+        return self._copies.copies()
+
+    def replica_for(self, client_id: str) -> Replica:
+        """The segment copy ``client_id`` runs on this round."""
+        return self._copies.for_client(client_id)
+
+    # ------------------------------------------------------------- admission
+    def _admit(self, hdr: pb.Header, *, train: bool, ushaped: bool | None = None) -> None:
+        """The checks every call makes first: the call is allowed here, then the credential."""
+        if train and self.inference_only:
+            raise InvalidRequest("this server serves inference only (fsl serve); training runs under the ServerApp")
+        if ushaped is not None and ushaped != self.ushaped:
+            raise InvalidRequest(
+                "this split is U-shaped: labels must not be sent; use Forward/Backward"
+                if self.ushaped
+                else "this split is not U-shaped: use Train"
+            )
+        if self.authority is not None:
+            self.authority.verify(hdr.run_id, hdr.round, hdr.client_id, hdr.token)
+
+    def _recall(self, job: Job) -> bool:
+        """Answer ``job`` from the retry cache if its step was taken already."""
+        hdr = job.header
+        with self._lock:
+            last = self._last.get(hdr.client_id) if hdr.client_id else None
+        if last is None or last[:2] != (hdr.round, hdr.step):
+            return False
+        job.reply, job.retry = last[2], True
+        return True
+
+    def _remember(self, job: Job) -> None:
+        if job.header.client_id:
+            with self._lock:
+                self._last[job.header.client_id] = (job.header.round, job.header.step, job.reply)
+
+    def _activations(self, t: pb.Tensor, data: Any = None) -> torch.Tensor:
+        return check_tensor(t, "activations", self.sample_shape, max_batch=self.max_batch, cut=self.cut, data=data)
+
+    def admit_train(self, request: pb.TrainRequest | Framed) -> TrainJob:
+        """Admit a ``Train`` request (a message or a frame, read in place) or raise why not.
+
+        A retry of a step already taken comes back with ``retry`` set and its reply from the cache.
+        """
+        req = as_framed(request)
+        msg, hdr = req.msg, req.msg.header
+        self._admit(hdr, train=True, ushaped=False)
+        h = self._activations(msg.activations, req.payloads.get("activations"))
+        y = check_labels(
+            msg.labels,
+            h.shape[0],
+            num_classes=self.num_classes,
+            max_batch=self.max_batch,
+            data=req.payloads.get("labels"),
+        )
+        job = TrainJob(
+            hdr,
+            request,
+            self.replica_for(hdr.client_id),
+            h=h,
+            y=y,
+            wire_format=codec.format_of(msg.activations),
+            want_confidence=bool(msg.want_confidence),
+        )
+        self._recall(job)
+        return job
+
+    def admit_infer(self, request: pb.InferRequest | Framed) -> InferJob:
+        """Admit an ``Infer`` request (a message or a frame, read in place) or raise why not."""
+        req = as_framed(request)
+        hdr = req.msg.header
+        self._admit(hdr, train=False)
+        h = self._activations(req.msg.activations, req.payloads.get("activations"))
+        return InferJob(hdr, request, self.replica_for(hdr.client_id), h=h, budget_ms=req.msg.budget_ms)
+
+    def admit_forward(self, request: pb.ForwardRequest) -> ForwardJob:
+        """Admit a U-shaped ``Forward`` request or raise why not (a retried forward: ``retry`` set)."""
+        hdr = request.header
+        self._admit(hdr, train=True, ushaped=True)
+        job = ForwardJob(hdr, request, self.replica_for(hdr.client_id), h=self._activations(request.activations))
+        self._recall(job)
+        return job
+
+    def admit_backward(self, request: pb.BackwardRequest) -> BackwardJob:
+        """Admit a U-shaped ``Backward`` request for the client's kept forward, or raise why not."""
+        hdr = request.header
+        self._admit(hdr, train=True, ushaped=True)
+        job = BackwardJob(hdr, request, self.replica_for(hdr.client_id))
+        if self._recall(job):
+            return job
+        with self._lock:
+            p = self._pending.get(hdr.client_id)
+        if p is None or (p.round, p.step) != (hdr.round, request.forward_step):
+            raise InvalidRequest(f"no pending forward step {request.forward_step} for this client in round {hdr.round}")
+        job.grad = check_tensor(request.grad, "grad", self.out_shape, max_batch=self.max_batch, cut=self.cut)
+        if job.grad.shape[0] != p.h.shape[0]:
+            raise InvalidRequest(f"grad for a batch of {job.grad.shape[0]}, but the forward had {p.h.shape[0]}")
+        job.pending = p
+        return job
+
+    # ------------------------------------------------------------- steps
+    def run_train(self, jobs: Sequence[TrainJob], staging: Staging | None = None) -> list[TrainJob]:
+        """The training step for admitted ``jobs`` that share one segment copy: one forward and
+        backward over all their samples and one optimizer step (server.step.train_step).
+
+        Every job ends with a reply or an error: a retry whose first attempt finished while it
+        waited for the copy's lock is answered from the cache, a job the observer refuses fails
+        alone, a job whose loss is not finite is dropped and the rest stepped without it (nothing
+        moved before). Returns the jobs that were trained.
+        """
+        if not jobs:
+            return []
+        replica = jobs[0].replica
+        if any(j.replica is not replica for j in jobs):
+            raise ValueError("a training batch must share one segment copy")
+        with replica.lock:
+            live = []
+            for job in jobs:
+                if job.retry or self._recall(job):
+                    continue
+                try:
+                    if self.observer is not None:
+                        self.observer(job.header, job.h, job.y)
+                    live.append(job)
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    job.error = e
+            while live:
+                bad = train_step(replica, live, device=self.torch_device, exit_weight=self.exit_weight, staging=staging)
+                if not bad:
+                    break
+                for job in bad:
+                    job.error = InvalidRequest(NON_FINITE)
+                live = [j for j in live if j not in bad]
+            server_step = self.steps
+            for job in live:
+                job.reply.msg.server_step = server_step
+                self._remember(job)  # under the lock: a retry waiting for it must find the answer
+        return live
+
+    def run_infer(self, jobs: Sequence[InferJob], clock: Callable[[], float] = time.perf_counter) -> float:
+        """The segment (eval mode) on admitted ``jobs`` that share one copy; sets each reply with
+        its own rows and returns the compute time in ms on ``clock`` (lock wait included)."""
+        replica = jobs[0].replica
+        if any(j.replica is not replica for j in jobs):
+            raise ValueError("an inference batch must share one segment copy")
+        t0 = clock()
+        with replica.lock:
+            out = infer_step(replica, jobs, device=self.torch_device)  # (N, num_classes)
+        ms = (clock() - t0) * 1000.0
+        a = 0
+        for job in jobs:
+            b = a + job.rows
+            job.reply = pb.InferReply(compute_ms=ms, batch=out.shape[0])
+            codec.encode_into(job.reply.logits, out[a:b])  # (B, num_classes): small, inside the message
+            a = b
+        return ms
+
+    # ------------------------------------------------------------- commit
+    def commit(self, job: Job) -> None:
+        """Finish a job that ran: show the exchange to the attack observer, put the reply in the
+        form the request came in, count the client's traffic. A failed job is left as it is (its
+        error is raised by ``job.result()``); a retry is only framed, not counted again."""
+        if job.error is not None:
+            return
+        job.sent = as_sent(job.reply, job.framed)
+        if job.retry:
+            return
+        hdr = job.header
+        if isinstance(job, TrainJob) and self.exchange_observer is not None:  # the dL/dh as the client receives it
+            self.exchange_observer(hdr, job.h, job.y, job.reply.tensor("grad").float())
+        up, down = wire_size(job.request), wire_size(job.sent)
+        with self._lock:
+            s = self.stats.setdefault(hdr.client_id, ClientStats())
+            s.bytes_up += up
+            s.bytes_down += down
+            s.samples += job.samples
+            if isinstance(job, InferJob):
+                s.infer_requests += 1
+            else:
+                s.train_requests += 1
+
+    # ------------------------------------------------------------- calls
+    def train(self, request: pb.TrainRequest | Framed) -> pb.TrainReply | Framed:
+        """One training step of the server segment on a client's batch (activations + labels):
+        a batch of one through :meth:`run_train`.
+
+        A framed request (:mod:`fsl.wire.frame`, what :class:`GrpcChannel` sends) is answered with a
+        framed reply whose gradient is sent from the tensor's own memory; a protobuf request with a
+        protobuf reply.
+        """
+        job = self.admit_train(request)
+        if not job.retry:
+            self.run_train([job])
+        self.commit(job)
+        return job.result()  # type: ignore[no-any-return]
+
+    def infer(self, request: pb.InferRequest | Framed) -> pb.InferReply | Framed:
+        """Split inference: the rest of the model (the middle, if U-shaped) on a client's activations.
+
+        A framed request (:mod:`fsl.wire.frame`) is read in place and answered with a frame.
+        """
+        job = self.admit_infer(request)
+        self.run_infer([job])
+        self.commit(job)
+        return job.result()  # type: ignore[no-any-return]
+
+    def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+        """U-shaped step 1: run the middle segment and keep its graph for the backward."""
+        job = self.admit_forward(request)
+        if not job.retry:
+            with job.replica.lock:
+                if self.observer is not None:
+                    self.observer(job.header, job.h, None)
+                p = forward_step(job, self.torch_device)
+                self._remember(job)
+            with self._lock:  # a client has at most one forward in flight; a new one replaces the old
+                self._pending[job.header.client_id] = p
+        self.commit(job)
+        return job.result()  # type: ignore[no-any-return]
+
+    def backward(self, request: pb.BackwardRequest) -> pb.BackwardReply:
+        """U-shaped step 2: backprop the client's gradient through the middle and take a step."""
+        job = self.admit_backward(request)
+        if not job.retry:
+            with job.replica.lock:
+                backward_step(job, self.torch_device)
+                job.reply.server_step = self.steps
+                self._remember(job)
+            with self._lock:
+                self._pending.pop(job.header.client_id, None)
+        self.commit(job)
+        return job.result()  # type: ignore[no-any-return]
+
+    def info(self) -> pb.InfoReply:
+        return pb.InfoReply(
+            model=self.model_name,
+            cut=self.cut,
+            sample_shape=list(self.sample_shape),
+            dtypes=list(ACTIVATION_DTYPES),
+            max_batch=self.max_batch,
+            max_message_bytes=self.max_message_bytes,
+            device=str(self.torch_device),
+            mode=self.mode,
+            ushaped=self.ushaped,
+        )
+
+    def end_round(self) -> None:
+        """Forget per-round state: pending U-shaped forwards and retry caches."""
+        with self._lock:
+            self._pending.clear()
+            self._last.clear()
+
+    # ------------------------------------------------------------- state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Global segment weights and optimizer buffers, as CPU tensors (for safetensors checkpoints)."""
+        with self.global_replica.lock:
+            out = {f"segment.{k}": v.detach().cpu().clone() for k, v in self.segment.state_dict().items()}
+            names = {id(p): n for n, p in self.segment.named_parameters()}
+            for p, st in self.optimizer.state.items():
+                for key, val in st.items():
+                    if isinstance(val, torch.Tensor):
+                        out[f"optim.{names[id(p)]}.{key}"] = val.detach().cpu().clone()
+        out["meta.steps"] = torch.tensor(self.steps, dtype=torch.int64)
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` produced."""
+        with self.global_replica.lock:
+            seg = {k[len("segment.") :]: v for k, v in tensors.items() if k.startswith("segment.")}
+            self.segment.load_state_dict(seg)
+            params = dict(self.segment.named_parameters())
+            self.optimizer.state.clear()
+            for k, v in tensors.items():
+                if k.startswith("optim."):
+                    pname, key = k[len("optim.") :].rsplit(".", 1)
+                    self.optimizer.state[params[pname]][key] = v.to(self.torch_device)
+            self.global_replica.steps = int(tensors.get("meta.steps", torch.tensor(0)))
+        self._copies.retired_steps = 0
+        with self._lock:
+            self._last.clear()
+            self._pending.clear()
+
+    def segment_state_dict(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the global server segment's weights."""
+        with self.global_replica.lock:
+            return {k: v.detach().cpu().clone() for k, v in self.segment.state_dict().items()}
+
+    def traffic(self) -> dict[str, ClientStats]:
+        with self._lock:
+            return {k: ClientStats(**vars(v)) for k, v in self.stats.items()}

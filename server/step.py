@@ -1,0 +1,170 @@
+"""The split server's compute: one training step over a batch of admitted requests, and inference.
+
+:func:`train_step` is *the* training step of the server segment, for one request (the plain
+``Train`` call) and for many (:class:`server.batching.RequestBatcher`). For requests ``i = 1..K``
+with ``B_i`` samples each it minimises ``L = sum_i L_i``, ``L_i`` the mean cross entropy of
+request ``i``'s own samples (plus the weighted losses of exits inside the segment). Since
+``dL/dh_s`` involves only its own request's term, every client gets the gradient at the cut it
+would get alone from the same weights, and its own loss and hit count. With one request
+``L = L_1`` is computed exactly as a lone step computes it, so batching off gives the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fsl.exits import exit_logits
+from fsl.fastmath import flush_denormals
+from fsl.wire import codec
+from fsl.wire import dataplane_pb2 as pb
+from fsl.wire.frame import Framed
+from server.jobs import InferJob, TrainJob
+from server.replicas import Replica
+
+__all__ = ["Staging", "infer_step", "train_step", "true_label_probability"]
+
+
+def true_label_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 softmax probability of each sample's label: data cartography's confidence."""
+    return torch.softmax(logits.float(), dim=1).gather(1, y.view(-1, 1)).view(-1)
+
+
+class Staging:
+    """Page-locked host buffers for one segment copy's batches on CUDA.
+
+    Activations are gathered into pinned memory and copied to the device with
+    ``non_blocking=True``; gradients come back the same way, one synchronisation per batch.
+    The buffers are reused, so whatever must outlive the next batch is cloned out of them.
+    """
+
+    def __init__(self) -> None:
+        self.pinned_in: torch.Tensor | None = None
+        self.pinned_out: torch.Tensor | None = None
+
+    def to_device(self, hs: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        n = sum(h.shape[0] for h in hs)
+        need = n * hs[0][0].numel()
+        if self.pinned_in is None or self.pinned_in.numel() < need:
+            self.pinned_in = torch.empty(need, dtype=torch.float32, pin_memory=True)
+        host = self.pinned_in[:need].view(n, *hs[0].shape[1:])
+        a = 0
+        for h in hs:
+            host[a : a + h.shape[0]].copy_(h)  # into page-locked memory (casts float16/bfloat16 on the way)
+            a += h.shape[0]
+        return host.to(device, non_blocking=True)
+
+    def to_host(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.pinned_out is None or self.pinned_out.numel() < grad.numel():
+            self.pinned_out = torch.empty(grad.numel(), dtype=grad.dtype, pin_memory=True)
+        host = self.pinned_out[: grad.numel()].view(grad.shape)
+        host.copy_(grad, non_blocking=True)
+        torch.cuda.current_stream(grad.device).synchronize()
+        return host
+
+
+def _gather(hs: Sequence[torch.Tensor], device: torch.device, staging: Staging | None) -> torch.Tensor:
+    """(N, ...) float32 activations of all requests on ``device``."""
+    if staging is not None and device.type == "cuda":
+        return staging.to_device(hs, device)
+    if len(hs) == 1:
+        return hs[0].to(device, dtype=torch.float32, non_blocking=True)
+    return torch.cat([h.float() for h in hs]).to(device, non_blocking=True)  # one copy out of the messages
+
+
+def _slices(sizes: Sequence[int]) -> list[slice]:
+    out, a = [], 0
+    for b in sizes:
+        out.append(slice(a, a + b))
+        a += b
+    return out
+
+
+def _mean_loss(logits: torch.Tensor, y: torch.Tensor, exits: list[torch.Tensor], exit_weight: float) -> torch.Tensor:
+    """Mean cross entropy plus ``exit_weight`` times the exits' summed mean cross entropies
+    (the formula of :func:`fsl.exits.exit_loss`, here on any slice of the batch)."""
+    loss = nn.functional.cross_entropy(logits, y)
+    if exits:
+        loss = loss + exit_weight * sum(nn.functional.cross_entropy(z, y) for z in exits)
+    return loss
+
+
+def train_step(
+    replica: Replica,
+    jobs: Sequence[TrainJob],
+    *,
+    device: torch.device,
+    exit_weight: float,
+    staging: Staging | None = None,
+) -> list[TrainJob]:
+    """One forward, loss, backward and optimizer step of ``replica`` over the samples of ``jobs``.
+
+    The caller holds ``replica.lock``. Returns the jobs whose loss is not finite: then nothing
+    was changed (no gradient applied, no step counted) and the caller may run the rest again.
+    Otherwise every job gets its reply (``server_step`` left for the caller to fill in).
+    """
+    flush_denormals()  # this thread's float unit (fsl/fastmath.py): gRPC worker threads start without it
+    one = len(jobs) == 1
+    hs = [j.h for j in jobs]
+    sizes = [h.shape[0] for h in hs]
+    h = _gather(hs, device, staging).requires_grad_(True)  # (N, ...) smashed
+    y = (jobs[0].y if one else torch.cat([j.y for j in jobs])).to(device, non_blocking=True)
+    seg = replica.segment
+    seg.train()
+    replica.optimizer.zero_grad(set_to_none=True)
+    logits = seg(h)  # (N, num_classes)
+    exits = list(exit_logits(seg).values())  # exits inside the server segment, if any
+    parts = [slice(None)] if one else _slices(sizes)
+    if one:
+        losses = [_mean_loss(logits, y, exits, exit_weight)]
+    else:
+        losses = [_mean_loss(logits[s], y[s], [z[s] for z in exits], exit_weight) for s in parts]
+    values = torch.stack([v.detach() for v in losses]).cpu().tolist()  # one synchronisation
+    bad = [j for j, v in zip(jobs, values, strict=True) if not math.isfinite(v)]
+    if bad:
+        return bad
+    (losses[0] if one else torch.stack(losses).sum()).backward()
+    assert h.grad is not None
+    replica.optimizer.step()
+    replica.steps += 1
+    replica.samples += sum(sizes)
+    hits = logits.detach().argmax(1) == y
+    correct = torch.stack([hits[s].sum() for s in parts]).cpu().tolist()
+    confidence = None
+    if any(j.want_confidence for j in jobs):  # only data cartography reads it
+        confidence = true_label_probability(logits.detach(), y).cpu()  # (N,)
+    staged = staging is not None and device.type == "cuda"
+    grad = staging.to_host(h.grad) if staging is not None and staged else h.grad.cpu()  # (N, ...) dL/dh
+    for job, s, loss, hit in zip(jobs, parts, values, correct, strict=True):
+        reply = Framed(pb.TrainReply(loss=loss, correct=int(hit)))
+        fmt = codec.wire_format(job.wire_format)  # in the sender's format
+        if job.framed:  # sent from the batch's gradient itself (the pinned staging is reused: a copy)
+            reply.set("grad", grad[s].clone() if staged else grad[s], fmt)
+        else:
+            codec.encode_into(reply.msg.grad, grad[s], fmt)
+        if job.want_confidence:
+            assert confidence is not None
+            codec.encode_into(reply.msg.confidence, confidence[s])
+        job.reply = reply
+    return []
+
+
+def infer_step(replica: Replica, jobs: Sequence[InferJob], *, device: torch.device) -> torch.Tensor:
+    """Logits ``(N, num_classes)`` on the CPU of the segment copy in eval mode for all jobs' rows.
+
+    The caller holds ``replica.lock``; the segment's training mode is restored afterwards.
+    """
+    hs = [j.h for j in jobs]
+    h = hs[0] if len(hs) == 1 else torch.cat(hs)  # (N, ...)
+    seg = replica.segment
+    was = seg.training
+    seg.eval()
+    try:
+        with torch.no_grad():
+            out: torch.Tensor = seg(h.to(device, dtype=torch.float32)).float()
+    finally:
+        seg.train(was)
+    return out.cpu()  # waits for the device
