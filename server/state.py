@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ from server.ushaped import Pending, backward_step, forward_step
 from server.validation import ACTIVATION_DTYPES, InvalidRequest, check_labels, check_tensor
 
 __all__ = ["ClientStats", "SplitServerState", "resolve_device"]
+
+_J = TypeVar("_J", bound=Job)
 
 NON_FINITE = "the batch gives a non-finite loss; the server segment was not updated"
 
@@ -304,6 +306,32 @@ class SplitServerState:
             else:
                 s.train_requests += 1
 
+    def run_forward(self, job: ForwardJob) -> None:
+        """U-shaped step 1: run the middle segment and keep its graph for the client's backward."""
+        with job.replica.lock:
+            if self.observer is not None:
+                self.observer(job.header, job.h, None)
+            p = forward_step(job, self.torch_device)
+            self._remember(job)
+        with self._lock:  # a client has at most one forward in flight; a new one replaces the old
+            self._pending[job.header.client_id] = p
+
+    def run_backward(self, job: BackwardJob) -> None:
+        """U-shaped step 2: backprop the client's gradient through the middle and take a step."""
+        with job.replica.lock:
+            backward_step(job, self.torch_device)
+            job.reply.server_step = self.steps
+            self._remember(job)
+        with self._lock:
+            self._pending.pop(job.header.client_id, None)
+
+    def _serve(self, job: _J, run: Callable[[_J], object]) -> Any:
+        """Admitted ``job`` through its step (unless it is a retry, answered from the cache) and commit."""
+        if not job.retry:
+            run(job)
+        self.commit(job)
+        return job.result()
+
     # ------------------------------------------------------------- calls
     def train(self, request: pb.TrainRequest | Framed) -> pb.TrainReply | Framed:
         """One training step of the server segment on a client's batch (activations + labels):
@@ -313,48 +341,26 @@ class SplitServerState:
         framed reply whose gradient is sent from the tensor's own memory; a protobuf request with a
         protobuf reply.
         """
-        job = self.admit_train(request)
-        if not job.retry:
-            self.run_train([job])
-        self.commit(job)
-        return job.result()  # type: ignore[no-any-return]
+        reply: pb.TrainReply | Framed = self._serve(self.admit_train(request), lambda j: self.run_train([j]))
+        return reply
 
     def infer(self, request: pb.InferRequest | Framed) -> pb.InferReply | Framed:
         """Split inference: the rest of the model (the middle, if U-shaped) on a client's activations.
 
         A framed request (:mod:`fsl.wire.frame`) is read in place and answered with a frame.
         """
-        job = self.admit_infer(request)
-        self.run_infer([job])
-        self.commit(job)
-        return job.result()  # type: ignore[no-any-return]
+        reply: pb.InferReply | Framed = self._serve(self.admit_infer(request), lambda j: self.run_infer([j]))
+        return reply
 
     def forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
-        """U-shaped step 1: run the middle segment and keep its graph for the backward."""
-        job = self.admit_forward(request)
-        if not job.retry:
-            with job.replica.lock:
-                if self.observer is not None:
-                    self.observer(job.header, job.h, None)
-                p = forward_step(job, self.torch_device)
-                self._remember(job)
-            with self._lock:  # a client has at most one forward in flight; a new one replaces the old
-                self._pending[job.header.client_id] = p
-        self.commit(job)
-        return job.result()  # type: ignore[no-any-return]
+        """U-shaped step 1 (:meth:`run_forward`): the middle segment's output for the bottom's activations."""
+        reply: pb.ForwardReply = self._serve(self.admit_forward(request), self.run_forward)
+        return reply
 
     def backward(self, request: pb.BackwardRequest) -> pb.BackwardReply:
-        """U-shaped step 2: backprop the client's gradient through the middle and take a step."""
-        job = self.admit_backward(request)
-        if not job.retry:
-            with job.replica.lock:
-                backward_step(job, self.torch_device)
-                job.reply.server_step = self.steps
-                self._remember(job)
-            with self._lock:
-                self._pending.pop(job.header.client_id, None)
-        self.commit(job)
-        return job.result()  # type: ignore[no-any-return]
+        """U-shaped step 2 (:meth:`run_backward`): the gradient at the first cut."""
+        reply: pb.BackwardReply = self._serve(self.admit_backward(request), self.run_backward)
+        return reply
 
     def info(self) -> pb.InfoReply:
         return pb.InfoReply(
