@@ -46,7 +46,7 @@ for more requests, runs the batch (``state.run_train``, under the copy's lock), 
 request's result (``state.commit``) and hands leadership to a request that arrived meanwhile, so
 there is no background thread to start or stop. The leader stops waiting as soon as every
 client that trained on this copy in the last ``active_window_s`` seconds has a request in the
-batch, so a lone client never pays ``max_wait_ms``. Time is read from an injectable ``clock``.
+batch, so a lone client never pays ``max_wait_ms``. Time is read from an injectable :class:`server.timeline.Timeline`.
 
 CUDA: activations are gathered into a pinned host buffer per segment copy and copied to the
 device with ``non_blocking=True``; gradients come back the same way, one synchronisation per
@@ -57,9 +57,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -71,6 +69,7 @@ from server.jobs import TrainJob
 from server.replicas import Replica
 from server.state import SplitServerState
 from server.step import Staging
+from server.timeline import Timeline
 
 __all__ = ["BatchingError", "RequestBatcher", "batchnorm_problem"]
 
@@ -134,11 +133,9 @@ class RequestBatcher:
     adaptive:
         Stop waiting once every active client has a request in the batch (default). ``False``: wait
         until the batch is full or ``max_wait_ms`` has passed.
-    clock:
-        Seconds on a monotonic clock; every wait is planned on it (tests pass a clock they move).
-    on_hold:
-        Called with the clock time until which a leader holds its batch, each time it decides to
-        wait (tracing; tests read the schedule from it).
+    timeline:
+        The clock every wait is planned on, and a tracer of the planned holds
+        (:class:`server.timeline.Timeline`; tests pass a clock they move).
     """
 
     accepts_frames = True  # train() reads fsl.wire.frame.Framed requests in place
@@ -152,8 +149,7 @@ class RequestBatcher:
         max_wait_ms: float = 20.0,
         active_window_s: float = 0.25,
         adaptive: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-        on_hold: Callable[[float], None] | None = None,
+        timeline: Timeline = Timeline(),  # noqa: B008 - frozen, so one default is safely shared
     ) -> None:
         if max_requests < 1:
             raise BatchingError(f"max_requests must be >= 1, got {max_requests}")
@@ -168,8 +164,7 @@ class RequestBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.active_window_s = active_window_s
         self.adaptive = adaptive
-        self.clock = clock
-        self.on_hold = on_hold
+        self.timeline = timeline
         # one lane per segment copy; a past round's copies drop out with their last job
         self._lanes: weakref.WeakKeyDictionary[Replica, _Lane] = weakref.WeakKeyDictionary()
         self._lanes_lock = threading.Lock()
@@ -197,7 +192,7 @@ class RequestBatcher:
             if twin is None:
                 if client:
                     lane.inflight[job.key] = entry
-                lane.seen[client] = self.clock()
+                lane.seen[client] = self.timeline.clock()
                 lane.entries.append(entry)
                 lead = not lane.leader
                 lane.leader = True
@@ -232,18 +227,16 @@ class RequestBatcher:
     # ------------------------------------------------------------------ leader
     def _take(self, lane: _Lane) -> list[_Entry]:
         """Wait (lane.cond held) for a full batch or the deadline; take the batch."""
-        deadline = self.clock() + self.max_wait_s
+        deadline = self.timeline.clock() + self.max_wait_s
         while True:
-            now = self.clock()
+            now = self.timeline.clock()
             active = {c for c, t in lane.seen.items() if now - t <= self.active_window_s}
             queued = {e.job.header.client_id for e in lane.entries}
             samples = sum(e.job.samples for e in lane.entries)
             full = len(lane.entries) >= self.max_requests or samples >= self.max_samples
             if full or (self.adaptive and active <= queued) or now >= deadline:
                 break
-            if self.on_hold is not None:
-                self.on_hold(deadline)
-            lane.cond.wait(deadline - now)
+            self.timeline.hold(lane.cond, deadline, now)
         batch: list[_Entry] = []
         samples = 0
         for entry in lane.entries:

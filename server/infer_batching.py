@@ -12,16 +12,14 @@ where the service time of a batch of ``n`` samples is learned online (a running 
 ``max_wait_ms``. One worker thread runs the batches; gRPC threads only admit their request
 (``state.admit_infer``: credential and tensor checks) and wait, and the worker computes
 (``state.run_infer``) and commits (``state.commit``) through the split server's public calls.
-Time is read from an injectable ``clock``, on which every wait is planned.
+Time is read from an injectable :class:`server.timeline.Timeline`, on which every wait is planned.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fsl.deadlines import deadline_wait_ms
@@ -29,6 +27,7 @@ from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed
 from server.jobs import InferJob
 from server.state import SplitServerState
+from server.timeline import Timeline
 
 __all__ = ["InferBatcher", "ServiceModel"]
 
@@ -87,12 +86,9 @@ class InferBatcher:
         Longest wait for requests that carry no latency budget.
     margin_ms:
         Safety margin kept below every deadline (network jitter on the way back).
-    clock:
-        Seconds on a monotonic clock: arrivals, deadlines, waits and measured service times
-        (tests pass a clock they move).
-    on_hold:
-        Called with the clock time until which the worker holds a batch, each time it decides to
-        wait (tracing; tests read the schedule from it).
+    timeline:
+        The clock every wait is planned on, and a tracer of the planned holds
+        (:class:`server.timeline.Timeline`; tests pass a clock they move).
     """
 
     accepts_frames = True  # infer() reads fsl.wire.frame.Framed requests in place
@@ -104,8 +100,7 @@ class InferBatcher:
         max_samples: int = 256,
         max_wait_ms: float = 5.0,
         margin_ms: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-        on_hold: Callable[[float], None] | None = None,
+        timeline: Timeline = Timeline(),  # noqa: B008 - frozen, so one default is safely shared
     ) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
@@ -115,8 +110,7 @@ class InferBatcher:
         self.max_samples = max_samples
         self.max_wait_s = max_wait_ms / 1000.0
         self.margin_s = margin_ms / 1000.0
-        self.clock = clock
-        self.on_hold = on_hold
+        self.timeline = timeline
         self.service = ServiceModel()
         self.batches = 0
         self.requests = 0
@@ -129,7 +123,7 @@ class InferBatcher:
     # ------------------------------------------------------------------ entry point
     def infer(self, request: pb.InferRequest | Framed) -> pb.InferReply | Framed:
         job = self.state.admit_infer(request)  # checked before it joins a batch
-        now = self.clock()
+        now = self.timeline.clock()
         budget = job.budget_ms / 1000.0 if job.budget_ms > 0 else self.max_wait_s
         entry = _Entry(job, now, now + budget)
         with self._cond:
@@ -181,7 +175,7 @@ class InferBatcher:
                 return [q.popleft()]
             if n >= self.max_samples or q or self._closed:
                 return batch
-            now = self.clock()
+            now = self.timeline.clock()
             oldest = min(e.arrival for e in batch)
             wait_s = (
                 deadline_wait_ms(
@@ -194,16 +188,14 @@ class InferBatcher:
             )
             if wait_s <= 0:
                 return batch
-            if self.on_hold is not None:
-                self.on_hold(now + wait_s)
-            self._cond.wait(timeout=wait_s)
+            self.timeline.hold(self._cond, now + wait_s, now)
 
     def _run(self, batch: list[_Entry]) -> None:
         st = self.state
         jobs = [e.job for e in batch]
-        t0 = self.clock()
+        t0 = self.timeline.clock()
         try:
-            compute_ms = st.run_infer(jobs, clock=self.clock)
+            compute_ms = st.run_infer(jobs, clock=self.timeline.clock)
         except BaseException as e:  # noqa: BLE001 - every waiting request gets the error, the server lives
             log.exception("inference batch failed")
             for entry in batch:

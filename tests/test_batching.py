@@ -26,6 +26,7 @@ from fsl.wire.frame import Framed
 from helpers import make_state, params
 from server.batching import BatchingError, RequestBatcher
 from server.split_server import InvalidRequest, SplitServer, SplitServerState
+from server.timeline import Timeline
 
 
 def _request(client, h, y, step=1, round_=1, wire=None):
@@ -77,7 +78,9 @@ def _run_concurrently(batcher, requests):
 def test_batched_gradients_equal_unbatched_from_same_weights(cut, sizes, framed):
     torch.manual_seed(0)
     _, split, state = make_state("cnn", cut, lr=0.1, momentum=0.0)
-    batcher = RequestBatcher(state, max_requests=len(sizes), adaptive=False, clock=ManualClock())  # until full
+    batcher = RequestBatcher(
+        state, max_requests=len(sizes), adaptive=False, timeline=Timeline(ManualClock())
+    )  # until full
     shape = state.sample_shape
     data = [(torch.randn(b, *shape), torch.randint(0, 10, (b,))) for b in sizes]
     before = params(state.segment)
@@ -122,7 +125,7 @@ def test_single_request_matches_the_unbatched_server_step_for_step():
 
 def test_float16_and_bfloat16_requests_share_a_batch_and_get_their_own_dtype_back():
     _, _, state = make_state("cnn", "conv1")
-    batcher = RequestBatcher(state, max_requests=3, adaptive=False, clock=ManualClock())
+    batcher = RequestBatcher(state, max_requests=3, adaptive=False, timeline=Timeline(ManualClock()))
     dtypes = [None, torch.float16, torch.bfloat16]
     reqs = [
         _request(f"c{i}", torch.rand(2, *state.sample_shape), torch.tensor([1, 2]), wire=d)
@@ -137,7 +140,7 @@ def test_bad_input_fails_only_its_own_request_and_never_touches_the_model():
     torch.manual_seed(2)
     _, _, state = make_state("cnn", "conv1", lr=0.1, momentum=0.0)
     # the NaN request fails admission and never joins: the other three fill the batch
-    batcher = RequestBatcher(state, max_requests=3, adaptive=False, clock=ManualClock())
+    batcher = RequestBatcher(state, max_requests=3, adaptive=False, timeline=Timeline(ManualClock()))
     good = [(torch.randn(3, *state.sample_shape), torch.randint(0, 10, (3,))) for _ in range(2)]
     oracle = [_unbatched(state, h, y) for h, y in good]
     nan = torch.randn(3, *state.sample_shape)
@@ -195,7 +198,7 @@ def test_a_held_batch_takes_what_arrives_and_is_released_at_the_planned_deadline
     _, _, state = make_state("cnn", "conv1")
     clock, holds = ManualClock(100.0), Holds()
     # a minute on the clock: the leader wakes only when a request arrives or the test moves the clock
-    batcher = RequestBatcher(state, max_requests=8, max_wait_ms=60_000, adaptive=False, clock=clock, on_hold=holds)
+    batcher = RequestBatcher(state, max_requests=8, max_wait_ms=60_000, adaptive=False, timeline=Timeline(clock, holds))
     shape = state.sample_shape
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(batcher.train, _request("a", torch.rand(2, *shape), torch.tensor([0, 1])))
@@ -217,7 +220,7 @@ def test_the_leader_stops_waiting_once_every_active_client_has_a_request():
     _, _, state = make_state("cnn", "conv1")
     holds = Holds()
     batcher = RequestBatcher(
-        state, max_wait_ms=60_000, active_window_s=10.0, clock=ManualClock(), on_hold=holds
+        state, max_wait_ms=60_000, active_window_s=10.0, timeline=Timeline(ManualClock(), holds)
     )  # adaptive
     shape = state.sample_shape
 
@@ -242,7 +245,7 @@ def test_confidence_is_computed_and_sent_only_when_asked(batched):
     reqs[1].want_confidence = True
     if batched:  # in the same batch, from the same weights: one asks, one does not
         seg = copy.deepcopy(state.segment)
-        batcher = RequestBatcher(state, max_requests=2, adaptive=False, clock=ManualClock())
+        batcher = RequestBatcher(state, max_requests=2, adaptive=False, timeline=Timeline(ManualClock()))
         replies, errors = _run_concurrently(batcher, reqs)
         assert errors == [None, None] and batcher.batches == 1
     else:

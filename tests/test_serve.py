@@ -28,6 +28,7 @@ from fsl.wire import dataplane_pb2 as pb
 from server.infer_batching import InferBatcher, ServiceModel
 from server.serve import serving_authority
 from server.split_server import InvalidRequest, SplitServerState
+from server.timeline import Timeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows(digits):
     split = split_model(_trained(digits), "conv1")
     state = _state(split, digits)
     # the clock stands still: the batch is held until it is full, however the requests are spread
-    batcher = InferBatcher(state, max_samples=16, max_wait_ms=50.0, clock=ManualClock())
+    batcher = InferBatcher(state, max_samples=16, max_wait_ms=50.0, timeline=Timeline(ManualClock()))
     x = digits.x_test[:16]
     with torch.no_grad():
         h = split.client.eval()(x)  # (16, 16, 4, 4)
@@ -92,7 +93,7 @@ def test_a_request_is_held_for_company_only_as_long_as_its_budget_allows(digits)
     split = split_model(_trained(digits), "conv1")
     clock, holds = ManualClock(10.0), Holds()
     batcher = InferBatcher(
-        _state(split, digits), max_samples=64, max_wait_ms=1000.0, margin_ms=1.0, clock=clock, on_hold=holds
+        _state(split, digits), max_samples=64, max_wait_ms=1000.0, margin_ms=1.0, timeline=Timeline(clock, holds)
     )
     with torch.no_grad():
         h = split.client.eval()(digits.x_test[:1])
