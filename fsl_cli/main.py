@@ -247,7 +247,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # a sweep (compare, leakage, ...) resumes with `fsl run NAME --resume ITS_DIR`
     sweep = _sweep(args.experiment) if (args.experiment and "=" not in args.experiment) else None
     if sweep is not None:  # an experiment made of several runs (compare, leakage, ...)
-        return int(sweep.main(args))
+        from fsl.data import DatasetNotFound
+
+        try:
+            return int(sweep.main(args))
+        except (ConfigError, DatasetNotFound) as e:  # the user's to fix: one line, not a traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     try:
         if args.resume:

@@ -57,3 +57,16 @@ def test_the_split_server_leaves_the_simulated_clients_their_cores():
     two = load_experiment("quickstart", ["clients=2", "simulation.client_cpus=2"])
     assert simulation_server_threads(two, cpus=16) == 14  # at most 8 at once, but only 2 clients
     assert simulation_server_threads(load_experiment("quickstart", ["server.threads=3"]), cpus=2) == 3
+
+
+def test_a_sweep_with_a_missing_dataset_says_so_in_one_line(tmp_path):
+    """The user's mistake (a data folder that does not exist) is an error line and exit 2, not a traceback."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-folder"
+    cmd = [sys.executable, "-m", "fsl_cli", "run", "compare", "--quick", f"data.path={missing}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and str(missing) in out.stderr
+    assert "Traceback" not in out.stderr
