@@ -61,13 +61,18 @@ def read_secret(path: str | Path, create: bool = False) -> bytes:
     """The control secret in ``path`` (hex); with ``create`` a new one is written (mode 0600) if absent."""
     p = Path(path)
     if create and not p.exists():
+        # written aside and linked into place: a split server started beside this one on the same
+        # host reads either no file or the whole secret, never a half-written one
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
         try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another split server on this host made it first
+            os.link(tmp, p)
+        except FileExistsError:  # another split server made it first: use that one
             pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
+        finally:
+            tmp.unlink()
     if not p.exists():
         raise FileNotFoundError(f"{p}: no control secret; `fsl split-server --secret-file {p}` creates one")
     secret = bytes.fromhex(p.read_text().strip())

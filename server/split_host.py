@@ -207,7 +207,7 @@ class SplitHost:
 class _DataPlane(SplitServicer):
     """The data plane of whatever segment the host holds now (it changes between runs)."""
 
-    def __init__(self, host: SplitHost) -> None:  # noqa: D107 - the base's state is looked up per call
+    def __init__(self, host: SplitHost) -> None:  # no fixed state: each call looks up the current one
         self.host = host
         self.train_fn = lambda r: host.trainer().train(r)
         self.train_frame_fn = self.train_fn  # the state and the batcher both read frames in place

@@ -8,6 +8,7 @@ Flower's simulation engine against them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ from fsl.grpc_channel import DataPlaneError, GrpcChannel
 from fsl.models import cut_shape, split_model
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import dataplane_pb2_grpc as pb_grpc
-from server.remote import ControlKey, RemoteSegments, fedavg_states, unpack_state
+from server.remote import ControlKey, RemoteSegments, fedavg_states, read_secret, unpack_state
 from server.split_host import SplitHost, SplitHostServer
 from server.split_server import SplitServerState
 
@@ -198,6 +199,60 @@ def test_evaluation_runs_on_the_merged_segment_on_every_server():
         assert {c for c, s in local.traffic().items() if s.infer_requests} == {"a", "b", "c"}
         assert local.traffic()["a"].train_requests == 3
         remote.close()
+
+
+def test_split_servers_serve_tls_to_the_serverapp_and_the_clients(tmp_path):
+    from fsl.certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    cfg = load_experiment(
+        "quickstart",
+        ["data.name=digits", "server.endpoints=127.0.0.1:1", f"server.control_secret_file={tmp_path / 's'}",
+         f"server.tls_ca_certfile={certs['ca']}"],
+    )  # fmt: skip
+    key = ControlKey(read_secret(tmp_path / "s", create=True))
+    auth = RoundAuthority(RUN)
+    tls = {"certificate_chain": certs["server"], "private_key": certs["server_key"]}
+    server = SplitHostServer(SplitHost(key, device="cpu"), "127.0.0.1:0", **tls).start()
+    try:
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, endpoints=(server.address,)))
+        remote = RemoteSegments.from_config(
+            cfg.server, run_id=RUN, experiment=config_to_json(cfg), input_shape=SHAPE, num_classes=10
+        )
+        remote.open_round(1, {"a": "g0"}, _local_state(cfg).state_tensors(), auth)
+        roots = remote.client_conf()["dataplane-root-certificates"].encode()  # what the clients are sent
+        ident = ChannelIdentity(run_id=RUN, round=1, client_id="a", token=auth.issue(1, "a"))
+        h, y = _batches("a", (16, 4, 4), n=1)[0]
+        GrpcChannel(address=server.address, identity=ident, root_certificates=roots).train_step(h, y)
+        assert remote.collect()[0].samples == 8
+        with pytest.raises(DataPlaneError):  # plaintext is not served
+            GrpcChannel(address=server.address, identity=ident, retries=0, timeout_s=10).train_step(h, y)
+        remote.close()
+    finally:
+        server.stop(grace=None)
+
+
+def test_the_control_secret_is_made_once_private_and_then_shared(tmp_path):
+    path = tmp_path / "control.secret"
+    with pytest.raises(FileNotFoundError):
+        read_secret(path)  # the ServerApp never makes one: it must be the split servers'
+    first = read_secret(path, create=True)
+    assert len(first) == 32 and path.stat().st_mode & 0o777 == 0o600
+    assert read_secret(path, create=True) == first == read_secret(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["control.secret"]
+
+
+def test_endpoints_are_an_array_or_a_comma_list_and_need_the_secret():
+    from fsl.config import ConfigError
+
+    a = load_experiment("quickstart", ['server.endpoints=["h1:7800", "h2:7800"]', "server.control_secret_file=s"])
+    b = load_experiment("quickstart", ["server.endpoints=h1:7800,h2:7800", "server.control_secret_file=s"])
+    assert a.server.endpoints == b.server.endpoints == ("h1:7800", "h2:7800")
+    assert load_experiment("quickstart").server.endpoints == ()
+    with pytest.raises(ConfigError, match="control_secret_file"):
+        load_experiment("quickstart", ["server.endpoints=h1:7800"])
+    with pytest.raises(ConfigError, match="host:port"):
+        load_experiment("quickstart", ["server.endpoints=h1", "server.control_secret_file=s"])
 
 
 # ----------------------------------------------------------------------------- two processes, the CLI
