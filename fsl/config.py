@@ -174,8 +174,25 @@ class ServerConfig:
     tls_certfile: str = ""  # server certificate (chain)
     tls_keyfile: str = ""  # its private key
     tls_ca_certfile: str = ""  # CA sent to clients to verify the server ("" = the certificate itself)
+    # scale-out: standalone split servers (`fsl split-server`, one per GPU host), "host:port" each, as a
+    # TOML array or one comma-separated string; the round's segment copies (hybrid groups, sflv1 clients)
+    # are spread over them and merged by the ServerApp (server/remote.py). Empty: the in-process server
+    endpoints: tuple[str, ...] = ()
+    # the secret the ServerApp and those split servers share to authenticate control calls (hex in a
+    # file; `fsl split-server --secret-file` creates one); the clients never get it
+    control_secret_file: str = ""
 
     def __post_init__(self) -> None:
+        given: Any = self.endpoints  # a TOML array or flat "a:1,b:2" (Flower's run config has no arrays)
+        parts = given.split(",") if isinstance(given, str) else given
+        object.__setattr__(self, "endpoints", tuple(str(p).strip() for p in parts if str(p).strip()))
+        _check(
+            all(":" in e for e in self.endpoints), f"server.endpoints must be host:port each, got {self.endpoints!r}"
+        )
+        _check(
+            not self.endpoints or bool(self.control_secret_file),
+            "server.endpoints needs server.control_secret_file (the secret the split servers were started with)",
+        )
         _check(self.max_batch_requests >= 1, "server.max_batch_requests must be >= 1")
         _check(self.max_batch_wait_ms >= 0, "server.max_batch_wait_ms must be >= 0")
         _check(":" in self.address, f"server.address must be host:port, got {self.address!r}")
@@ -294,6 +311,8 @@ class ExperimentConfig:
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
+    if typing.get_origin(tp) is tuple:  # tuple[str, ...]: a TOML array, or one comma-separated string
+        return isinstance(value, (list, tuple, str)) and all(isinstance(v, str) for v in value)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:

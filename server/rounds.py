@@ -44,6 +44,7 @@ from fsl.rundir import Checkpoint, RunDir
 from fsl.training import evaluate_model
 from server.plan import NodeInfo, RoundPlan, round_plan
 from server.recorder import ObservationRecorder, attach_recorder
+from server.remote import RemoteSegments
 from server.results import LogReporter, Reporter, RoundNumbers, metrics_row, run_title, summarize_run
 from server.round_hooks import (
     CrashAfterRound,
@@ -121,6 +122,16 @@ class RoundRunner:
             client_part = s.client
             self.state = self._state(s.server, cut_shape(s.client, self.ds.input_shape), ushaped=False)
         self.arrays = ArrayRecord(client_part.state_dict())
+        # server.endpoints: the segment copies train on standalone split servers, merged here
+        self.remote: RemoteSegments | None = None
+        if self.state is not None and cfg.server.endpoints:
+            self.remote = RemoteSegments.from_config(
+                cfg.server,
+                run_id=self.run_id,
+                experiment=config_to_json(cfg),
+                input_shape=self.ds.input_shape,
+                num_classes=self.ds.num_classes,
+            )
         privacy = ServerPrivacy(cfg)
         privacy.validate(client_part)  # a segment DP-SGD cannot train is refused before any round
         self.init_arrays = self.arrays
@@ -214,6 +225,8 @@ class RoundRunner:
         conf = {**conf, **self.base, "server-round": rnd}
         if self.state is not None:
             conf["dataplane-token"] = self.authority.issue(rnd, str(node))
+        if self.remote is not None:
+            conf["dataplane-address"] = self.remote.address_for(str(node))
         content = RecordDict({"arrays": arrays, "config": ConfigRecord(conf)})
         return Message(content=content, dst_node_id=node, message_type=kind)
 
@@ -282,7 +295,11 @@ class RoundRunner:
         conf = dict(sampled[0].content["config"]) if sampled else {}
         selected = [m.metadata.dst_node_id for m in sampled]
         plan = round_plan(self.mode, selected, info=self.info, groups=cfg.hybrid.groups, group_by=cfg.hybrid.group_by)
-        if state is not None:
+        if self.remote is not None and state is not None:
+            self.remote.open_round(
+                rnd, {str(n): r for n, r in plan.replicas.items()}, state.state_tensors(), self.authority
+            )
+        elif state is not None:
             state.open_replicas({str(n): rid for n, rid in plan.replicas.items()})
         r = Round(rnd, plan, conf, sent=self.arrays)
         for h in self.hooks:
@@ -293,7 +310,9 @@ class RoundRunner:
         """Send every planned client its segment and the round's config; collect the replies in plan order."""
         self._phase(r.number, "train")
         r.replies = self._train_in_turn(r) if r.plan.sequential else self._train_at_once(r)
-        if self.state is not None:
+        if self.remote is not None and self.state is not None:
+            r.extra["split_servers"] = self.remote.collect_into(self.state)
+        elif self.state is not None:
             self.state.merge_replicas()
         for h in self.hooks:
             h.on_replies(r)
@@ -354,6 +373,8 @@ class RoundRunner:
         self._phase(r.number, "evaluate")
         fed_rows, failures, control_down = self._evaluate_federated(r)
         self.authority.close_all()
+        if self.remote is not None and self.state is not None:
+            self.remote.finish_round(self.state)
         if self.state is not None:
             self.state.end_round()
         accuracy, loss, per_client = self._evaluate_central(r.plan.own_segments)
@@ -365,6 +386,8 @@ class RoundRunner:
         self._seed_sampling(r.number, "evaluate")
         chosen = self.strategy.configure_evaluate(r.number, self.arrays, ConfigRecord({}), self.grid)
         nodes = [m.metadata.dst_node_id for m in chosen]
+        if self.remote is not None and self.state is not None:  # the merged segment serves the evaluation
+            self.remote.open_evaluation(r.number, [str(n) for n in nodes], self.state.state_tensors(), self.authority)
         msgs = [self._message(n, self._segment_for(n, r.plan), {}, r.number, MessageType.EVALUATE) for n in nodes]
         rank = {n: i for i, n in enumerate(nodes)}
         replies = self.grid.send_and_receive(msgs, timeout=self.cfg.train.round_timeout_s)
@@ -462,7 +485,9 @@ class RoundRunner:
     def run_all(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         tls, tls_conf = dataplane_tls(self.cfg.server)  # tls_conf: the CA PEM the clients need, in every message
-        server = self._start_dataplane(tls)
+        server = self._start_dataplane(tls) if self.remote is None else None
+        if self.remote is not None:
+            tls_conf = {**tls_conf, **self.remote.client_conf()}
         self.base = {
             "experiment": config_to_json(self.cfg),
             "run-id": self.run_id,
@@ -478,6 +503,8 @@ class RoundRunner:
         finally:
             if server is not None:
                 server.stop()
+            if self.remote is not None:
+                self.remote.close()
         device = str(self.state.torch_device) if self.state is not None else "cpu"
         wall_s = self.wall_before + time.perf_counter() - t_start
         result = summarize_run(self.cfg, self.history, device, wall_s, self.run)

@@ -139,3 +139,93 @@ class InfoReply(_message.Message):
     mode: str
     ushaped: bool
     def __init__(self, model: _Optional[str] = ..., cut: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtypes: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., ushaped: _Optional[bool] = ...) -> None: ...
+
+class ControlHeader(_message.Message):
+    __slots__ = ("run_id", "round", "token")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    token: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ClientGrant(_message.Message):
+    __slots__ = ("client_id", "token", "replica")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    token: str
+    replica: str
+    def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
+
+class LoadSegmentRequest(_message.Message):
+    __slots__ = ("header", "experiment", "input_shape", "num_classes", "state", "clients")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    header: ControlHeader
+    experiment: str
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    state: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    clients: _containers.RepeatedCompositeFieldContainer[ClientGrant]
+    def __init__(self, header: _Optional[_Union[ControlHeader, _Mapping]] = ..., experiment: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., state: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientGrant, _Mapping]]] = ...) -> None: ...
+
+class LoadSegmentReply(_message.Message):
+    __slots__ = ("device", "replicas")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    replicas: int
+    def __init__(self, device: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class SegmentStateRequest(_message.Message):
+    __slots__ = ("header", "tensors", "close")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    header: ControlHeader
+    tensors: bool
+    close: bool
+    def __init__(self, header: _Optional[_Union[ControlHeader, _Mapping]] = ..., tensors: _Optional[bool] = ..., close: _Optional[bool] = ...) -> None: ...
+
+class ClientTraffic(_message.Message):
+    __slots__ = ("client_id", "bytes_up", "bytes_down", "train_requests", "infer_requests", "samples")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INFER_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    bytes_up: int
+    bytes_down: int
+    train_requests: int
+    infer_requests: int
+    samples: int
+    def __init__(self, client_id: _Optional[str] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., train_requests: _Optional[int] = ..., infer_requests: _Optional[int] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class SegmentStateReply(_message.Message):
+    __slots__ = ("state", "samples", "steps", "traffic")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    state: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    samples: int
+    steps: int
+    traffic: _containers.RepeatedCompositeFieldContainer[ClientTraffic]
+    def __init__(self, state: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., samples: _Optional[int] = ..., steps: _Optional[int] = ..., traffic: _Optional[_Iterable[_Union[ClientTraffic, _Mapping]]] = ...) -> None: ...

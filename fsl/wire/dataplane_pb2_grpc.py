@@ -282,3 +282,118 @@ class SplitDataPlane:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SplitControlStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadSegment = channel.unary_unary(
+                '/fsl.dataplane.v1.SplitControl/LoadSegment',
+                request_serializer=fsl_dot_wire_dot_dataplane__pb2.LoadSegmentRequest.SerializeToString,
+                response_deserializer=fsl_dot_wire_dot_dataplane__pb2.LoadSegmentReply.FromString,
+                _registered_method=True)
+        self.SegmentState = channel.unary_unary(
+                '/fsl.dataplane.v1.SplitControl/SegmentState',
+                request_serializer=fsl_dot_wire_dot_dataplane__pb2.SegmentStateRequest.SerializeToString,
+                response_deserializer=fsl_dot_wire_dot_dataplane__pb2.SegmentStateReply.FromString,
+                _registered_method=True)
+
+
+class SplitControlServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def LoadSegment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SegmentState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SplitControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadSegment,
+                    request_deserializer=fsl_dot_wire_dot_dataplane__pb2.LoadSegmentRequest.FromString,
+                    response_serializer=fsl_dot_wire_dot_dataplane__pb2.LoadSegmentReply.SerializeToString,
+            ),
+            'SegmentState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SegmentState,
+                    request_deserializer=fsl_dot_wire_dot_dataplane__pb2.SegmentStateRequest.FromString,
+                    response_serializer=fsl_dot_wire_dot_dataplane__pb2.SegmentStateReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fsl.dataplane.v1.SplitControl', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fsl.dataplane.v1.SplitControl', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SplitControl:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def LoadSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fsl.dataplane.v1.SplitControl/LoadSegment',
+            fsl_dot_wire_dot_dataplane__pb2.LoadSegmentRequest.SerializeToString,
+            fsl_dot_wire_dot_dataplane__pb2.LoadSegmentReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SegmentState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fsl.dataplane.v1.SplitControl/SegmentState',
+            fsl_dot_wire_dot_dataplane__pb2.SegmentStateRequest.SerializeToString,
+            fsl_dot_wire_dot_dataplane__pb2.SegmentStateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
