@@ -211,9 +211,7 @@ TENSORBOARD_DIR = "tensorboard"
 def scalars(row: dict[str, Any]) -> dict[str, float]:
     """The numbers of a ``metrics.jsonl`` row that TensorBoard plots: its int and float values but the round."""
     return {
-        k: float(v)
-        for k, v in row.items()
-        if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        k: float(v) for k, v in row.items() if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
 
 
