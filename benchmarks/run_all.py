@@ -12,7 +12,15 @@ import os
 import time
 from typing import Any
 
-from benchmarks import bench_batching, bench_breakdown, bench_client, bench_codec, bench_dataplane, bench_e2e
+from benchmarks import (
+    bench_batching,
+    bench_breakdown,
+    bench_client,
+    bench_codec,
+    bench_dataplane,
+    bench_e2e,
+    bench_scaling,
+)
 from benchmarks.common import bench_parser, machine, table, write_result
 
 
@@ -30,11 +38,13 @@ def main() -> None:
         ("client", bench_client),
         ("e2e", bench_e2e),
         ("breakdown", bench_breakdown),
+        ("scaling", bench_scaling),
     ]:
         t = time.perf_counter()
         results[name] = mod.run(quick=quick)
         secs[name] = time.perf_counter() - t
     dp, bt, cl, e2e = results["dataplane"], results["batching"], results["client"], results["e2e"]
+    sc = results["scaling"]
     targets = [
         ("dataplane_rtt_ratio_1mb", dp["rtt_ratio_1mb"], "<= 1.5", dp["rtt_ratio_1mb"] <= 1.5),
         ("dataplane_rtt_ratio_max_ge_1mb", dp["rtt_ratio_max_ge_1mb"], "<= 1.5", dp["rtt_ratio_max_ge_1mb"] <= 1.5),
@@ -57,6 +67,12 @@ def main() -> None:
             e2e["fsl_vs_central_throughput"] is not None and e2e["fsl_vs_central_throughput"] >= 0.7,
         ),
         ("client_peak_rss_mb", cl["client_peak_rss_mb"], "< 400", cl["client_peak_rss_mb"] < 400),
+        (
+            "server_overhead_ms_per_request",
+            sc["server_overhead_ms_per_request"],
+            "<= 0.5",
+            sc["server_overhead_ms_per_request"] <= 0.5,
+        ),
     ]
     rows = [{"key": k, "value": v, "target": t, "met": m} for k, v, t, m in targets]
     print(table(rows, title="Targets, ratios measured in this run"))

@@ -32,6 +32,7 @@ __all__ = [
     "ServerConfig",
     "SimulationConfig",
     "HybridConfig",
+    "LogConfig",
     "TrainConfig",
     "experiment_path",
     "from_dict",
@@ -273,6 +274,14 @@ class ActivationNoiseConfig:  # fsl/privacy/activation.py, applied to every rele
 
 
 @dataclass(frozen=True)
+class LogConfig:  # where each round's metrics go besides metrics.jsonl (server/round_hooks.py: TensorBoardLog)
+    # also write every round's scalar metrics (accuracy, loss, fed_accuracy, train_loss, bytes, seconds, ...)
+    # to <run dir>/tensorboard/, so a long run is watched live with `tensorboard --logdir runs/`;
+    # needs the tensorboard package (in the server extra)
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     mode: str = "fsl"  # split-learning architecture
@@ -288,6 +297,7 @@ class ExperimentConfig:
     record: RecordConfig = field(default_factory=RecordConfig)
     activation_noise: ActivationNoiseConfig = field(default_factory=ActivationNoiseConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # fsl/privacy/config.py
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def architecture(self) -> str:

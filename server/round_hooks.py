@@ -17,7 +17,8 @@ at fixed points and may add to it; every method is optional (the base class's do
 ==================  ==========================================================================
 
 The hooks here: secure aggregation, the privacy ledger and report, the observation recorder, a
-progress marker that announces each phase on disk, and an injected crash for resume tests.
+progress marker that announces each phase on disk, the TensorBoard log of each round's metrics, and
+an injected crash for resume tests.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "Round",
     "RoundHook",
     "SecureAggregation",
+    "TensorBoardLog",
     "read_progress",
 ]
 
@@ -201,6 +203,58 @@ def read_progress(run_path: str | Path) -> tuple[int, str] | None:
     except (OSError, ValueError):
         return None
     return int(data["round"]), str(data["phase"])
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a ``metrics.jsonl`` row that TensorBoard plots: its int and float values but the round."""
+    return {
+        k: float(v) for k, v in row.items() if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+class TensorBoardLog(RoundHook):
+    """Each round's scalar metrics, as written to ``metrics.jsonl``, also in ``<run dir>/tensorboard/``.
+
+    ``[log] tensorboard = true`` installs it; ``tensorboard --logdir runs/`` shows a long run live.
+    The step is the round. The row is read back from ``metrics.jsonl`` once the round's checkpoint is on
+    disk, so TensorBoard shows exactly the rounds a resume keeps: a resumed run appends to the same
+    folder (a new event file), and its first write purges anything an interrupted run logged from
+    that round on.
+    """
+
+    def __init__(self, run_path: str | Path) -> None:
+        self.run_path = Path(run_path)
+        self.writer: Any = None  # torch.utils.tensorboard.SummaryWriter, opened at the first round written
+
+    def on_round_end(self, rnd: int) -> None:
+        row = _last_row(self.run_path / "metrics.jsonl")
+        if row is None or row.get("round") != rnd:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # optional: the server extra installs tensorboard
+
+            self.writer = SummaryWriter(log_dir=str(self.run_path / TENSORBOARD_DIR), purge_step=rnd)
+        for key, value in scalars(row).items():
+            self.writer.add_scalar(key, value, global_step=rnd)
+        self.writer.flush()  # a user watching the run sees the round now, not when a buffer fills
+
+    def on_summary(self, summary: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _last_row(path: Path) -> dict[str, Any] | None:
+    """The last complete row of a ``metrics.jsonl`` (``None`` if there is none)."""
+    try:
+        lines = path.read_text().rstrip("\n").rsplit("\n", 1)
+        row: dict[str, Any] = json.loads(lines[-1])
+    except (OSError, ValueError):
+        return None
+    return row
 
 
 CRASH_ENV = "FSL_CRASH_AFTER_ROUND"

@@ -54,6 +54,7 @@ from server.round_hooks import (
     Round,
     RoundHook,
     SecureAggregation,
+    TensorBoardLog,
 )
 from server.split_server import SplitServer, SplitServerState
 from server.strategy import make_strategy
@@ -179,6 +180,8 @@ class RoundRunner:
             recorder = attach_recorder(self.cfg, self.run, self.state, self.ds.input_shape)
             if isinstance(recorder, ObservationRecorder):
                 hooks.append(ObservationHook(recorder, self.state, self.run))
+        if self.cfg.log.tensorboard:
+            hooks.append(TensorBoardLog(self.run.path))
         crash = CrashAfterRound.from_env()
         if crash is not None:
             hooks.append(crash)

@@ -78,3 +78,23 @@ def test_the_breakdown_counts_every_batch_of_every_client():
     assert row["server_steps"] == 12  # each client's 6 batches, warm-up excluded
     assert 0 < row["server_locked_ms"] < row["server_cpu_ms"]  # the locked step is part of the server's CPU
     assert row["client_cpu_ms"] > 0 and row["client_fwd_ms"] > 0 and row["client_bwd_ms"] > 0  # (wall times)
+
+
+@pytest.mark.integration
+def test_the_scaling_benchmark_writes_its_rows_and_the_overhead(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import bench_scaling, common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)  # not over the committed results
+    bench_scaling.run(quick=True)
+    out = json.loads((tmp_path / "scaling.json").read_text())
+    rows = {(r["clients"], r["batching"]): r for r in out["rows"]}
+    assert set(rows) == {(k, b) for k in (1, 4) for b in (False, True)}
+    for r in rows.values():
+        assert {"samples_per_s", "p50_ms", "p99_ms"} <= set(r) and r["requests"] == r["clients"] * max(
+            4, 16 // r["clients"]
+        )
+    assert rows[(1, False)]["requests_per_step"] == 1  # unbatched: one step per request
+    assert isinstance(out["server_overhead_ms_per_request"], float)
+    assert set(out["stages_without_grpc_ms"]) >= {"admit_ms", "commit_ms", "train_step_ms", "ours_ms"}

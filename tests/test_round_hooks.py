@@ -86,3 +86,44 @@ def test_hooks_do_nothing_unless_they_override_and_the_crash_is_opt_in(monkeypat
     crash = CrashAfterRound.from_env()
     assert crash is not None and crash.after == 3
     crash.on_round_end(2)  # not its round: nothing happens (its own round is exercised end to end)
+
+
+def _events(logdir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_log_holds_each_rounds_scalars_and_a_resume_appends(tmp_path):
+    import math
+
+    from server.round_hooks import TENSORBOARD_DIR, TensorBoardLog, scalars
+
+    run = RunDir(tmp_path)
+
+    def write(hook: TensorBoardLog, rnd: int, acc: float) -> dict:
+        row = metrics_row(_numbers(rnd=rnd, accuracy=acc, extra={"privacy": {"epsilon": 1.0}}))
+        run.append_metrics(row)
+        hook.on_round_end(rnd)
+        return row
+
+    first = TensorBoardLog(tmp_path)
+    kept = [write(first, 1, 0.5), write(first, 2, 0.6)]
+    write(first, 3, 0.1)  # logged, but the run dies before round 3 counts (resume goes on from round 2)
+    run.rewrite_metrics(kept)
+    again = TensorBoardLog(tmp_path)  # the resumed run: same folder, a new event file
+    kept += [write(again, 3, 0.7), write(again, 4, 0.8)]
+    again.on_summary({})
+    assert len(list((tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 2
+    rows = run.read_metrics()
+    assert rows == kept
+    got = _events(tmp_path / TENSORBOARD_DIR)
+    want = {k for r in rows for k in scalars(r)}
+    assert {"accuracy", "loss", "fed_accuracy", "train_loss", "bytes_up", "seconds"} <= want == set(got)
+    assert "round" not in got and "mode" not in got and "sequential" not in got  # not scalars
+    for key in want:  # per round, the metrics.jsonl value (float32 in the event file); round 3 once, the resumed one
+        expect = [(r["round"], float(r[key])) for r in rows if key in scalars(r)]
+        assert [s for s, _ in got[key]] == [s for s, _ in expect], key
+        assert all(math.isclose(a, b, rel_tol=1e-6) for (_, a), (_, b) in zip(got[key], expect, strict=True)), key

@@ -197,10 +197,21 @@ def view(dtype: str, shape: tuple[int, ...], data: bytes) -> torch.Tensor:
     arr = np.frombuffer(data, dtype=np_dtype).reshape(shape)
     if sys.byteorder != "little":  # pragma: no cover
         arr = arr.byteswap()
-    with warnings.catch_warnings():  # the buffer is immutable bytes: the tensor is read-only by contract
-        warnings.simplefilter("ignore", UserWarning)
+    global _WARNED_READ_ONLY
+    if _WARNED_READ_ONLY or arr.flags.writeable:
         out = torch.from_numpy(arr)
+    else:
+        with warnings.catch_warnings():  # the buffer is immutable bytes: the tensor is read-only by contract
+            warnings.simplefilter("ignore", UserWarning)
+            out = torch.from_numpy(arr)
+        _WARNED_READ_ONLY = True
     return out.view(torch.bfloat16) if dtype == "bfloat16" else out
+
+
+# torch warns about a tensor over a read-only array once per process (TORCH_WARN_ONCE); after that
+# first, silenced, warning a catch_warnings per decode only costs time (it copies the process-wide
+# filter list: tens of microseconds per request on a busy server)
+_WARNED_READ_ONLY = False
 
 
 # ----------------------------------------------------------------------------- data-plane speed
@@ -215,7 +226,12 @@ def all_finite(x: torch.Tensor) -> bool:
     if x.dtype == torch.bfloat16:  # no numpy twin: an all-ones exponent means Inf or NaN
         bits = x.contiguous().view(torch.int16).numpy()
         return not bool(np.any((bits & 0x7F80) == 0x7F80))
-    return bool(np.isfinite(x.numpy()).all())
+    arr = x.numpy()
+    if arr.size == 0:
+        return True
+    # max and min propagate NaN and show an infinity: two reductions without the temporary boolean
+    # array of np.isfinite(arr).all(), about a third less CPU on a request's activations
+    return math.isfinite(float(arr.max())) and math.isfinite(float(arr.min()))
 
 
 def _varint_size(n: int) -> int:
