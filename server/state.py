@@ -25,6 +25,7 @@ from torch import nn
 
 from fsl.auth import RoundAuthority
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES
+from fsl.training import label_log_prior
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed, as_framed, as_sent, wire_size
@@ -207,7 +208,7 @@ class SplitServerState:
             counts = batch if counts is None else counts + batch
             if client_id:
                 self._label_counts[client_id] = counts
-        return torch.log((counts + 1.0) / (counts.sum() + self.num_classes)).float()
+        return label_log_prior(counts)
 
     def admit_infer(self, request: pb.InferRequest | Framed) -> InferJob:
         """Admit an ``Infer`` request (a message or a frame, read in place) or raise why not."""
