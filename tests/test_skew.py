@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from clients.trainer import TrainOptions, evaluate_model, train_segment
@@ -71,3 +72,24 @@ def test_logit_adjustment_keeps_skewed_fsl_off_chance(digits):
     adjusted = _fsl_rounds(True, digits, parts, rounds=2)
     assert max(plain) < 0.2, plain
     assert adjusted[-1] > 0.4, adjusted  # 0.49 measured
+
+
+def _ushaped_loss(adjust, y):
+    from clients.trainer import train_segment_u
+    from fsl.models import build_model, cut_shape, split_model_u
+    from server.split_server import SplitServerState
+
+    u = split_model_u(build_model("cnn", seed=0), "conv1", "fc1")
+    state = SplitServerState(u.middle, cut_shape(u.bottom, (1, 28, 28)), 10, device="cpu", ushaped=True)
+    x = torch.rand(len(y), 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    opts = TrainOptions(epochs=1, batch_size=len(y), lr=0.05, momentum=0.0, logit_adjust=adjust)
+    return train_segment_u(u.bottom, u.top, x, y, InMemoryChannel(server=state), opts).loss
+
+
+def test_a_ushaped_client_adjusts_its_own_loss_by_its_local_labels():
+    """The server never sees U-shaped labels: the client shifts its logits by its own label prior."""
+    balanced = torch.arange(10).repeat(2)
+    assert _ushaped_loss(True, balanced) == pytest.approx(_ushaped_loss(False, balanced), abs=1e-6)
+    one_class = torch.full((20,), 4)
+    plain, adjusted = _ushaped_loss(False, one_class), _ushaped_loss(True, one_class)
+    assert plain > 2.0 and adjusted < 0.5  # untrained logits: ~log(10) plain, -log(21/30) adjusted
