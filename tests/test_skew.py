@@ -93,3 +93,29 @@ def test_a_ushaped_client_adjusts_its_own_loss_by_its_local_labels():
     one_class = torch.full((20,), 4)
     plain, adjusted = _ushaped_loss(False, one_class), _ushaped_loss(True, one_class)
     assert plain > 2.0 and adjusted < 0.5  # untrained logits: ~log(10) plain, -log(21/30) adjusted
+
+
+def test_batched_requests_are_each_adjusted_by_their_own_clients_prior():
+    """Two clients in one batched server step: each gets the cut gradient its own prior gives alone."""
+    from test_batching import _request as request
+    from test_batching import _run_concurrently as run_concurrently
+
+    from clocks import ManualClock
+    from fsl.wire import codec
+    from server.batching import RequestBatcher
+    from server.timeline import Timeline
+
+    torch.manual_seed(0)
+    _, split, state = make_state("cnn", "conv1", lr=0.1, momentum=0.0, logit_adjust=True)
+    batcher = RequestBatcher(state, max_requests=2, adaptive=False, timeline=Timeline(ManualClock()))
+    data = [(torch.randn(6, *state.sample_shape), y) for y in (torch.full((6,), 2), torch.tensor([0, 1] * 3))]
+    oracle = []
+    for h, y in data:  # a fresh copy of the segment, the client's prior from this one batch
+        seg, hh = copy.deepcopy(state.segment), h.clone().requires_grad_(True)
+        shift = label_log_prior(torch.bincount(y, minlength=10))
+        torch.nn.functional.cross_entropy(seg(hh) + shift, y).backward()
+        oracle.append(hh.grad)
+    replies, errors = run_concurrently(batcher, [request(f"c{i}", h, y) for i, (h, y) in enumerate(data)])
+    assert errors == [None, None] and batcher.batches == 1
+    for rep, g in zip(replies, oracle, strict=True):
+        assert torch.allclose(codec.decode(rep.grad), g, atol=1e-6, rtol=1e-5)
