@@ -29,6 +29,7 @@ from fsl.training import (
     evaluate_logits,
     evaluate_model,
     head_result,
+    label_log_prior,
     plus,
     train_local,
     train_loop,
@@ -79,7 +80,9 @@ def train_segment_u(
     Per batch: ``h1 = bottom(x)`` up, ``h2 = middle(h1)`` down, ``loss(top(h2), y)`` here,
     ``dL/dh2`` up, ``dL/dh1`` down, finish backprop through ``bottom``. Labels never leave.
     """
-    return _train_split([bottom, top], partial(ushaped_step, bottom, top, channel), channel, x, y, options, hooks)
+    counts = torch.bincount(y) if options is not None and options.logit_adjust and len(y) else None
+    step = partial(ushaped_step, bottom, top, channel, label_counts=counts)
+    return _train_split([bottom, top], step, channel, x, y, options, hooks)
 
 
 def _train_split(
@@ -126,13 +129,22 @@ def split_step(segment: nn.Module, channel: SplitChannel, options: TrainOptions,
 
 
 def ushaped_step(
-    bottom: nn.Module, top: nn.Module, channel: SplitChannel, options: TrainOptions, hooks: TrainHooks
+    bottom: nn.Module,
+    top: nn.Module,
+    channel: SplitChannel,
+    options: TrainOptions,
+    hooks: TrainHooks,
+    label_counts: torch.Tensor | None = None,
 ) -> Step:
     """The step of U-shaped training: bottom forward, the middle's forward on the server, the top and the
-    loss here, the top's gradient back through the middle, finish backprop through ``bottom``."""
+    loss here, the top's gradient back through the middle, finish backprop through ``bottom``.
+
+    With ``label_counts`` (the local data's labels per class) the loss is on the logits plus the log
+    label prior (logit adjustment): the label-private counterpart of the split server's adjustment."""
     release, penalty = hooks.release, hooks.penalty
     want_confidence = hooks.cartography is not None
     mid: list[tuple[int, ...]] = []  # the middle's output shape per sample, known after the first batch
+    prior: list[torch.Tensor] = []  # (num_classes,) log label prior, once the number of classes is known
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> BatchResult | None:
         if not len(yb):  # an empty Poisson batch: no traffic, a noise-only DP-SGD step
@@ -149,7 +161,10 @@ def ushaped_step(
         h2 = h2.detach().requires_grad_(True)  # (B, ...) at the second cut
         mid[:] = [tuple(h2.shape[1:])]
         logits = top(h2)  # (B, num_classes)
-        loss = nn.functional.cross_entropy(logits, yb)
+        if label_counts is not None and not prior:
+            n = logits.shape[1]
+            prior.append(label_log_prior(nn.functional.pad(label_counts, (0, n - len(label_counts)))))
+        loss = nn.functional.cross_entropy(logits + prior[0] if prior else logits, yb)
         plus(loss, exit_loss(top, yb, options.exit_weight)).backward()
         assert h2.grad is not None
         t1 = time.perf_counter()

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fsl.data import DATASETS
+from fsl.data import DATASETS, PARTITIONS
 from fsl.models import MODELS, model_spec
 from fsl.privacy.config import PrivacyConfig, check_privacy
 
@@ -63,7 +63,9 @@ def _check(cond: bool, msg: str) -> None:
 class DataConfig:
     name: str = "mnist5k"  # one of fsl.data.DATASETS
     path: str = ""  # folder to read files from ("" = the dataset's default place)
-    partition: str = "iid"  # "iid" | "dirichlet" (label skew)
+    # "iid" | "dirichlet" (label skew, set by alpha) | "shards" (two label-sorted shards per client:
+    # at most two classes each)
+    partition: str = "iid"
     alpha: float = 0.5  # Dirichlet concentration; smaller = more skew
     val_fraction: float = 0.1  # share of each client's data kept for federated evaluation
     train_limit: int = 0  # use only this many training samples (stratified; 0 = all)
@@ -72,8 +74,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.name in DATASETS, f"data.name: unknown dataset {self.name!r}; choose one of {list(DATASETS)}")
         _check(
-            self.partition in ("iid", "dirichlet"),
-            f"data.partition must be 'iid' or 'dirichlet', not {self.partition!r}",
+            self.partition in PARTITIONS,
+            f"data.partition must be one of {list(PARTITIONS)}, not {self.partition!r}",
         )
         _check(self.alpha > 0, f"data.alpha must be > 0, got {self.alpha}")
         _check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
@@ -129,6 +131,12 @@ class TrainConfig:
     wire_dtype: str = "float32"  # dtype of activations and gradients on the data plane
     round_timeout_s: float = 1800.0  # a client that has not replied by then is dropped from the round
     eval_batch_size: int = 512
+    # split modes: the loss is the cross entropy of logits + log(the client's label prior) (logit
+    # adjustment, balanced softmax): the split server counts each client's labels in the round, a
+    # U-shaped client its own. A client holding one or two classes then no longer drags the one
+    # shared server segment towards predicting only its classes; inference uses the raw logits.
+    # With IID data the prior is about uniform and the loss is plain cross entropy.
+    logit_adjust: bool = True
 
     def __post_init__(self) -> None:
         for k in ("rounds", "local_epochs", "batch_size", "min_clients", "eval_batch_size"):

@@ -30,6 +30,7 @@ import torch
 
 __all__ = [
     "DATASETS",
+    "PARTITIONS",
     "Dataset",
     "DatasetNotFound",
     "Partition",
@@ -37,6 +38,7 @@ __all__ = [
     "load_dataset",
     "partition_dirichlet",
     "partition_iid",
+    "partition_shards",
     "subset",
 ]
 
@@ -167,6 +169,7 @@ def _cifar10(folder: Path) -> tuple[np.ndarray, ...]:
 
 
 DATASETS = ("mnist5k", "digits", "fashion-mnist", "mnist", "cifar10")
+PARTITIONS = ("iid", "dirichlet", "shards")  # client_partition's schemes
 
 
 @lru_cache(maxsize=4)
@@ -259,6 +262,21 @@ def partition_dirichlet(
     )
 
 
+def partition_shards(labels: np.ndarray, num_clients: int, seed: int, shards_per_client: int = 2) -> list[np.ndarray]:
+    """Pathological label skew (McMahan et al.): the samples sorted by label are cut into
+    ``num_clients * shards_per_client`` equal shards and each client gets ``shards_per_client`` of
+    them at random; with balanced classes and 2 shards each, a client holds (at most) two classes.
+    """
+    n_shards = num_clients * shards_per_client
+    if not 1 <= n_shards <= len(labels):
+        raise ValueError(f"cannot cut {len(labels)} samples into {n_shards} shards")
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(labels)), labels))  # by label, ties in random order
+    shards = np.array_split(order, n_shards)
+    pick = rng.permutation(n_shards).reshape(num_clients, shards_per_client)
+    return [np.sort(np.concatenate([shards[s] for s in row])) for row in pick]
+
+
 @dataclass(frozen=True)
 class Partition:
     """One client's local data: what it trains on and what it evaluates on."""
@@ -286,8 +304,10 @@ def client_partition(
         parts = partition_iid(len(ds.y_train), num_partitions, seed)
     elif scheme == "dirichlet":
         parts = partition_dirichlet(ds.y_train.numpy(), num_partitions, alpha, seed)
+    elif scheme == "shards":
+        parts = partition_shards(ds.y_train.numpy(), num_partitions, seed)
     else:
-        raise ValueError(f"unknown partition scheme {scheme!r}; choose 'iid' or 'dirichlet'")
+        raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {list(PARTITIONS)}")
     idx = np.random.default_rng(seed + 1 + partition_id).permutation(parts[partition_id])
     n_val = int(round(len(idx) * val_fraction))
     val, train = torch.from_numpy(np.sort(idx[:n_val])), torch.from_numpy(np.sort(idx[n_val:]))

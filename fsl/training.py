@@ -46,6 +46,7 @@ __all__ = [
     "TrainOptions",
     "TrainStats",
     "evaluate_model",
+    "label_log_prior",
     "p_true",
     "plus",
     "train_local",
@@ -69,6 +70,7 @@ class TrainOptions:
     proximal_mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_start||^2 to the loss (0 = off)
     seed: int = 0  # seeds the shuffling of the local data
     exit_weight: float = 0.5  # multi-exit models: weight of each exit's loss (fsl.exits)
+    logit_adjust: bool = False  # U-shaped: the loss on logits + log(the local label prior) (train.logit_adjust)
 
     @classmethod
     def from_config(cls, cfg: Any, *, seed: int, proximal_mu: float = 0.0) -> TrainOptions:
@@ -83,6 +85,7 @@ class TrainOptions:
             proximal_mu=proximal_mu,
             seed=seed,
             exit_weight=cfg.model.exit_weight,
+            logit_adjust=cfg.train.logit_adjust,
         )
 
 
@@ -248,6 +251,13 @@ def evaluate_logits(
         correct += int((logits.argmax(1) == yb).sum())
     n = len(y)
     return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
+
+
+def label_log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """(C,) float32 log of the label prior that class ``counts`` (C,) give, add-one smoothed: a class
+    never seen keeps a finite shift, about -log(samples), in the logit-adjusted loss."""
+    c = counts.double()
+    return torch.log((c + 1.0) / (c.sum() + c.numel())).float()
 
 
 def p_true(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

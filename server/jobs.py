@@ -66,6 +66,9 @@ class TrainJob(Job):
     y: torch.Tensor  # (B,) validated labels
     wire_format: str = "float32"  # the activations' format: the gradient goes back in the same one
     want_confidence: bool = False  # the client asked for p(true label) per sample (data cartography)
+    # (num_classes,) log of the client's label prior, added to the logits in the loss (logit
+    # adjustment, server.state.SplitServerState.logit_adjust); None: plain cross entropy
+    log_prior: torch.Tensor | None = None
 
     @property
     def samples(self) -> int:

@@ -168,6 +168,7 @@ class RoundRunner:
             ushaped=ushaped,
             max_message_bytes=c.server.max_message_mb * 1024 * 1024,
             exit_weight=c.model.exit_weight,
+            logit_adjust=c.train.logit_adjust,
         )
 
     def _hooks(self, privacy: ServerPrivacy) -> list[RoundHook]:

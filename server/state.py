@@ -25,6 +25,7 @@ from torch import nn
 
 from fsl.auth import RoundAuthority
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES
+from fsl.training import label_log_prior
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed, as_framed, as_sent, wire_size
@@ -84,6 +85,10 @@ class SplitServerState:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     inference_only: bool = False  # fsl serve: refuse Train/Forward/Backward (rounds belong to the ServerApp)
     exit_weight: float = 0.5  # multi-exit models: weight of each server-side exit's loss (fsl.exits)
+    # logit adjustment: train on logits + log(the label prior of the request's client), counted from
+    # the labels that client sent this round (server.step); keeps the one shared segment from
+    # following whichever label-skewed client trained last
+    logit_adjust: bool = False
     # called with (header, activations, labels) of every accepted training request: what an
     # honest-but-curious server sees (the observation recorder of the attack suite hooks in here);
     # in U-shaped splits labels is None
@@ -102,6 +107,7 @@ class SplitServerState:
         self._lock = threading.Lock()  # guards the tables below, never held during compute
         self._last: dict[str, tuple[int, int, Any]] = {}  # client -> (round, step, reply): the retry cache
         self._pending: dict[str, Pending] = {}  # client -> U-shaped forward awaiting backward
+        self._label_counts: dict[str, torch.Tensor] = {}  # client -> (num_classes,) labels sent this round
         with torch.no_grad():
             was = self.segment.training
             probe = self.segment.eval()(torch.zeros(1, *self.sample_shape, device=self.torch_device))
@@ -189,8 +195,20 @@ class SplitServerState:
             wire_format=codec.format_of(msg.activations),
             want_confidence=bool(msg.want_confidence),
         )
-        self._recall(job)
+        if not self._recall(job) and self.logit_adjust:
+            job.log_prior = self._log_prior(hdr.client_id, y)
         return job
+
+    def _log_prior(self, client_id: str, y: torch.Tensor) -> torch.Tensor:
+        """(num_classes,) log of ``client_id``'s label prior this round, ``y`` counted in: add-one
+        smoothed, so a class the client never sent keeps a finite, strongly negative shift."""
+        batch = torch.bincount(y, minlength=self.num_classes).double()
+        with self._lock:
+            counts = self._label_counts.get(client_id)
+            counts = batch if counts is None else counts + batch
+            if client_id:
+                self._label_counts[client_id] = counts
+        return label_log_prior(counts)
 
     def admit_infer(self, request: pb.InferRequest | Framed) -> InferJob:
         """Admit an ``Infer`` request (a message or a frame, read in place) or raise why not."""
@@ -376,10 +394,11 @@ class SplitServerState:
         )
 
     def end_round(self) -> None:
-        """Forget per-round state: pending U-shaped forwards and retry caches."""
+        """Forget per-round state: pending U-shaped forwards, retry caches, label counts."""
         with self._lock:
             self._pending.clear()
             self._last.clear()
+            self._label_counts.clear()
 
     # ------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:

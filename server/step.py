@@ -7,6 +7,12 @@ request ``i``'s own samples (plus the weighted losses of exits inside the segmen
 ``dL/dh_s`` involves only its own request's term, every client gets the gradient at the cut it
 would get alone from the same weights, and its own loss and hit count. With one request
 ``L = L_1`` is computed exactly as a lone step computes it, so batching off gives the same bits.
+
+Under logit adjustment (a job with ``log_prior``) ``L_i`` is the cross entropy of
+``logits + log_prior_i``, the prior of request ``i``'s own client (balanced softmax): a client
+that holds one or two classes then stops pushing the shared segment towards predicting only
+those, while the raw logits (what inference and the hit count use) estimate the class posterior
+under balanced classes. With a uniform prior (IID data) the shift is a constant and changes nothing.
 """
 
 from __future__ import annotations
@@ -118,10 +124,19 @@ def train_step(
     logits = seg(h)  # (N, num_classes)
     exits = list(exit_logits(seg).values())  # exits inside the server segment, if any
     parts = [slice(None)] if one else _slices(sizes)
+    trained = logits
+    if any(j.log_prior is not None for j in jobs):  # logit adjustment: each request's own client prior
+        zero = torch.zeros(logits.shape[1])
+        shift = torch.cat(
+            [(zero if j.log_prior is None else j.log_prior).expand(b, -1) for j, b in zip(jobs, sizes, strict=True)]
+        )
+        shift = shift.to(device, non_blocking=True)  # (N, num_classes)
+        trained = logits + shift
+        exits = [z + shift for z in exits]
     if one:
-        losses = [_mean_loss(logits, y, exits, exit_weight)]
+        losses = [_mean_loss(trained, y, exits, exit_weight)]
     else:
-        losses = [_mean_loss(logits[s], y[s], [z[s] for z in exits], exit_weight) for s in parts]
+        losses = [_mean_loss(trained[s], y[s], [z[s] for z in exits], exit_weight) for s in parts]
     values = torch.stack([v.detach() for v in losses]).cpu().tolist()  # one synchronisation
     bad = [j for j, v in zip(jobs, values, strict=True) if not math.isfinite(v)]
     if bad:

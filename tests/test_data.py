@@ -103,3 +103,27 @@ def test_the_fast_readers_give_exactly_what_the_libraries_give():
     ref = _stratified_split(raw[:, :-1].reshape(-1, 1, 28, 28) / 255.0, raw[:, -1].astype(np.int64), 0.2, 0)
     for a, b in zip(_mnist5k(), ref, strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_shards_give_each_client_two_label_sorted_shards():
+    from fsl.data import partition_shards
+
+    labels = np.repeat(np.arange(10), 100)  # balanced: 20 shards of 50 line up with the classes
+    parts = partition_shards(labels, 10, seed=3)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1000))  # every sample exactly once
+    assert [len(p) for p in parts] == [100] * 10
+    assert all(len(np.unique(labels[p])) <= 2 for p in parts)
+    assert any(len(np.unique(labels[p])) == 2 for p in parts)
+    again = partition_shards(labels, 10, seed=3)
+    assert all((a == b).all() for a, b in zip(parts, again, strict=True))  # seeded
+    other = partition_shards(labels, 10, seed=4)
+    assert any((a != b).any() for a, b in zip(parts, other, strict=True))
+    with pytest.raises(ValueError):
+        partition_shards(labels[:5], 10, seed=0)
+
+
+def test_client_partition_knows_the_shards_scheme(digits):
+    part = client_partition(digits, 0, 5, scheme="shards", seed=0, val_fraction=0.0)
+    assert len(np.unique(part.y_train.numpy())) <= 3  # two shards of sorted labels: two classes, a third at a seam
+    with pytest.raises(ValueError, match="shards"):
+        client_partition(digits, 0, 5, scheme="nope")

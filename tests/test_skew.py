@@ -1,0 +1,121 @@
+"""Label skew: the logit-adjusted loss of the split server (train.logit_adjust) and of U-shaped clients."""
+
+import copy
+
+import pytest
+import torch
+
+from clients.trainer import TrainOptions, evaluate_model, train_segment
+from fsl.channel import ChannelIdentity, InMemoryChannel
+from fsl.data import client_partition
+from fsl.models import join_segments
+from fsl.training import label_log_prior
+from helpers import make_state
+
+
+def _train(state, split, x, y, client="a", epochs=1, batch_size=8):
+    ch = InMemoryChannel(server=state, identity=ChannelIdentity(client_id=client))
+    opts = TrainOptions(epochs=epochs, batch_size=batch_size, lr=0.05, momentum=0.0)
+    return train_segment(split.client, x, y, ch, opts)
+
+
+def test_the_prior_is_counted_per_client_and_forgotten_at_the_round_end():
+    _, split, state = make_state("cnn", "conv1", lr=0.05, logit_adjust=True)
+    x = torch.rand(8, 1, 28, 28)
+    _train(state, split, x, torch.full((8,), 3), epochs=2)  # two steps of one client
+    assert state._label_counts["a"].tolist() == [0] * 3 + [16] + [0] * 6
+    _train(state, split, x, torch.arange(8), client="b")
+    assert state._label_counts["b"][:8].tolist() == [1] * 8 and "a" in state._label_counts
+    state.end_round()
+    assert not state._label_counts
+    p = label_log_prior(torch.tensor([16, 0, 0, 0]))
+    assert torch.allclose(p.exp().sum(), torch.tensor(1.0)) and p[0] > -0.2 and p[1] < -2.9
+
+
+def test_a_uniform_prior_trains_exactly_like_plain_cross_entropy():
+    """Balanced labels: the shift is a constant, and softmax ignores constants (IID data is unchanged)."""
+    x, y = torch.rand(20, 1, 28, 28), torch.arange(10).repeat(2)
+    grads = {}
+    for adjust in (False, True):
+        _, split, state = make_state("cnn", "conv1", lr=0.05, logit_adjust=adjust)
+        _train(state, split, x, y, batch_size=20)  # one batch of balanced labels
+        grads[adjust] = [p.detach().clone() for p in state.segment.parameters()]
+    for a, b in zip(grads[False], grads[True], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def _fsl_rounds(adjust, ds, parts, rounds):
+    """fsl, clients in turn against one shared server segment (the worst case for skew), FedAvg of the
+    client segments after each round; the test accuracy of the joined model per round."""
+    torch.manual_seed(0)
+    _, split, state = make_state("cnn", "conv1", input_shape=ds.input_shape, lr=0.05, momentum=0.9, logit_adjust=adjust)
+    accs = []
+    for _ in range(rounds):
+        start, trained = copy.deepcopy(split.client.state_dict()), []
+        for i, p in enumerate(parts):
+            split.client.load_state_dict(start)
+            ch = InMemoryChannel(server=state, identity=ChannelIdentity(client_id=str(i)))
+            train_segment(split.client, p.x_train, p.y_train, ch, TrainOptions(epochs=2, batch_size=32, lr=0.05))
+            trained.append((len(p.y_train), copy.deepcopy(split.client.state_dict())))
+        total = sum(n for n, _ in trained)
+        split.client.load_state_dict({k: sum(n * sd[k] for n, sd in trained) / total for k in start})
+        state.end_round()
+        accs.append(evaluate_model(join_segments(split.client, state.segment), ds.x_test, ds.y_test).accuracy)
+    return accs
+
+
+def test_logit_adjustment_keeps_skewed_fsl_off_chance(digits):
+    """Dirichlet(0.1) over 5 clients: with plain cross entropy the shared server segment follows whichever
+    client trained last and predicts its class for everything (chance); adjusted, it learns."""
+    parts = [client_partition(digits, i, 5, scheme="dirichlet", alpha=0.1, seed=0) for i in range(5)]
+    plain = _fsl_rounds(False, digits, parts, rounds=2)
+    adjusted = _fsl_rounds(True, digits, parts, rounds=2)
+    assert max(plain) < 0.2, plain
+    assert adjusted[-1] > 0.4, adjusted  # 0.49 measured
+
+
+def _ushaped_loss(adjust, y):
+    from clients.trainer import train_segment_u
+    from fsl.models import build_model, cut_shape, split_model_u
+    from server.split_server import SplitServerState
+
+    u = split_model_u(build_model("cnn", seed=0), "conv1", "fc1")
+    state = SplitServerState(u.middle, cut_shape(u.bottom, (1, 28, 28)), 10, device="cpu", ushaped=True)
+    x = torch.rand(len(y), 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    opts = TrainOptions(epochs=1, batch_size=len(y), lr=0.05, momentum=0.0, logit_adjust=adjust)
+    return train_segment_u(u.bottom, u.top, x, y, InMemoryChannel(server=state), opts).loss
+
+
+def test_a_ushaped_client_adjusts_its_own_loss_by_its_local_labels():
+    """The server never sees U-shaped labels: the client shifts its logits by its own label prior."""
+    balanced = torch.arange(10).repeat(2)
+    assert _ushaped_loss(True, balanced) == pytest.approx(_ushaped_loss(False, balanced), abs=1e-6)
+    one_class = torch.full((20,), 4)
+    plain, adjusted = _ushaped_loss(False, one_class), _ushaped_loss(True, one_class)
+    assert plain > 2.0 and adjusted < 0.5  # untrained logits: ~log(10) plain, -log(21/30) adjusted
+
+
+def test_batched_requests_are_each_adjusted_by_their_own_clients_prior():
+    """Two clients in one batched server step: each gets the cut gradient its own prior gives alone."""
+    from test_batching import _request as request
+    from test_batching import _run_concurrently as run_concurrently
+
+    from clocks import ManualClock
+    from fsl.wire import codec
+    from server.batching import RequestBatcher
+    from server.timeline import Timeline
+
+    torch.manual_seed(0)
+    _, split, state = make_state("cnn", "conv1", lr=0.1, momentum=0.0, logit_adjust=True)
+    batcher = RequestBatcher(state, max_requests=2, adaptive=False, timeline=Timeline(ManualClock()))
+    data = [(torch.randn(6, *state.sample_shape), y) for y in (torch.full((6,), 2), torch.tensor([0, 1] * 3))]
+    oracle = []
+    for h, y in data:  # a fresh copy of the segment, the client's prior from this one batch
+        seg, hh = copy.deepcopy(state.segment), h.clone().requires_grad_(True)
+        shift = label_log_prior(torch.bincount(y, minlength=10))
+        torch.nn.functional.cross_entropy(seg(hh) + shift, y).backward()
+        oracle.append(hh.grad)
+    replies, errors = run_concurrently(batcher, [request(f"c{i}", h, y) for i, (h, y) in enumerate(data)])
+    assert errors == [None, None] and batcher.batches == 1
+    for rep, g in zip(replies, oracle, strict=True):
+        assert torch.allclose(codec.decode(rep.grad), g, atol=1e-6, rtol=1e-5)
