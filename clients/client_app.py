@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -32,6 +33,14 @@ from fsl.training import TrainHooks, TrainOptions, TrainStats, evaluate_model, t
 app = ClientApp()
 
 
+def _local_data(cfg: ExperimentConfig, context: Context) -> tuple[Any, Partition]:
+    """The dataset and the partition this node holds (its node config says which)."""
+    pid = int(context.node_config.get("partition-id", 0))
+    nparts = int(context.node_config.get("num-partitions", cfg.clients))
+    data_path = str(context.node_config.get("data-path", "")) or None
+    return local_partition(cfg, pid, nparts, data_path)
+
+
 class _Round:
     """One message's worth of client state: config, data, model part and data-plane channel."""
 
@@ -41,9 +50,7 @@ class _Round:
         self.cfg: ExperimentConfig = config_from_json(str(conf["experiment"]))
         torch.set_num_threads(int(context.node_config.get("threads", self.cfg.simulation.client_threads)))
         pid = int(context.node_config.get("partition-id", 0))
-        nparts = int(context.node_config.get("num-partitions", self.cfg.clients))
-        data_path = str(context.node_config.get("data-path", "")) or None
-        self.ds, self.part = local_partition(self.cfg, pid, nparts, data_path)
+        self.ds, self.part = _local_data(self.cfg, context)
         self.module, self.detail = client_part(self.cfg, self.ds.input_shape, self.ds.num_classes)
         self.partition_id = pid
         self.node_id = context.node_id
@@ -172,10 +179,12 @@ def query(msg: Message, context: Context) -> Message:
     setup = secagg_setup_reply(msg, context)  # secure aggregation's key setup is a query of its own
     if setup is not None:
         return setup  # type: ignore[no-any-return]
-    r = _Round(msg, context)
+    # asked of every node once per run (thousands in a large simulation): only the data, no model
+    cfg = config_from_json(str(msg.content["config"]["experiment"]))
+    _, part = _local_data(cfg, context)
     metrics = MetricRecord(
         {
-            "num-examples": len(r.part.y_train),
+            "num-examples": len(part.y_train),
             "capability": float(context.node_config.get("capability", 1.0)),
             "partition-id": int(context.node_config.get("partition-id", 0)),
         }

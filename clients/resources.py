@@ -11,14 +11,14 @@ round's metrics carry the process's peak resident memory (``peak_rss_mb``).
 
 from __future__ import annotations
 
-import resource
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from fsl.memory import peak_rss_mb, rss_mb
 
 __all__ = [
     "MemoryBudgetError",
@@ -41,32 +41,6 @@ FIRST_STEP_MB = 96.0
 
 class MemoryBudgetError(RuntimeError):
     """The chosen model, cut and batch size would not fit the device's memory budget."""
-
-
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        return None
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (``VmHWM``; ``getrusage`` where there is no /proc)."""
-    v = _proc_status_mb("VmHWM")
-    if v is not None:
-        return v
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def rss_mb() -> float:
-    """Resident memory of this process now, in MiB."""
-    v = _proc_status_mb("VmRSS")
-    return v if v is not None else peak_rss_mb()
 
 
 @dataclass(frozen=True)

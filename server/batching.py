@@ -111,6 +111,7 @@ class _Lane:
     leader: bool = False
     inflight: dict[tuple[str, int, int], _Entry] = field(default_factory=dict)  # (client, round, step)
     seen: dict[str, float] = field(default_factory=dict)  # client -> last arrival (on the batcher's clock)
+    round: int = 0  # the newest round a request came from: clients of older rounds are forgotten
     staging: Staging = field(default_factory=Staging)
 
 
@@ -192,7 +193,12 @@ class RequestBatcher:
             if twin is None:
                 if client:
                     lane.inflight[job.key] = entry
-                lane.seen[client] = self.timeline.clock()
+                now = self.timeline.clock()
+                if job.header.round > lane.round:  # a new round: the last one's clients cannot send again
+                    lane.round = job.header.round
+                    lane.seen.clear()
+                self._forget_idle(lane, now)
+                lane.seen[client] = now
                 lane.entries.append(entry)
                 lead = not lane.leader
                 lane.leader = True
@@ -224,13 +230,31 @@ class RequestBatcher:
                 lane = self._lanes[replica] = _Lane()
             return lane
 
+    def _forget_idle(self, lane: _Lane, now: float) -> None:
+        """Drop (lane.cond held) the clients that have not trained within ``active_window_s``: they no
+        longer count as active, and the global segment's lane outlives every round, so keeping them
+        would hold every client ever seen."""
+        for c in [c for c, t in lane.seen.items() if now - t > self.active_window_s]:
+            del lane.seen[c]
+
+    def held_clients(self) -> int:
+        """Clients the lanes remember now (recently active or with a request in flight)."""
+        with self._lanes_lock:
+            lanes = list(self._lanes.values())
+        held = 0
+        for lane in lanes:
+            with lane.cond:
+                held += len(lane.seen) + len(lane.inflight)
+        return held
+
     # ------------------------------------------------------------------ leader
     def _take(self, lane: _Lane) -> list[_Entry]:
         """Wait (lane.cond held) for a full batch or the deadline; take the batch."""
         deadline = self.timeline.clock() + self.max_wait_s
         while True:
             now = self.timeline.clock()
-            active = {c for c, t in lane.seen.items() if now - t <= self.active_window_s}
+            self._forget_idle(lane, now)
+            active = set(lane.seen)
             queued = {e.job.header.client_id for e in lane.entries}
             samples = sum(e.job.samples for e in lane.entries)
             full = len(lane.entries) >= self.max_requests or samples >= self.max_samples

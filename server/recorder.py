@@ -151,6 +151,8 @@ class ObservationRecorder:
         with self._lock:
             data = self._data.pop(rnd, {})
             index = self._index.pop(rnd, [])
+            # the round's per-client batch counts go with it: a long run records many rounds' clients
+            self._counts = {k: n for k, n in self._counts.items() if k[0] != rnd}
         d = round_dir(self.run_path, rnd)
         d.mkdir(parents=True, exist_ok=True)
         if data:

@@ -55,6 +55,11 @@ class ReplicaSet:
         with self._lock:
             return dict(self._copies)
 
+    def held(self) -> dict[str, int]:
+        """Sizes of the per-round tables: clients assigned, copies alive (both emptied by :meth:`merge`)."""
+        with self._lock:
+            return {"assignment": len(self._assignment), "replicas": len(self._copies)}
+
     def for_client(self, client_id: str) -> Replica:
         """The copy ``client_id`` trains this round (the global segment if it has none)."""
         with self._lock:

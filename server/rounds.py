@@ -38,6 +38,7 @@ from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, to_toml
 from fsl.endpoint import advertised_address, dataplane_tls
 from fsl.experiment import build_model_for, config_to_json, experiment_dataset
+from fsl.memory import peak_rss_mb
 from fsl.models import cut_shape, split_model, split_model_u
 from fsl.privacy.server import ServerPrivacy
 from fsl.rundir import Checkpoint, RunDir
@@ -56,7 +57,7 @@ from server.round_hooks import (
     SecureAggregation,
     TensorBoardLog,
 )
-from server.split_server import SplitServer, SplitServerState
+from server.split_server import ClientStats, SplitServer, SplitServerState
 from server.strategy import make_strategy
 
 __all__ = ["PartitionOrder", "RoundRunner"]
@@ -429,7 +430,7 @@ class RoundRunner:
         return ev.accuracy, ev.loss, []
 
     def record(
-        self, r: Round, ev: Evaluation, traffic0: dict[str, Any], t0: float, t_train: float, t_start: float
+        self, r: Round, ev: Evaluation, traffic0: ClientStats, t0: float, t_train: float, t_start: float
     ) -> dict[str, Any]:
         """The round's metrics row (round hooks add theirs), appended to ``metrics.jsonl``, then a checkpoint."""
         self._phase(r.number, "record")
@@ -450,8 +451,8 @@ class RoundRunner:
             answered=len(r.replies),
             sequential=r.plan.sequential,
             replicas=len(r.plan.groups),
-            dataplane_up=_total(traffic1, "bytes_up") - _total(traffic0, "bytes_up"),
-            dataplane_down=_total(traffic1, "bytes_down") - _total(traffic0, "bytes_down"),
+            dataplane_up=traffic1.bytes_up - traffic0.bytes_up,
+            dataplane_down=traffic1.bytes_down - traffic0.bytes_down,
             control_up=sum(m.content["arrays"].count_bytes() for m in ok),
             control_down=r.sent.count_bytes() * len(r.plan.order) + ev.control_down,
             train_s=t_train,
@@ -467,11 +468,13 @@ class RoundRunner:
             h.on_round_end(r.number)
         return row
 
-    def _traffic(self) -> dict[str, Any]:
-        return self.state.traffic() if self.state is not None else {}
+    def _traffic(self) -> ClientStats:
+        """The data plane's traffic over the run, summed over clients: a round's is the difference
+        across it (the per-client table holds only the open round's clients)."""
+        return self.state.traffic_total() if self.state is not None else ClientStats()
 
     def _traffic_samples(self) -> int:
-        return sum(s.samples for s in self._traffic().values())
+        return self._traffic().samples
 
     # -------------------------------------------------------------------- run
     def _start_dataplane(self, tls: dict[str, Any]) -> SplitServer | None:
@@ -512,12 +515,12 @@ class RoundRunner:
         device = str(self.state.torch_device) if self.state is not None else "cpu"
         wall_s = self.wall_before + time.perf_counter() - t_start
         result = summarize_run(self.cfg, self.history, device, wall_s, self.run)
+        # this process's peak: the ServerApp, and in simulation the engine and the split server with it
+        result["serverapp_peak_rss_mb"] = peak_rss_mb()
+        if self.state is not None:  # per-client tables after the last round's end: all empty
+            result["split_server_held_clients"] = self.state.held_clients()
         for h in self.hooks:
             h.on_summary(result)
         self.run.write_summary(result)
         self.run.plot(self.history, run_title(self.cfg))
         return result
-
-
-def _total(traffic: dict[str, Any], key: str) -> int:
-    return sum(getattr(s, key) for s in traffic.values())

@@ -10,6 +10,12 @@ Every data-plane call goes through the same three stages, which the batchers use
   segment copy the client is assigned, under that copy's lock (server.step, server.ushaped);
 * **commit** (``commit``): the exchange is shown to the attack observer, the reply takes the form
   the request came in (frame or message) and the client's traffic is counted.
+
+Per-client state lives for one round: the retry cache, U-shaped forwards awaiting their backward,
+the per-client traffic table and the client -> segment-copy assignment hold the clients of the open
+round only and are released by ``end_round`` (and ``merge_replicas``), so a run over thousands of
+clients with a few per round keeps a few clients' worth of state. What outlives a round is
+aggregate: the run's traffic totals and the optimizer step count.
 """
 
 from __future__ import annotations
@@ -96,6 +102,7 @@ class SplitServerState:
     # called after each accepted training step with (header, activations, labels, dL/dh sent back):
     # the whole exchange, for the gradient-inversion attack (server/recorder.py sets one or the other)
     exchange_observer: Callable[[pb.Header, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    # the open round's traffic per client (released by end_round; the run's totals stay in traffic_total)
     stats: dict[str, ClientStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,6 +115,7 @@ class SplitServerState:
         self._last: dict[str, tuple[int, int, Any]] = {}  # client -> (round, step, reply): the retry cache
         self._pending: dict[str, Pending] = {}  # client -> U-shaped forward awaiting backward
         self._label_counts: dict[str, torch.Tensor] = {}  # client -> (num_classes,) labels sent this round
+        self._totals = ClientStats()  # every client's traffic over the run, summed
         with torch.no_grad():
             was = self.segment.training
             probe = self.segment.eval()(torch.zeros(1, *self.sample_shape, device=self.torch_device))
@@ -314,15 +322,16 @@ class SplitServerState:
         if isinstance(job, TrainJob) and self.exchange_observer is not None:  # the dL/dh as the client receives it
             self.exchange_observer(hdr, job.h, job.y, job.reply.tensor("grad").float())
         up, down = wire_size(job.request), wire_size(job.sent)
+        infer = isinstance(job, InferJob)
         with self._lock:
-            s = self.stats.setdefault(hdr.client_id, ClientStats())
-            s.bytes_up += up
-            s.bytes_down += down
-            s.samples += job.samples
-            if isinstance(job, InferJob):
-                s.infer_requests += 1
-            else:
-                s.train_requests += 1
+            for s in (self.stats.setdefault(hdr.client_id, ClientStats()), self._totals):
+                s.bytes_up += up
+                s.bytes_down += down
+                s.samples += job.samples
+                if infer:
+                    s.infer_requests += 1
+                else:
+                    s.train_requests += 1
 
     def run_forward(self, job: ForwardJob) -> None:
         """U-shaped step 1: run the middle segment and keep its graph for the client's backward."""
@@ -394,11 +403,25 @@ class SplitServerState:
         )
 
     def end_round(self) -> None:
-        """Forget per-round state: pending U-shaped forwards, retry caches, label counts."""
+        """Release the round's per-client state: pending U-shaped forwards, the retry cache, the label
+        counts and the per-client traffic table (its sums stay in :meth:`traffic_total`). Called once the round's
+        credentials are closed, so no request of the round can arrive to need them."""
         with self._lock:
             self._pending.clear()
             self._last.clear()
+            self.stats.clear()
             self._label_counts.clear()
+
+    def held_clients(self) -> dict[str, int]:
+        """How many clients each per-client table holds now (after :meth:`end_round`: none)."""
+        with self._lock:
+            held = {
+                "retry_cache": len(self._last),
+                "pending": len(self._pending),
+                "traffic": len(self.stats),
+                "label_counts": len(self._label_counts),
+            }
+        return held | self._copies.held()
 
     # ------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -436,5 +459,11 @@ class SplitServerState:
             return {k: v.detach().cpu().clone() for k, v in self.segment.state_dict().items()}
 
     def traffic(self) -> dict[str, ClientStats]:
+        """The open round's traffic per client (empty after :meth:`end_round`)."""
         with self._lock:
             return {k: ClientStats(**vars(v)) for k, v in self.stats.items()}
+
+    def traffic_total(self) -> ClientStats:
+        """All clients' traffic over the run, summed (a round's is the difference across it)."""
+        with self._lock:
+            return ClientStats(**vars(self._totals))
