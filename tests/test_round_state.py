@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 SHAPE = (16, 14, 14)  # cnn at cut conv1
 RUN = "run-rounds"
-EMPTY = {"retry_cache": 0, "pending": 0, "traffic": 0, "assignment": 0, "replicas": 0}
+EMPTY = {"retry_cache": 0, "pending": 0, "traffic": 0, "label_counts": 0, "assignment": 0, "replicas": 0}
 
 
 def _request(auth: RoundAuthority, rnd: int, client: str, step: int, seed: int) -> pb.TrainRequest:
