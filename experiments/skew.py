@@ -55,6 +55,11 @@ def cell_config(base: ExperimentConfig, mode: str, partition: str, seed: int) ->
     return dataclasses.replace(base, mode=mode, seed=seed, data=data, train=train, name=f"skew-{mode}")
 
 
+def _adjusted(cfg: ExperimentConfig) -> bool:
+    """Whether the cell's loss is logit-adjusted (train.logit_adjust acts in the split modes only)."""
+    return cfg.train.logit_adjust and cfg.mode not in ("fl", "central")
+
+
 def _key(row: dict[str, Any]) -> tuple[Any, ...]:
     return (
         row["mode"],
@@ -96,7 +101,7 @@ def _row(mode: str, partition: str, cfg: ExperimentConfig, run_dir: Path) -> dic
         "final_accuracy": summary["final_accuracy"],
         "best_accuracy": summary["best_accuracy"],
         "accuracy_per_round": [h["accuracy"] for h in hist],
-        "logit_adjust": cfg.train.logit_adjust,
+        "logit_adjust": _adjusted(cfg),
         "train_limit": cfg.data.train_limit,
         "wall_s": summary["wall_s"],
     }
@@ -184,11 +189,13 @@ def main(args: argparse.Namespace) -> int:
             for m in modes:
                 cfg = cell_config(base, m, p, seed)
                 scheme, alpha = _partition(p)
-                key = (m, scheme, alpha, seed, cfg.train.rounds, cfg.data.train_limit, cfg.train.logit_adjust)
+                key = (m, scheme, alpha, seed, cfg.train.rounds, cfg.data.train_limit, _adjusted(cfg))
                 if key in done:
                     continue
                 print(f"skew: {m} {p} seed {seed}", flush=True)
-                name = f"{m}-{p}-seed{seed}-r{cfg.train.rounds}" + ("" if cfg.train.logit_adjust else "-plain")
+                name = f"{m}-{p}-seed{seed}-r{cfg.train.rounds}" + (
+                    "" if _adjusted(cfg) or m.startswith("fl") else "-plain"
+                )
                 run_dir = _run(cfg, runs / name, args.quiet)
                 rows.append(_row(m, p, cfg, run_dir))
                 write_results(out, rows)
