@@ -336,29 +336,33 @@ class RemoteSegments:
         row per endpoint (address, samples, steps) for the metrics."""
         results = self.collect()
         state.load_state_tensors(self.merge(results, state.state_tensors()))
-        add_traffic(state.stats, results)
+        add_traffic(state, results)
         return [{"address": r.address, "samples": r.samples, "steps": r.steps} for r in results]
 
     def finish_round(self, state: SplitServerState) -> None:
         """The round is over: no token of it is accepted anywhere; the evaluation's traffic counted."""
-        add_traffic(state.stats, self.collect(tensors=False))
+        add_traffic(state, self.collect(tensors=False))
 
     def close(self) -> None:
         for ch in self._channels:
             ch.close()
 
 
-def add_traffic(stats: dict[str, ClientStats], results: Sequence[EndpointResult]) -> None:
-    """Count the endpoints' per-client traffic in ``stats`` (the ServerApp's own split-server state's
-    table, which the metrics rows and the progress bar read)."""
+def add_traffic(state: SplitServerState, results: Sequence[EndpointResult]) -> None:
+    """Count the endpoints' per-client traffic in ``state`` (the ServerApp's own split-server state,
+    whose run totals the metrics rows and the progress bar read)."""
     for r in results:
         for t in r.traffic:
-            s = stats.setdefault(t.client_id, ClientStats())
-            s.bytes_up += t.bytes_up
-            s.bytes_down += t.bytes_down
-            s.train_requests += t.train_requests
-            s.infer_requests += t.infer_requests
-            s.samples += t.samples
+            state.add_traffic(
+                t.client_id,
+                ClientStats(
+                    bytes_up=t.bytes_up,
+                    bytes_down=t.bytes_down,
+                    train_requests=t.train_requests,
+                    infer_requests=t.infer_requests,
+                    samples=t.samples,
+                ),
+            )
 
 
 def _why(e: grpc.RpcError) -> str:

@@ -463,6 +463,17 @@ class SplitServerState:
         with self._lock:
             return {k: ClientStats(**vars(v)) for k, v in self.stats.items()}
 
+    def add_traffic(self, client: str, traffic: ClientStats) -> None:
+        """Count ``traffic`` that ``client`` exchanged with another split-server process (``server.endpoints``)
+        as if it had been served here, in the round's table and in the run's totals."""
+        with self._lock:
+            for s in (self.stats.setdefault(client, ClientStats()), self._totals):
+                s.bytes_up += traffic.bytes_up
+                s.bytes_down += traffic.bytes_down
+                s.train_requests += traffic.train_requests
+                s.infer_requests += traffic.infer_requests
+                s.samples += traffic.samples
+
     def traffic_total(self) -> ClientStats:
         """All clients' traffic over the run, summed (a round's is the difference across it)."""
         with self._lock:
