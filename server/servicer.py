@@ -183,18 +183,7 @@ class SplitServer:
         )
         codec.tune_allocator()  # reuse large message buffers (see fsl.wire.codec.tune_allocator)
         add_servicer(SplitServicer(state, batcher, infer_batcher), self._server)
-        host = address.rsplit(":", 1)[0]
-        if certificate_chain is not None and private_key is not None:
-            creds = grpc.ssl_server_credentials([(_pem(private_key), _pem(certificate_chain))])
-            port = self._server.add_secure_port(address, creds)
-            self.tls = True
-        else:
-            port = self._server.add_insecure_port(address)
-            self.tls = False
-        if port == 0:
-            raise OSError(f"could not bind the split server to {address}")
-        self.address = f"{host}:{port}"
-        self.port = port
+        self.address, self.port, self.tls = bind(self._server, address, certificate_chain, private_key)
 
     def start(self) -> SplitServer:
         self._server.start()
@@ -212,6 +201,24 @@ class SplitServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def bind(
+    server: grpc.Server,
+    address: str,
+    certificate_chain: bytes | str | Path | None = None,
+    private_key: bytes | str | Path | None = None,
+) -> tuple[str, int, bool]:
+    """Bind ``server`` to ``address`` (port 0: the OS picks), with TLS when both PEMs are given;
+    returns the bound ``host:port``, the port and whether it serves TLS."""
+    if certificate_chain is not None and private_key is not None:
+        creds = grpc.ssl_server_credentials([(_pem(private_key), _pem(certificate_chain))])
+        port, tls = server.add_secure_port(address, creds), True
+    else:
+        port, tls = server.add_insecure_port(address), False
+    if port == 0:
+        raise OSError(f"could not bind the split server to {address}")
+    return f"{address.rsplit(':', 1)[0]}:{port}", port, tls
 
 
 def _pem(x: bytes | str | Path) -> bytes:

@@ -37,7 +37,7 @@ from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import dataplane_pb2_grpc as pb_grpc
 from server.remote import ControlKey, pack_state, read_secret, unpack_state
-from server.servicer import SplitServicer, add_servicer
+from server.servicer import SplitServicer, add_servicer, bind
 from server.state import SplitServerState
 from server.validation import InvalidRequest
 
@@ -257,16 +257,7 @@ class SplitHostServer:
         codec.tune_allocator()
         add_servicer(_DataPlane(host), self._server)
         pb_grpc.add_SplitControlServicer_to_server(_Control(host), self._server)
-        if certificate_chain is not None and private_key is not None:
-            creds = grpc.ssl_server_credentials([(_pem(private_key), _pem(certificate_chain))])
-            port = self._server.add_secure_port(address, creds)
-            self.tls = True
-        else:
-            port = self._server.add_insecure_port(address)
-            self.tls = False
-        if port == 0:
-            raise OSError(f"could not bind the split server to {address}")
-        self.address = f"{address.rsplit(':', 1)[0]}:{port}"
+        self.address, _, self.tls = bind(self._server, address, certificate_chain, private_key)
 
     def start(self) -> SplitHostServer:
         self._server.start()
@@ -280,10 +271,6 @@ class SplitHostServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-def _pem(x: bytes | str | Path) -> bytes:
-    return x if isinstance(x, bytes) else Path(x).read_bytes()
 
 
 def _cmd_split_server(args: argparse.Namespace) -> int:
