@@ -162,22 +162,22 @@ def _plots(out: Path, rows: list[dict[str, Any]], base: ExperimentConfig, n_trai
     plt.close(fig)
 
 
-def _run(cfg: ExperimentConfig, root: Path, name: str, quiet: bool) -> Path:
-    """Run one configuration in its own process (Ray and Flower keep per-process state that
-    does not survive many simulations in one interpreter) into ``root/name``; a finished one
-    is reused, so an interrupted comparison resumes where it stopped."""
+def run_in_process(cfg: ExperimentConfig, path: Path, *, quiet: bool, label: str) -> Path:
+    """Run one configuration in its own process (Ray and Flower keep per-process state that does not
+    survive many simulations in one interpreter, and a process's peak memory is then its own) into
+    run directory ``path``. A finished run is reused and an interrupted one resumes from its last
+    checkpoint, so a sweep that stopped carries on where it was."""
     import subprocess
     import sys
 
     from fsl.config import to_toml
 
-    path = root / name
     if (path / "summary.json").exists():
         return path
     (path / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not (path / "config.toml").exists():
         (path / "config.toml").write_text(to_toml(cfg))
-    print(f"compare: {name}", flush=True)
+    print(f"{label}: {path.name}", flush=True)
     cmd = [sys.executable, "-m", "fsl_cli", "run", "--resume", str(path), *(["--quiet"] if quiet else [])]
     subprocess.run(cmd, check=True)
     return path
@@ -199,7 +199,15 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     for mode in MODES:
         cfg = dataclasses.replace(base, mode=mode, name=f"compare-{mode}")
-        rows.append(_row(cfg, _run(cfg, root, mode, args.quiet), target, ds.input_shape, ds.num_classes))
+        rows.append(
+            _row(
+                cfg,
+                run_in_process(cfg, root / mode, quiet=args.quiet, label="compare"),
+                target,
+                ds.input_shape,
+                ds.num_classes,
+            )
+        )
         (root / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")  # partial results survive a crash
     (root / "compare.md").write_text(markdown(rows))
     n_train = int(len(ds.y_train) * (1 - base.data.val_fraction))
@@ -211,7 +219,13 @@ def main(args: argparse.Namespace) -> int:
                 base, mode="fsl", model=dataclasses.replace(base.model, cut=cut), name=f"cut-{cut}"
             )
             cut_rows.append(
-                _row(cfg, _run(cfg, root, f"cut-{cut}", args.quiet), target, ds.input_shape, ds.num_classes)
+                _row(
+                    cfg,
+                    run_in_process(cfg, root / f"cut-{cut}", quiet=args.quiet, label="compare"),
+                    target,
+                    ds.input_shape,
+                    ds.num_classes,
+                )
             )
             (root / "cuts.json").write_text(json.dumps(cut_rows, indent=2) + "\n")
         noniid = []
@@ -222,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
                 noniid.append(
                     _row(
                         cfg,
-                        _run(cfg, root, f"noniid-{alpha}-{mode}", args.quiet),
+                        run_in_process(cfg, root / f"noniid-{alpha}-{mode}", quiet=args.quiet, label="compare"),
                         target,
                         ds.input_shape,
                         ds.num_classes,

@@ -167,7 +167,7 @@ def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from experiments.compare import _run
+    from experiments.compare import run_in_process
     from fsl.rundir import RunDir
 
     overrides = [*(QUICK if args.quick else []), *args.overrides]
@@ -180,7 +180,9 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_experiment("privacy_utility", [*overrides, *CLIP, *extra])
         name = mechanism if param is None else f"{mechanism}-{param}"
         cfg = dataclasses.replace(cfg, name=f"privacy-utility-{name}")
-        rows.append(_row(mechanism, param, cfg, _run(cfg, root, name, args.quiet)))
+        rows.append(
+            _row(mechanism, param, cfg, run_in_process(cfg, root / name, quiet=args.quiet, label="privacy-utility"))
+        )
         f32 = next((r["dataplane_bytes_up_per_client_round"] for r in rows if r["mechanism"] == "none"), None)
         for r in rows:
             r["dataplane_ratio"] = r["dataplane_bytes_up_per_client_round"] / f32 if f32 else None

@@ -31,6 +31,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from experiments.compare import run_in_process
 from fsl.config import ExperimentConfig, load_experiment
 
 CLIENTS = (10, 100, 1000)
@@ -57,26 +58,6 @@ def setting(base: ExperimentConfig, clients: int, per_round: int = PER_ROUND) ->
     share = min(1.0, per_round / clients)
     train = dataclasses.replace(base.train, fraction_train=share, fraction_evaluate=share)
     return dataclasses.replace(base, clients=clients, train=train, name=f"scale-{clients}")
-
-
-def _run(cfg: ExperimentConfig, root: Path, name: str, quiet: bool) -> Path:
-    """Run one setting in its own process into ``root/name`` (a finished one is reused): its peak
-    memory is then its own, not the sweep's."""
-    import subprocess
-    import sys
-
-    from fsl.config import to_toml
-
-    path = root / name
-    if (path / "summary.json").exists():
-        return path
-    (path / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if not (path / "config.toml").exists():
-        (path / "config.toml").write_text(to_toml(cfg))
-    print(f"scale: {name}", flush=True)
-    cmd = [sys.executable, "-m", "fsl_cli", "run", "--resume", str(path), *(["--quiet"] if quiet else [])]
-    subprocess.run(cmd, check=True)
-    return path
 
 
 def row(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
@@ -204,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     for n in QUICK_CLIENTS if args.quick else CLIENTS:
         cfg = setting(base, n)
-        out = row(cfg, _run(cfg, root, f"clients-{n}", args.quiet))
+        out = row(cfg, run_in_process(cfg, root / f"clients-{n}", quiet=args.quiet, label="scale"))
         probe = _probe(cfg, n)
         out.update({k: v for k, v in probe.items() if k != "clients"})
         rows.append(out)

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from experiments.compare import run_in_process
 from fsl.config import ExperimentConfig, load_experiment
 
 MODES = ("fsl", "sl", "sflv1", "sflv2", "psl", "hybrid", "ushaped", "fl", "fl+fedprox")
@@ -70,22 +71,6 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
         row.get("train_limit", 0),
         row.get("logit_adjust", True),
     )
-
-
-def _run(cfg: ExperimentConfig, path: Path, quiet: bool) -> Path:
-    """Run ``cfg`` in its own process (Ray keeps per-process state) into run directory ``path``,
-    resuming it from its last checkpoint if an earlier sweep stopped inside it."""
-    import subprocess
-    import sys
-
-    from fsl.config import to_toml
-
-    (path / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if not (path / "config.toml").exists():
-        (path / "config.toml").write_text(to_toml(cfg))
-    cmd = [sys.executable, "-m", "fsl_cli", "run", "--resume", str(path), *(["--quiet"] if quiet else [])]
-    subprocess.run(cmd, check=True)
-    return path
 
 
 def _row(mode: str, partition: str, cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
@@ -196,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
                 name = f"{m}-{p}-seed{seed}-r{cfg.train.rounds}" + (
                     "" if _adjusted(cfg) or m.startswith("fl") else "-plain"
                 )
-                run_dir = _run(cfg, runs / name, args.quiet)
+                run_dir = run_in_process(cfg, runs / name, quiet=args.quiet, label="skew")
                 rows.append(_row(m, p, cfg, run_dir))
                 write_results(out, rows)
     if rows:
