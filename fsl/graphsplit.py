@@ -1,0 +1,568 @@
+"""Split any ``nn.Module`` at module boundaries by tracing its graph.
+
+A cut is a module path (``layer3``, ``bert.encoder.layer.2``, ``transformer.h.4``): the client keeps
+every operation up to the last one that module runs, the server the rest. The model is traced with
+``torch.export`` (non-strict, so Hugging Face models trace as they are) twice, once in training and
+once in evaluation mode, because tracing bakes the mode in (dropout, batch-norm statistics, the
+attention dropout Hugging Face passes to SDPA); each segment runs the graph of its current mode.
+Batch and sequence sizes are traced as symbols, so one trace serves every batch and every sequence
+length within the declared bounds.
+
+Every value the server needs from the client travels, not just the cut module's output: skip
+connections, attention masks, position ids. Three kinds of values never travel as they are:
+
+- values derived from the raw inputs alone, without parameters (masks, position ids, the length of
+  each sequence) are computed on the client, so a raw input never reaches the server: a split that
+  would send one is refused;
+- values derived from constants alone (a buffer of position ids, an ``arange``) are recomputed on
+  each side that needs them;
+- sizes (the batch, the sequence length) are read back from the tensors that do travel.
+
+The segments own the model's own parameter objects under their original names, so state dicts,
+aggregation, checkpoints and attacks see the unsplit model's keys, and a step through the segments
+gives the unsplit model's gradients.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = [
+    "Crossing",
+    "GraphSegment",
+    "GraphSplit",
+    "SplitError",
+    "graph_split",
+    "module_paths",
+]
+
+BATCH = "batch"
+
+
+class SplitError(ValueError):
+    """A model or a cut that cannot be split; the message says why and what to do instead."""
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """One value that crosses from one segment to another.
+
+    ``dims`` are the per-sample dimensions (after the batch): an int is fixed, a string a size that
+    varies between batches within the declared bounds (``"seq"``) and that all values share.
+    ``grad`` says whether the value depends on the sending side's parameters, so that a gradient
+    must travel back for it.
+    """
+
+    name: str
+    dtype: torch.dtype
+    dims: tuple[int | str, ...]
+    grad: bool
+    source: int  # index of the segment that computes it
+    target: int  # index of the segment that reads it
+
+
+def module_paths(model: nn.Module) -> list[str]:
+    """Every submodule's path in ``model``, in registration order."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def _input_names(model: nn.Module, example: torch.Tensor | Mapping[str, torch.Tensor]) -> list[str]:
+    if isinstance(example, Mapping):
+        return list(example)
+    params = [
+        p
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if not params:
+        raise SplitError(f"{type(model).__name__}.forward takes no positional input to feed the example to")
+    return [params[0].name]
+
+
+def _export(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    dynamic: Mapping[str, Mapping[int, str]],
+    bounds: Mapping[str, tuple[int, int]],
+    train: bool,
+) -> fx.GraphModule:
+    from torch.export import Dim
+
+    dims = {name: Dim(name, min=max(2, lo), max=hi) for name, (lo, hi) in bounds.items()}
+    shapes = {k: {d: dims[s] for d, s in dynamic.get(k, {}).items()} for k in inputs}
+    was = {m: m.training for m in model.modules()}
+    model.train(train)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, (), dict(inputs), dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # torch.export raises many types; all mean the same thing to the user
+        raise SplitError(
+            f"{type(model).__name__} cannot be traced by torch.export ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Data-dependent Python control flow is the usual cause: make it depend on shapes or config only, "
+            "or split the model by hand into an nn.Sequential of blocks."
+        ) from e
+    finally:
+        for m, mode in was.items():
+            m.training = mode
+    return ep.module()  # type: ignore[return-value]
+
+
+def _output_index(gm: fx.GraphModule) -> int:
+    """Which output leaf is the prediction: ``logits`` of a Hugging Face output, else the first."""
+    spec = getattr(gm, "_out_spec", None)
+    context = getattr(spec, "context", None)
+    if isinstance(context, list) and "logits" in context:
+        return context.index("logits")
+    return 0
+
+
+def _val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def _is_sym(n: fx.Node) -> bool:
+    return isinstance(_val(n), torch.SymInt | int) and n.op == "call_function"
+
+
+def _mutates(n: fx.Node) -> bool:
+    schema = getattr(n.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _module_of(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return str(list(stack.values())[-1][0])
+
+
+def _in_module(n: fx.Node, path: str) -> bool:
+    stack = n.meta.get("nn_module_stack") or {}
+    return any(fqn == path for fqn, _ in stack.values())
+
+
+class _Plan:
+    """Which segment every node of one traced graph runs in."""
+
+    def __init__(self, gm: fx.GraphModule, cuts: Sequence[str], params: set[str]) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.params = params
+        ends = []
+        for path in cuts:
+            idx = [i for i, n in enumerate(self.nodes) if n.op == "call_function" and _in_module(n, path)]
+            if not idx:
+                raise SplitError(f"module {path!r} runs no operation in the traced graph: cut at a module that computes")
+            ends.append(max(idx))
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            if ends[cuts.index(b)] <= ends[cuts.index(a)]:
+                raise SplitError(f"cut {b!r} must come after cut {a!r} in the model's computation")
+        self.ends = ends
+        self.kind: dict[fx.Node, str] = {}  # "input" (raw-input-derived), "const", "param", "act"
+        for n in self.nodes:
+            self.kind[n] = self._kind(n)
+        self.side: dict[fx.Node, int] = {}
+        for n in self.nodes:
+            if n.op != "call_function":
+                continue
+            i = self.order[n]
+            side = sum(1 for e in ends if i > e)
+            if self.kind[n] == "input":
+                side = 0  # computed beside the raw inputs, so that they never travel
+            self.side[n] = side
+        for n in self.nodes:  # a tuple's items stay where the tuple is made
+            if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+                src = n.args[0]
+                if src in self.side:
+                    self.side[n] = self.side[src]
+        if all(s == 0 for s in self.side.values()) or not any(s == 0 for s in self.side.values()):
+            raise SplitError(f"cut {list(cuts)} leaves one side with no computation")
+
+    def _kind(self, n: fx.Node) -> str:
+        if n.op == "placeholder":
+            return "input"
+        if n.op == "get_attr":
+            return "param" if str(n.target) in self.params else "const"
+        if n.op != "call_function":
+            return "act"
+        kinds = {self.kind[a] for a in n.all_input_nodes if a in self.kind}
+        if "act" in kinds or "param" in kinds or _mutates(n):
+            return "act"
+        if "input" in kinds:
+            return "input"
+        return "const"
+
+
+def _fmt_dim(v: Any, names: Mapping[str, str]) -> int | str:
+    if isinstance(v, int):
+        return v
+    expr = str(v.node.expr) if isinstance(v, torch.SymInt) else str(v)
+    return names.get(expr, expr)
+
+
+class _Builder:
+    """Builds one segment's graph from a plan."""
+
+    def __init__(self, plan: _Plan, seg: int, sym_names: Mapping[str, str]) -> None:
+        self.plan, self.seg, self.sym_names = plan, seg, sym_names
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.inputs: dict[fx.Node, fx.Node] = {}  # crossing value -> placeholder
+        self.attrs: set[str] = set()
+        self.deferred_syms: list[fx.Node] = []
+
+    def placeholder_for(self, n: fx.Node, name: str) -> fx.Node:
+        if n not in self.inputs:
+            p = self.graph.placeholder(name)
+            p.meta = dict(n.meta)
+            self.inputs[n] = p
+            self.env[n] = p
+        return self.inputs[n]
+
+
+@dataclass
+class _Partition:
+    graphs: list[fx.Graph]
+    attrs: list[set[str]]
+    crossings: list[Crossing]
+    inputs: list[str]  # raw input names the first segment reads
+    crossing_nodes: list[fx.Node]
+
+
+def _partition(gm: fx.GraphModule, cuts: Sequence[str], params: set[str], input_dims: dict[str, dict[int, str]]) -> _Partition:
+    plan = _Plan(gm, cuts, params)
+    nseg = len(cuts) + 1
+    placeholders = [n for n in plan.nodes if n.op == "placeholder"]
+    # symbolic sizes of the inputs, by the name the caller gave them
+    sym_names: dict[str, str] = {}
+    for p in placeholders:
+        val = _val(p)
+        for d, name in input_dims.get(str(p.target), {}).items():
+            size = val.shape[d]
+            if isinstance(size, torch.SymInt):
+                sym_names.setdefault(str(size.node.expr), name)
+    out_node = next(n for n in plan.nodes if n.op == "output")
+    leaves = out_node.args[0]
+    leaves = list(leaves) if isinstance(leaves, list | tuple) else [leaves]
+    result = leaves[_output_index(gm)]
+    if not isinstance(result, fx.Node):
+        raise SplitError("the model's prediction is not a tensor computed from its inputs")
+
+    # which values each segment needs from another one
+    needed: dict[fx.Node, set[int]] = {}
+    users_of: dict[int, list[fx.Node]] = {s: [] for s in range(nseg)}
+    for n, s in plan.side.items():
+        users_of[s].append(n)
+
+    def owner(n: fx.Node) -> int | None:
+        if n.op == "placeholder":
+            return 0
+        return plan.side.get(n)
+
+    crossing_nodes: list[fx.Node] = []
+    for s in range(nseg):
+        for n in users_of[s]:
+            for a in n.all_input_nodes:
+                o = owner(a)
+                if o is None or o == s or plan.kind.get(a) == "const" or _is_sym(a):
+                    continue
+                if o > s:
+                    raise SplitError(
+                        f"segment {s} needs {a.name!r}, which a later segment computes: the cuts {list(cuts)} "
+                        "do not follow the model's order of computation"
+                    )
+                needed.setdefault(a, set()).add(s)
+    if owner(result) != nseg - 1:
+        needed.setdefault(result, set()).add(nseg - 1)
+    crossing_nodes = sorted(needed, key=plan.order.__getitem__)
+    for a in crossing_nodes:
+        if a.op == "placeholder":
+            raise SplitError(
+                f"the raw input {a.target!r} would cross the cut {list(cuts)}: the server would see the client's data. "
+                "Cut deeper, after the module that first consumes it"
+            )
+    # a value that is the last thing a module computes goes by that module's path (the outermost
+    # such module: the cut itself for the cut's output)
+    last_of: dict[fx.Node, str] = {}
+    last_node: dict[str, fx.Node] = {}
+    for n in plan.nodes:
+        for fqn, _ in (n.meta.get("nn_module_stack") or {}).values():
+            if fqn:
+                last_node[fqn] = n
+    for fqn, n in sorted(last_node.items(), key=lambda kv: -len(kv[0])):
+        last_of[n] = fqn
+    crossings: list[Crossing] = []
+    names: dict[fx.Node, str] = {}
+    used_names: set[str] = set()
+    for a in crossing_nodes:
+        val = _val(a)
+        if not isinstance(val, torch.Tensor):
+            raise SplitError(f"value {a.name!r} crossing the cut is a {type(val).__name__}, not a tensor")
+        dims = [_fmt_dim(v, sym_names) for v in val.shape]
+        if not dims or dims[0] != BATCH:
+            raise SplitError(
+                f"value {a.name!r} of shape {dims} crosses the cut without the batch in its first dimension; "
+                "cut at a module boundary where every crossing value is per sample"
+            )
+        name = last_of.get(a) or (f"{_module_of(a)}:{a.name}" if _module_of(a) else a.name)
+        while name in used_names:
+            name += "_"
+        used_names.add(name)
+        names[a] = name
+        grad = bool(val.dtype.is_floating_point and plan.kind.get(a) == "act")
+        for t in sorted(needed[a]):
+            crossings.append(Crossing(name, val.dtype, tuple(dims[1:]), grad, owner(a) or 0, t))
+
+    graphs: list[fx.Graph] = []
+    attrs: list[set[str]] = []
+    for s in range(nseg):
+        b = _Builder(plan, s, sym_names)
+        g = b.graph
+        env = b.env
+        if s == 0:
+            for p in placeholders:
+                q = g.placeholder(str(p.target))
+                q.meta = dict(p.meta)
+                env[p] = q
+        for i, a in enumerate(a for a in crossing_nodes if s in needed[a]):
+            b.placeholder_for(a, f"in_{i}")  # crossing names are not identifiers; they are matched by position
+
+        def sym_from_inputs(n: fx.Node, b: _Builder = b) -> fx.Node:
+            val = _val(n)
+            expr = str(val.node.expr) if isinstance(val, torch.SymInt) else None
+            for src, ph in b.inputs.items():
+                shape = _val(src).shape
+                for d, size in enumerate(shape):
+                    if isinstance(size, torch.SymInt) and str(size.node.expr) == expr:
+                        node = b.graph.call_function(torch.ops.aten.sym_size.int, (ph, d))
+                        node.meta = dict(n.meta)
+                        return node
+            raise SplitError(f"size {expr} is needed after the cut but no crossing tensor carries it")
+
+        def materialize(n: fx.Node, b: _Builder = b, s: int = s) -> fx.Node:
+            if n in b.env:
+                return b.env[n]
+            if n.op == "get_attr":
+                b.attrs.add(str(n.target))
+                new = b.graph.get_attr(str(n.target))
+                new.meta = dict(n.meta)
+            elif _is_sym(n) and owner(n) != s:
+                new = sym_from_inputs(n)
+            elif plan.kind.get(n) == "const" or owner(n) == s:
+                new = b.graph.node_copy(n, lambda a: materialize(a))
+            else:
+                raise SplitError(f"internal: {n.name} is neither local nor sent to segment {s}")
+            b.env[n] = new
+            return new
+
+        for n in plan.nodes:
+            if n.op == "call_function" and plan.side.get(n) == s and n not in env:
+                if n.target is torch.ops.aten._assert_tensor_metadata.default and s != 0:
+                    continue
+                materialize(n)
+        outs = [a for a in crossing_nodes if owner(a) == s]
+        if s == nseg - 1:
+            g.output(materialize(result))
+        else:
+            g.output({names[a]: env[a] for a in outs})
+        g.eliminate_dead_code()
+        graphs.append(g)
+        attrs.append(b.attrs)
+    inputs = [str(p.target) for p in placeholders]
+    return _Partition(graphs, attrs, crossings, inputs, crossing_nodes)
+
+
+def _owned(model: nn.Module, attrs: set[str]) -> tuple[dict[str, nn.Parameter], dict[str, tuple[torch.Tensor, bool]]]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers: dict[str, tuple[torch.Tensor, bool]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for bname, buf in mod.named_buffers(recurse=False):
+            if buf is not None:
+                fqn = f"{mod_name}.{bname}" if mod_name else bname
+                buffers[fqn] = (buf, bname not in mod._non_persistent_buffers_set)
+    got_p = {k: params[k] for k in attrs if k in params}
+    got_b = {k: buffers[k] for k in attrs if k in buffers}
+    return got_p, got_b
+
+
+def _set(root: nn.Module, fqn: str, value: torch.Tensor, *, param: bool, persistent: bool = True) -> None:
+    *path, leaf = fqn.split(".")
+    mod = root
+    for part in path:
+        child = mod._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            mod.add_module(part, child)
+        mod = child
+    if param:
+        mod.register_parameter(leaf, value)  # type: ignore[arg-type]
+    else:
+        mod.register_buffer(leaf, value, persistent=persistent)
+
+
+class GraphSegment(nn.Module):
+    """One segment of a graph split: the model's own parameters under their own names, and the
+    traced graphs of this segment for training and for evaluation (picked by ``self.training``).
+
+    The first segment takes the model's input (a tensor, or a dict of named tensors); the others
+    take a dict of the values that cross into them. The last returns the prediction, the others a
+    dict of the values they send on.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        input_names: Sequence[str],
+        params: Mapping[str, nn.Parameter],
+        buffers: Mapping[str, tuple[torch.Tensor, bool]],
+        graphs: tuple[fx.Graph, fx.Graph],
+    ) -> None:
+        super().__init__()
+        self.index = index
+        self.input_names = tuple(input_names)
+        for fqn, p in params.items():
+            _set(self, fqn, p, param=True)
+        for fqn, (buf, persistent) in buffers.items():
+            _set(self, fqn, buf, param=False, persistent=persistent)
+        # kept out of the module tree: they read the same tensors as this module's, which the
+        # state dict already holds under the model's names
+        self._graphs = (fx.GraphModule(self, graphs[0]), fx.GraphModule(self, graphs[1]))
+
+    def forward(self, x: Any) -> Any:
+        gm = self._graphs[0] if self.training else self._graphs[1]
+        if not isinstance(x, Mapping):
+            if len(self.input_names) != 1:
+                raise ValueError(f"this segment takes {list(self.input_names)} as a dict of tensors")
+            return gm(x)
+        missing = [n for n in self.input_names if n not in x]
+        if missing:
+            raise ValueError(f"this segment needs {missing}; got {list(x)}")
+        return gm(*(x[n] for n in self.input_names))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GraphSegment:  # type: ignore[override]
+        # .to()/.cuda() replace tensors; the graphs must follow them
+        super()._apply(fn, recurse)
+        for gm in self._graphs:
+            for name, t in [*self.named_parameters(), *self.named_buffers()]:
+                *path, leaf = name.split(".")
+                mod: nn.Module = gm
+                for part in path:
+                    mod = getattr(mod, part)
+                if leaf in mod._parameters:
+                    mod._parameters[leaf] = t  # type: ignore[assignment]
+                else:
+                    mod._buffers[leaf] = t
+        return self
+
+
+@dataclass
+class GraphSplit:
+    """A model split at ``cuts`` into ``len(cuts) + 1`` segments."""
+
+    segments: list[GraphSegment]
+    cuts: tuple[str, ...]
+    crossings: list[Crossing]
+    inputs: tuple[str, ...]
+    bounds: dict[str, tuple[int, int]]
+
+    def into(self, target: int) -> list[Crossing]:
+        """The values that segment ``target`` receives, in the order they travel."""
+        return [c for c in self.crossings if c.target == target]
+
+
+def graph_split(
+    model: nn.Module,
+    cuts: str | Sequence[str],
+    example: torch.Tensor | Mapping[str, torch.Tensor],
+    *,
+    dynamic: Mapping[str, Mapping[int, str]] | None = None,
+    bounds: Mapping[str, tuple[int, int]] | None = None,
+) -> GraphSplit:
+    """Split ``model`` after each module path in ``cuts``.
+
+    ``example`` is one batch of inputs (a tensor for a model with one input, else a dict by argument
+    name). ``dynamic`` names the input dimensions that vary between batches beyond the batch (dim 0
+    of every input is ``"batch"``): ``{"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}``;
+    ``bounds`` gives each name's ``(min, max)``.
+    """
+    cut_list = [cuts] if isinstance(cuts, str) else list(cuts)
+    known = dict(model.named_modules())
+    for c in cut_list:
+        if c not in known or not c:
+            near = [p for p in known if p and (p.startswith(c.rsplit(".", 1)[0]) or c.startswith(p))][:8]
+            raise SplitError(
+                f"{c!r} is not a module of {type(model).__name__}: a cut is the path of a submodule "
+                f"(the last one the client runs){'; near it: ' + ', '.join(near) if near else ''}"
+            )
+    names = _input_names(model, example)
+    inputs = dict(example) if isinstance(example, Mapping) else {names[0]: example}
+    dyn: dict[str, dict[int, str]] = {k: {0: BATCH} for k in inputs}
+    for k, dims in (dynamic or {}).items():
+        dyn.setdefault(k, {0: BATCH}).update(dict(dims))
+    bnd: dict[str, tuple[int, int]] = {BATCH: (1, 1 << 16)}
+    bnd.update(bounds or {})
+    for k, dims in dyn.items():
+        for s in dims.values():
+            if s not in bnd:
+                raise SplitError(f"dimension {s!r} of input {k!r} has no bounds: pass bounds={{{s!r}: (min, max)}}")
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    parts = []
+    for train in (True, False):
+        gm = _export(model, inputs, dyn, bnd, train)
+        parts.append(_partition(gm, cut_list, params, dyn))
+    tr, ev = parts
+    sig_t = [(c.dtype, c.dims, c.source, c.target) for c in tr.crossings]
+    sig_e = [(c.dtype, c.dims, c.source, c.target) for c in ev.crossings]
+    if sig_t != sig_e:
+        raise SplitError(
+            f"at cut {cut_list} the model sends different values in training ({len(sig_t)}) and in evaluation "
+            f"({len(sig_e)}); cut at another module"
+        )
+    nseg = len(cut_list) + 1
+    _check_ownership(model, tr, ev, cut_list)
+    segments = []
+    for s in range(nseg):
+        attrs = tr.attrs[s] | ev.attrs[s]
+        p, b = _owned(model, attrs)
+        names = tr.inputs if s == 0 else [c.name for c in tr.crossings if c.target == s]
+        segments.append(GraphSegment(s, names, p, b, (tr.graphs[s], _renamed(ev, tr, s))))
+    return GraphSplit(segments, tuple(cut_list), tr.crossings, tuple(tr.inputs), bnd)
+
+
+def _renamed(ev: _Partition, tr: _Partition, s: int) -> fx.Graph:
+    """The evaluation graph of segment ``s``, sending its values under the training graph's names
+    (the two traces name nodes differently where the modes differ; the values match by position)."""
+    by_pos = dict(zip([c.name for c in ev.crossings], [c.name for c in tr.crossings], strict=True))
+    g = ev.graphs[s]
+    for n in g.nodes:
+        if n.op == "output" and isinstance(n.args[0], dict):
+            n.args = ({by_pos.get(k, k): v for k, v in n.args[0].items()},)
+    return g
+
+
+def _check_ownership(model: nn.Module, tr: _Partition, ev: _Partition, cuts: Sequence[str]) -> None:
+    """A parameter used by two segments (tied weights) cannot be trained by one side alone."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    nseg = len(cuts) + 1
+    side = {s: "client" if s == 0 or (nseg == 3 and s == 2) else f"server{s}" for s in range(nseg)}
+    seen: dict[str, int] = {}
+    for part in (tr, ev):
+        for s, attrs in enumerate(part.attrs):
+            for a in attrs & params:
+                if a in seen and side[seen[a]] != side[s]:
+                    raise SplitError(
+                        f"parameter {a!r} is used on both sides of the cut {list(cuts)} (tied weights, e.g. an "
+                        "output layer sharing the input embedding). Untie them in the model's config "
+                        "(tie_word_embeddings=False) or use a U-shaped split that keeps both uses on the client"
+                    )
+                seen[a] = s
