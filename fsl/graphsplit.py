@@ -40,7 +40,10 @@ __all__ = [
     "GraphSegment",
     "GraphSplit",
     "SplitError",
+    "Traced",
     "graph_split",
+    "split_traced",
+    "trace",
     "module_paths",
 ]
 
@@ -113,7 +116,8 @@ def _export(
     finally:
         for m, mode in was.items():
             m.training = mode
-    return ep.module()  # type: ignore[return-value]
+    gm: fx.GraphModule = ep.module()
+    return gm
 
 
 def _output_index(gm: fx.GraphModule) -> int:
@@ -162,7 +166,9 @@ class _Plan:
         for path in cuts:
             idx = [i for i, n in enumerate(self.nodes) if n.op == "call_function" and _in_module(n, path)]
             if not idx:
-                raise SplitError(f"module {path!r} runs no operation in the traced graph: cut at a module that computes")
+                raise SplitError(
+                    f"module {path!r} runs no operation in the traced graph: cut at a module that computes"
+                )
             ends.append(max(idx))
         for a, b in zip(cuts, cuts[1:], strict=False):
             if ends[cuts.index(b)] <= ends[cuts.index(a)]:
@@ -239,7 +245,9 @@ class _Partition:
     crossing_nodes: list[fx.Node]
 
 
-def _partition(gm: fx.GraphModule, cuts: Sequence[str], params: set[str], input_dims: dict[str, dict[int, str]]) -> _Partition:
+def _partition(
+    gm: fx.GraphModule, cuts: Sequence[str], params: set[str], input_dims: dict[str, dict[int, str]]
+) -> _Partition:
     plan = _Plan(gm, cuts, params)
     nseg = len(cuts) + 1
     placeholders = [n for n in plan.nodes if n.op == "placeholder"]
@@ -301,6 +309,8 @@ def _partition(gm: fx.GraphModule, cuts: Sequence[str], params: set[str], input_
                 last_node[fqn] = n
     for fqn, n in sorted(last_node.items(), key=lambda kv: -len(kv[0])):
         last_of[n] = fqn
+    for fqn in cuts:
+        last_of[last_node[fqn]] = fqn
     crossings: list[Crossing] = []
     names: dict[fx.Node, str] = {}
     used_names: set[str] = set()
@@ -359,7 +369,7 @@ def _partition(gm: fx.GraphModule, cuts: Sequence[str], params: set[str], input_
             elif _is_sym(n) and owner(n) != s:
                 new = sym_from_inputs(n)
             elif plan.kind.get(n) == "const" or owner(n) == s:
-                new = b.graph.node_copy(n, lambda a: materialize(a))
+                new = b.graph.node_copy(n, materialize)
             else:
                 raise SplitError(f"internal: {n.name} is neither local nor sent to segment {s}")
             b.env[n] = new
@@ -390,8 +400,19 @@ def _owned(model: nn.Module, attrs: set[str]) -> tuple[dict[str, nn.Parameter], 
             if buf is not None:
                 fqn = f"{mod_name}.{bname}" if mod_name else bname
                 buffers[fqn] = (buf, bname not in mod._non_persistent_buffers_set)
-    got_p = {k: params[k] for k in attrs if k in params}
-    got_b = {k: buffers[k] for k in attrs if k in buffers}
+    # tied tensors go by every name the model gives them (the trace uses one of them), so the
+    # segment's state dict has the model's keys for them
+    aliases: dict[int, list[str]] = {}
+    for k, t in [*params.items(), *((k, b) for k, (b, _) in buffers.items())]:
+        aliases.setdefault(id(t), []).append(k)
+    wanted = {
+        a
+        for k in attrs
+        if k in params or k in buffers
+        for a in aliases[id(params[k] if k in params else buffers[k][0])]
+    }
+    got_p = {k: params[k] for k in sorted(wanted) if k in params}
+    got_b = {k: buffers[k] for k in sorted(wanted) if k in buffers}
     return got_p, got_b
 
 
@@ -449,9 +470,9 @@ class GraphSegment(nn.Module):
             raise ValueError(f"this segment needs {missing}; got {list(x)}")
         return gm(*(x[n] for n in self.input_names))
 
-    def _apply(self, fn: Any, recurse: bool = True) -> GraphSegment:  # type: ignore[override]
+    def _apply(self, fn: Any, recurse: bool = True) -> GraphSegment:
         # .to()/.cuda() replace tensors; the graphs must follow them
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         for gm in self._graphs:
             for name, t in [*self.named_parameters(), *self.named_buffers()]:
                 *path, leaf = name.split(".")
@@ -515,11 +536,39 @@ def graph_split(
         for s in dims.values():
             if s not in bnd:
                 raise SplitError(f"dimension {s!r} of input {k!r} has no bounds: pass bounds={{{s!r}: (min, max)}}")
+    return split_traced(trace(model, inputs, dyn, bnd), cut_list)
+
+
+@dataclass
+class Traced:
+    """A model traced once per mode, ready to be split at any cut."""
+
+    model: nn.Module
+    graphs: tuple[fx.GraphModule, fx.GraphModule]  # training, evaluation
+    dynamic: dict[str, dict[int, str]]
+    bounds: dict[str, tuple[int, int]]
+
+
+def trace(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    dynamic: dict[str, dict[int, str]],
+    bounds: dict[str, tuple[int, int]],
+) -> Traced:
+    """Trace ``model`` on ``inputs`` in training and in evaluation mode."""
+    return Traced(
+        model,
+        (_export(model, inputs, dynamic, bounds, True), _export(model, inputs, dynamic, bounds, False)),
+        dynamic,
+        bounds,
+    )
+
+
+def split_traced(traced: Traced, cut_list: Sequence[str]) -> GraphSplit:
+    """Split a traced model after each module path in ``cut_list``."""
+    model, dyn, bnd = traced.model, traced.dynamic, traced.bounds
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    parts = []
-    for train in (True, False):
-        gm = _export(model, inputs, dyn, bnd, train)
-        parts.append(_partition(gm, cut_list, params, dyn))
+    parts = [_partition(gm, cut_list, params, dyn) for gm in traced.graphs]
     tr, ev = parts
     sig_t = [(c.dtype, c.dims, c.source, c.target) for c in tr.crossings]
     sig_e = [(c.dtype, c.dims, c.source, c.target) for c in ev.crossings]
