@@ -26,6 +26,7 @@ gives the unsplit model's gradients.
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 import warnings
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,8 @@ from torch import fx, nn
 
 __all__ = [
     "Crossing",
+    "CutRow",
+    "cut_table",
     "GraphSegment",
     "GraphSplit",
     "SplitError",
@@ -615,3 +618,81 @@ def _check_ownership(model: nn.Module, tr: _Partition, ev: _Partition, cuts: Seq
                         "(tie_word_embeddings=False) or use a U-shaped split that keeps both uses on the client"
                     )
                 seen[a] = s
+
+
+@dataclass(frozen=True)
+class CutRow:
+    """One legal cut: what crosses it and how the work divides."""
+
+    cut: str
+    tensors: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape of one sample, dtype)
+    bytes_per_sample: int
+    client_flops: float  # share of the forward pass's FLOPs the client runs
+    client_params: float  # share of the parameters the client holds
+
+
+def _node_flops(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor]) -> dict[fx.Node, float]:
+    """FLOPs of every node of ``gm`` run on ``inputs``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops: dict[fx.Node, float] = {}
+
+    class _Counting(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            with FlopCounterMode(display=False) as counter:
+                out = super().run_node(n)
+            flops[n] = float(counter.get_total_flops())
+            return out
+
+    placeholders = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        _Counting(gm).run(*(inputs[p] for p in placeholders))
+    return flops
+
+
+def cut_table(traced: Traced, example: Mapping[str, torch.Tensor]) -> tuple[list[CutRow], dict[str, str]]:
+    """Every module path of the traced model as a cut: the legal ones as rows, the others with why not.
+
+    Shapes and bytes are those of ``example`` (for token models: at its sequence length).
+    """
+    gm = traced.graphs[1]
+    model = traced.model
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    flops = _node_flops(gm, example)
+    total_flops = sum(flops.values()) or 1.0
+    sizes = {n: p.numel() for n, p in model.named_parameters(remove_duplicate=False)}
+    total_params = sum(p.numel() for p in model.parameters()) or 1
+    values: dict[str, int] = {}
+    for p in gm.graph.nodes:
+        if p.op == "placeholder":
+            for d, name in traced.dynamic.get(str(p.target), {}).items():
+                values[name] = int(example[str(p.target)].shape[d])
+    rows: list[CutRow] = []
+    refused: dict[str, str] = {}
+    for path in module_paths(model):
+        try:
+            part = _partition(gm, [path], params, traced.dynamic)
+            _check_ownership_one(part, [path], params)
+        except SplitError as e:
+            refused[path] = str(e)
+            continue
+        plan_side = _Plan(gm, [path], params).side
+        client_flops = sum(f for n, f in flops.items() if plan_side.get(n) == 0)
+        client_params = sum(sizes[a] for a in part.attrs[0] if a in sizes)
+        tensors = []
+        nbytes = 0
+        for c in part.crossings:
+            shape = tuple(values.get(d, 0) if isinstance(d, str) else d for d in c.dims)
+            tensors.append((c.name, shape, str(c.dtype).removeprefix("torch.")))
+            nbytes += math.prod(shape) * c.dtype.itemsize
+        rows.append(CutRow(path, tuple(tensors), nbytes, client_flops / total_flops, client_params / total_params))
+    return rows, refused
+
+
+def _check_ownership_one(part: _Partition, cuts: Sequence[str], params: set[str]) -> None:
+    seen: dict[str, int] = {}
+    for s, attrs in enumerate(part.attrs):
+        for a in attrs & params:
+            if a in seen and seen[a] != s:
+                raise SplitError(f"parameter {a!r} is used on both sides of the cut {list(cuts)} (tied weights)")
+            seen[a] = s
