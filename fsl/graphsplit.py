@@ -44,6 +44,7 @@ __all__ = [
     "GraphSplit",
     "SplitError",
     "Traced",
+    "as_inputs",
     "graph_split",
     "split_traced",
     "trace",
@@ -528,18 +529,7 @@ def graph_split(
                 f"{c!r} is not a module of {type(model).__name__}: a cut is the path of a submodule "
                 f"(the last one the client runs){'; near it: ' + ', '.join(near) if near else ''}"
             )
-    names = _input_names(model, example)
-    inputs = dict(example) if isinstance(example, Mapping) else {names[0]: example}
-    dyn: dict[str, dict[int, str]] = {k: {0: BATCH} for k in inputs}
-    for k, dims in (dynamic or {}).items():
-        dyn.setdefault(k, {0: BATCH}).update(dict(dims))
-    bnd: dict[str, tuple[int, int]] = {BATCH: (1, 1 << 16)}
-    bnd.update(bounds or {})
-    for k, dims in dyn.items():
-        for s in dims.values():
-            if s not in bnd:
-                raise SplitError(f"dimension {s!r} of input {k!r} has no bounds: pass bounds={{{s!r}: (min, max)}}")
-    return split_traced(trace(model, inputs, dyn, bnd), cut_list)
+    return split_traced(trace(model, example, dynamic, bounds), cut_list)
 
 
 @dataclass
@@ -552,19 +542,29 @@ class Traced:
     bounds: dict[str, tuple[int, int]]
 
 
+def as_inputs(model: nn.Module, example: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``example`` as the dict of the model's inputs by argument name."""
+    return dict(example) if isinstance(example, Mapping) else {_input_names(model, example)[0]: example}
+
+
 def trace(
     model: nn.Module,
-    inputs: dict[str, torch.Tensor],
-    dynamic: dict[str, dict[int, str]],
-    bounds: dict[str, tuple[int, int]],
+    example: torch.Tensor | Mapping[str, torch.Tensor],
+    dynamic: Mapping[str, Mapping[int, str]] | None = None,
+    bounds: Mapping[str, tuple[int, int]] | None = None,
 ) -> Traced:
-    """Trace ``model`` on ``inputs`` in training and in evaluation mode."""
-    return Traced(
-        model,
-        (_export(model, inputs, dynamic, bounds, True), _export(model, inputs, dynamic, bounds, False)),
-        dynamic,
-        bounds,
-    )
+    """Trace ``model`` on one batch ``example`` in training and in evaluation mode (see :func:`graph_split`)."""
+    inputs = as_inputs(model, example)
+    dyn: dict[str, dict[int, str]] = {k: {0: BATCH} for k in inputs}
+    for k, dims in (dynamic or {}).items():
+        dyn.setdefault(k, {0: BATCH}).update(dict(dims))
+    bnd: dict[str, tuple[int, int]] = {BATCH: (1, 1 << 16)}
+    bnd.update(bounds or {})
+    for k, dims in dyn.items():
+        for s in dims.values():
+            if s not in bnd:
+                raise SplitError(f"dimension {s!r} of input {k!r} has no bounds: pass bounds={{{s!r}: (min, max)}}")
+    return Traced(model, (_export(model, inputs, dyn, bnd, True), _export(model, inputs, dyn, bnd, False)), dyn, bnd)
 
 
 def split_traced(traced: Traced, cut_list: Sequence[str]) -> GraphSplit:
@@ -650,13 +650,16 @@ def _node_flops(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor]) -> dict[
     return flops
 
 
-def cut_table(traced: Traced, example: Mapping[str, torch.Tensor]) -> tuple[list[CutRow], dict[str, str]]:
+def cut_table(
+    traced: Traced, example: torch.Tensor | Mapping[str, torch.Tensor]
+) -> tuple[list[CutRow], dict[str, str]]:
     """Every module path of the traced model as a cut: the legal ones as rows, the others with why not.
 
     Shapes and bytes are those of ``example`` (for token models: at its sequence length).
     """
     gm = traced.graphs[1]
     model = traced.model
+    example = as_inputs(model, example)
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     flops = _node_flops(gm, example)
     total_flops = sum(flops.values()) or 1.0
