@@ -327,7 +327,9 @@ def _load_fashion_mnist(path: str | None = None) -> Dataset:
 def _load_mnist(path: str | None = None) -> Dataset:
     if not path:
         raise DatasetNotFound("dataset 'mnist' reads idx files from a folder: set data.path")
-    return _parts_dataset("mnist", _idx_folder(Path(path), f"set data.path to a folder with MNIST idx files (got {path})"))
+    return _parts_dataset(
+        "mnist", _idx_folder(Path(path), f"set data.path to a folder with MNIST idx files (got {path})")
+    )
 
 
 @register_dataset("cifar10")
@@ -376,13 +378,15 @@ def _load_imagefolder(
         if not files:
             raise DatasetNotFound(f"imagefolder: {root / cls} holds no pictures ({', '.join(IMAGE_SUFFIXES)})")
         for f in files:
-            with Image.open(f) as im:
-                im = im.convert("L" if channels == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
+            with Image.open(f) as raw:
+                im = raw.convert("L" if channels == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
                 a = np.asarray(im, dtype=np.float32) / 255.0
             images.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
             labels.append(label)
     x, y = np.stack(images), np.asarray(labels, dtype=np.int64)
-    xtr, ytr, xte, yte = (torch.from_numpy(np.ascontiguousarray(a)) for a in _stratified_split(x, y, test_fraction, seed))
+    xtr, ytr, xte, yte = (
+        torch.from_numpy(np.ascontiguousarray(a)) for a in _stratified_split(x, y, test_fraction, seed)
+    )
     return Dataset("imagefolder", xtr, ytr, xte, yte, len(classes), classes=tuple(classes))
 
 

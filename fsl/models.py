@@ -205,7 +205,10 @@ def _qualname(fn: Callable[..., Any]) -> str:
 
 register_model("cnn", input_shape=(1, 28, 28), cuts=("conv1", "conv2", "fc1"), default_norm="none")(_cnn)
 register_model(
-    "resnet", input_shape=(3, 32, 32), cuts=("stem", "layer1", "layer2", "layer3"), default_cut="layer1",
+    "resnet",
+    input_shape=(3, 32, 32),
+    cuts=("stem", "layer1", "layer2", "layer3"),
+    default_cut="layer1",
     default_norm="batch",
 )(_resnet)
 

@@ -55,7 +55,9 @@ def minilm_tokenizer(max_length: int = DEFAULT_MAX_LENGTH) -> Any:
     try:
         from tokenizers import Tokenizer
     except ImportError as e:
-        raise ImportError(f"text datasets are tokenized with the tokenizers library: pip install 'fsl[hf]' ({e})") from e
+        raise ImportError(
+            f"text datasets are tokenized with the tokenizers library: pip install 'fsl[hf]' ({e})"
+        ) from e
     from fsl.zoo_hf import minilm_dir
 
     try:

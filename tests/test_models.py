@@ -3,7 +3,6 @@ import torch
 
 from fsl.models import MODELS, build_model, cut_points, cut_shape, join_segments, split_model
 
-
 SEQUENTIAL = sorted(n for n, spec in MODELS.items() if not spec.graph)  # graph-split models: test_zoo_hf
 
 

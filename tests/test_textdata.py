@@ -79,9 +79,7 @@ def test_fortunes_is_balanced_seeded_and_tokenized():
 
 @needs_fortunes
 def test_fortunes_options_choose_topics_size_and_length():
-    ds = load_dataset(
-        "fortunes", options={"topics": ["computers", "politics"], "per_class": 100, "max_length": 32}
-    )
+    ds = load_dataset("fortunes", options={"topics": ["computers", "politics"], "per_class": 100, "max_length": 32})
     assert ds.classes == ("computers", "politics") and ds.input_shape == (32,)
     assert np.bincount(ds.y_train.numpy()).tolist() == [80, 80]
     with pytest.raises(ValueError, match="exceeds"):
