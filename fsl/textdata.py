@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,10 @@ PAD_ID = 0  # [PAD] in the MiniLM (BERT uncased) vocabulary
 _OVERSTRIKE = re.compile(r"[^\x08]\x08")
 
 
+@lru_cache(maxsize=4)
 def minilm_tokenizer(max_length: int = DEFAULT_MAX_LENGTH) -> Any:
-    """all-MiniLM-L6-v2's WordPiece tokenizer, padding and truncating to ``max_length`` tokens."""
+    """all-MiniLM-L6-v2's WordPiece tokenizer, padding and truncating to ``max_length`` tokens
+    (one per length and process: callers must not reconfigure it)."""
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
     try:
