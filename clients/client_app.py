@@ -23,7 +23,7 @@ from clients.resources import client_memory_check, node_batch_size, peak_rss_mb
 from clients.trainer import evaluate_split, evaluate_split_u, train_segment, train_segment_u
 from fsl.channel import ChannelIdentity
 from fsl.config import ExperimentConfig
-from fsl.data import Partition
+from fsl.data import Partition, as_tensor
 from fsl.experiment import client_part, config_from_json, local_partition
 from fsl.grpc_channel import GrpcChannel
 from fsl.plugins import resolve
@@ -116,15 +116,16 @@ def train(msg: Message, context: Context) -> Message:
     privacy = client_privacy(cfg, r.module, len(part.y_train), options, r.partition_id)
     options, hooks = privacy.options, privacy.hooks.merged(r.plugin_hooks())
     stats: TrainStats
+    x_train = as_tensor(part.x_train, "the client training loop")
     if cfg.mode == "fl":
-        stats = train_local(r.module, part.x_train, part.y_train, options, hooks)
+        stats = train_local(r.module, x_train, part.y_train, options, hooks)
     else:
         with r.channel() as channel:
             if cfg.model.ushaped:
                 d = r.detail
-                stats = train_segment_u(d.bottom, d.top, part.x_train, part.y_train, channel, options, hooks)
+                stats = train_segment_u(d.bottom, d.top, x_train, part.y_train, channel, options, hooks)
             else:
-                stats = train_segment(r.module, part.x_train, part.y_train, channel, options, hooks)
+                stats = train_segment(r.module, x_train, part.y_train, channel, options, hooks)
     metrics = MetricRecord(
         {
             "num-examples": stats.examples,
@@ -152,14 +153,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, part = r.cfg, r.part
     bs = cfg.train.eval_batch_size
     up = down = 0
+    x_val = as_tensor(part.x_val, "the client evaluation")
     if cfg.mode == "fl":
-        ev = evaluate_model(r.module, part.x_val, part.y_val, bs)
+        ev = evaluate_model(r.module, x_val, part.y_val, bs)
     else:
         with r.channel() as channel:
             if cfg.model.ushaped:
-                ev = evaluate_split_u(r.detail.bottom, r.detail.top, part.x_val, part.y_val, channel, bs)
+                ev = evaluate_split_u(r.detail.bottom, r.detail.top, x_val, part.y_val, channel, bs)
             else:
-                ev = evaluate_split(r.module, part.x_val, part.y_val, channel, bs)
+                ev = evaluate_split(r.module, x_val, part.y_val, channel, bs)
             up, down = channel.bytes_up, channel.bytes_down
     metrics = MetricRecord(
         {

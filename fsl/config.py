@@ -20,8 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fsl.data import DATASETS, PARTITIONS
-from fsl.models import MODELS, model_spec
+from fsl.data import PARTITIONS, check_dataset_name
+from fsl.models import model_spec
 from fsl.privacy.config import PrivacyConfig, check_privacy
 
 __all__ = [
@@ -61,8 +61,12 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "mnist5k"  # one of fsl.data.DATASETS
+    # one of fsl.data.DATASETS, or an import string "package.module:loader" naming a function that
+    # returns an fsl.data.Dataset (importable wherever a role runs: driver, simulation workers, SuperNodes)
+    name: str = "mnist5k"
     path: str = ""  # folder to read files from ("" = the dataset's default place)
+    # keyword arguments of the loader ([data.options]: fortunes' topics, max_length, ...)
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
     # "iid" | "dirichlet" (label skew, set by alpha) | "shards" (two label-sorted shards per client:
     # at most two classes each)
     partition: str = "iid"
@@ -72,7 +76,10 @@ class DataConfig:
     test_limit: int = 0  # evaluate on only this many test samples (stratified; 0 = all)
 
     def __post_init__(self) -> None:
-        _check(self.name in DATASETS, f"data.name: unknown dataset {self.name!r}; choose one of {list(DATASETS)}")
+        try:
+            check_dataset_name(self.name)
+        except ValueError as e:  # an unknown name, or an import string that does not resolve
+            raise ConfigError(f"data.name: {e}") from None
         _check(
             self.partition in PARTITIONS,
             f"data.partition must be one of {list(PARTITIONS)}, not {self.partition!r}",
@@ -84,29 +91,48 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "cnn"  # one of fsl.models.MODELS
-    cut: str = ""  # block after which the model is split ("" = the model's default cut)
+    # one of fsl.models.MODELS, or an import string "package.module:factory" naming a callable that
+    # returns an nn.Module (importable wherever a role runs: driver, simulation workers, SuperNodes)
+    name: str = "cnn"
+    # where the model is split ("" = the model's default cut): a block name of a sequential zoo model
+    # (cnn, resnet), a module path (bert.encoder.layer.2) of any other model, checked by the splitter
+    cut: str = ""
     norm: str = ""  # normalisation layers ("" = the model's default)
     ushaped: bool = False  # label-private U-shape: the client also keeps the blocks after top_cut
     top_cut: str = ""  # U-shaped only: last block on the server ("" = the deepest cut point)
     exits: bool = False  # an exit classifier after every cut point, trained jointly (fsl.exits)
     exit_weight: float = 0.5  # weight of each exit's cross entropy next to the final loss
+    # keyword arguments of the model's builder ([model.options]: sizes, dropout, ...)
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        _check(self.name in MODELS, f"model.name: unknown model {self.name!r}; choose one of {sorted(MODELS)}")
-        spec = model_spec(self.name)
+        try:
+            spec = model_spec(self.name)
+        except ValueError as e:  # an unknown zoo name, or an import string that does not resolve
+            raise ConfigError(f"model.name: {e}") from None
         if not self.cut:
             object.__setattr__(self, "cut", spec.default_cut)
         if not self.norm:
             object.__setattr__(self, "norm", spec.default_norm)
-        if not self.top_cut:
+        if not self.top_cut and spec.cuts:
             object.__setattr__(self, "top_cut", spec.cuts[-1])
+        _check(self.exit_weight >= 0, f"model.exit_weight must be >= 0, not {self.exit_weight}")
+        if spec.graph:  # module paths: the graph splitter checks them against the traced model
+            _check(
+                not self.norm or bool(spec.default_norm),
+                f"model.norm: {self.name} has no norm choice; leave it empty, not {self.norm!r}",
+            )
+            _check(not self.exits, f"model.exits: exit classifiers need a sequential zoo model, not {self.name}")
+            _check(
+                not (self.ushaped and self.cut and self.cut == self.top_cut),
+                f"model.top_cut ({self.top_cut!r}) must be deeper than model.cut ({self.cut!r}) in a U-shaped split",
+            )
+            return
         _check(self.cut in spec.cuts, f"model.cut: {self.name} can be cut at {list(spec.cuts)}, not {self.cut!r}")
         _check(
             self.top_cut in spec.cuts,
             f"model.top_cut: {self.name} can be cut at {list(spec.cuts)}, not {self.top_cut!r}",
         )
-        _check(self.exit_weight >= 0, f"model.exit_weight must be >= 0, not {self.exit_weight}")
         if self.ushaped:
             _check(
                 spec.cuts.index(self.top_cut) > spec.cuts.index(self.cut),
@@ -320,6 +346,13 @@ class ExperimentConfig:
             not (self.model.ushaped and self.mode in ("fl", "central")),
             f"model.ushaped needs a split mode; {self.mode!r} does not split the model",
         )
+        if self.mode not in ("fl", "central"):  # a model without declared cuts must be told where to split
+            hint = "a module path such as 'layer2' or 'encoder.layer.1' (`fsl cuts` lists them)"
+            _check(bool(self.model.cut), f"model.cut: {self.model.name} declares no default cut; name {hint}")
+            _check(
+                bool(self.model.top_cut) or not self.model.ushaped,
+                f"model.top_cut: a U-shaped split of {self.model.name} needs a second cut; name {hint}",
+            )
         _check(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
         _check(self.train.min_clients <= self.clients, "train.min_clients cannot exceed clients")
         check_privacy(self, ConfigError)
@@ -329,6 +362,8 @@ class ExperimentConfig:
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
+    if typing.get_origin(tp) is dict:  # [model.options]: a table of keyword arguments
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
     if typing.get_origin(tp) is tuple:  # tuple[str, ...]: a TOML array, or one comma-separated string
         return isinstance(value, (list, tuple, str)) and all(isinstance(v, str) for v in value)
     if tp is float:
@@ -361,7 +396,7 @@ def from_dict(cls: type[Any], data: dict[str, Any], prefix: str = "") -> Any:
                 ok = _type_ok(value, tp)
             if not ok:
                 raise ConfigError(f"{prefix}{k} must be {getattr(tp, '__name__', tp)}, got {value!r}")
-            kwargs[k] = float(value) if tp is float else value
+            kwargs[k] = float(value) if tp is float else dict(value) if isinstance(value, dict) else value
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -71,7 +71,9 @@ class SplitCosts:
 def split_costs(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int, batch: int = 32) -> SplitCosts:
     """Costs of ``cfg``'s model and split (the whole model on the client for ``fl``/``central``)."""
     torch.manual_seed(0)
-    model = build_model(cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed).train()
+    model = build_model(
+        cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed, options=cfg.model.options
+    ).train()
     x = torch.rand(batch, *input_shape)
     full = _train_flops(model, x, grad_out=False)
     params: Callable[[nn.Module], int] = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

@@ -27,7 +27,9 @@ def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_cla
 
     With ``model.exits`` every cut point gets an exit classifier (:mod:`fsl.exits`).
     """
-    model = build_model(cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed)
+    model = build_model(
+        cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed, options=cfg.model.options
+    )
     if cfg.model.exits:
         from fsl.exits import add_exits
 
@@ -68,7 +70,7 @@ def config_from_json(text: str) -> ExperimentConfig:
 
 def experiment_dataset(cfg: ExperimentConfig, data_path: str | None = None) -> Dataset:
     """The experiment's dataset, with ``data.train_limit`` / ``data.test_limit`` applied."""
-    ds = load_dataset(cfg.data.name, data_path or cfg.data.path or None)
+    ds = load_dataset(cfg.data.name, data_path or cfg.data.path or None, cfg.data.options)
     return subset(ds, cfg.data.train_limit, cfg.data.test_limit, cfg.seed)
 
 

@@ -10,18 +10,30 @@ server) and joining them back gives the same model.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from fsl.plugins import PluginError, resolve
+
 __all__ = [
+    "INPUT_KINDS",
     "MODELS",
     "ModelSpec",
     "Split",
+    "TASKS",
     "build_model",
+    "build_module",
+    "is_plugin",
+    "logits_of",
+    "register_model",
+    "run_model",
     "cut_points",
     "join_segments",
     "model_spec",
@@ -106,35 +118,172 @@ def _resnet(
     )
 
 
+INPUT_KINDS = ("image", "tokens")
+TASKS = ("classify", "causal-lm")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the zoo knows about a model: how to build it and where it may be cut."""
+    """What the zoo knows about a model: how to build it, what it takes, and where it may be cut.
+
+    A *sequential* model (``graph=False``) is an ``nn.Sequential`` of named blocks and ``cuts`` are its
+    legal cut points. Any other model (``graph=True``) is cut at a module path (``bert.encoder.layer.2``)
+    by the graph splitter, which decides what is legal; its ``cuts`` are suggestions, shallow to deep.
+    """
 
     name: str
-    build: Callable[..., nn.Sequential]
-    input_shape: tuple[int, int, int]  # (C, H, W) of one sample
-    cuts: tuple[str, ...]  # legal cut points, shallow to deep
+    build: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]  # one sample: (C, H, W) of an image, (T,) tokens; () = from the data
+    cuts: tuple[str, ...]  # legal (sequential) or suggested (graph) cut points, shallow to deep
     default_cut: str
-    default_norm: str
+    default_norm: str = ""  # "" = the model has no norm choice
+    input_kind: str = "image"  # "image": a float (N, C, H, W) tensor; "tokens": input_ids + attention_mask
+    task: str = "classify"  # "classify": logits (B, classes); "causal-lm": logits (B, T, vocab)
+    graph: bool = False
+    requires: str = ""  # the pyproject extra the builder imports ("" = torch alone)
 
 
-MODELS: dict[str, ModelSpec] = {
-    "cnn": ModelSpec("cnn", _cnn, (1, 28, 28), ("conv1", "conv2", "fc1"), "conv1", "none"),
-    "resnet": ModelSpec("resnet", _resnet, (3, 32, 32), ("stem", "layer1", "layer2", "layer3"), "layer1", "batch"),
-}
+# Filled by @register_model: the two hand-written sequential models here, the Hugging Face builders
+# in fsl.zoo_hf (imported at the end of this module, so every process that knows a zoo name knows them all).
+MODELS: dict[str, ModelSpec] = {}
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+def register_model(
+    name: str,
+    *,
+    input_shape: tuple[int, ...],
+    cuts: tuple[str, ...],
+    default_cut: str = "",
+    default_norm: str = "",
+    input_kind: str = "image",
+    task: str = "classify",
+    graph: bool = False,
+    requires: str = "",
+) -> Callable[[F], F]:
+    """Register the decorated builder as zoo model ``name``.
+
+    The builder is called with ``input_shape=``, ``num_classes=`` (and ``norm=``, when the model has a
+    norm choice) where its signature takes them, and with the experiment's ``[model.options]``. The
+    spec is also attached to the function as ``fsl_spec``, so a builder outside the project that is
+    named by import string (``"pkg.mod:build"``) carries its input kind and cuts with it.
+    """
+    if input_kind not in INPUT_KINDS:
+        raise ValueError(f"model {name!r}: input_kind must be one of {list(INPUT_KINDS)}, not {input_kind!r}")
+    if task not in TASKS:
+        raise ValueError(f"model {name!r}: task must be one of {list(TASKS)}, not {task!r}")
+    if not cuts and not graph:
+        raise ValueError(f"model {name!r}: a sequential model declares its cut points")
+
+    def decorate(build: F) -> F:
+        spec = ModelSpec(
+            name=name,
+            build=build,
+            input_shape=tuple(input_shape),
+            cuts=tuple(cuts),
+            default_cut=default_cut or (cuts[0] if cuts else ""),
+            default_norm=default_norm,
+            input_kind=input_kind,
+            task=task,
+            graph=graph,
+            requires=requires,
+        )
+        known = MODELS.get(name)
+        if known is not None and _qualname(known.build) != _qualname(build):
+            raise ValueError(f"model {name!r} is already registered by {_qualname(known.build)}")
+        MODELS[name] = spec
+        build.fsl_spec = spec  # type: ignore[attr-defined]
+        return build
+
+    return decorate
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+register_model("cnn", input_shape=(1, 28, 28), cuts=("conv1", "conv2", "fc1"), default_norm="none")(_cnn)
+register_model(
+    "resnet",
+    input_shape=(3, 32, 32),
+    cuts=("stem", "layer1", "layer2", "layer3"),
+    default_cut="layer1",
+    default_norm="batch",
+)(_resnet)
+
+
+def is_plugin(name: str) -> bool:
+    """Whether ``name`` is an import string (``"package.module:factory"``) rather than a zoo name."""
+    return ":" in name
 
 
 def model_spec(name: str) -> ModelSpec:
-    """Return the zoo entry for ``name`` or raise a ``ValueError`` listing the choices."""
+    """The zoo entry for ``name``, or the spec of the plug-in factory an import string names.
+
+    A plug-in factory decorated with :func:`register_model` brings its declared spec; any other
+    callable is a graph-split model whose input shape comes from the data and whose cut the
+    experiment must name. Raises ``ValueError`` (a :class:`~fsl.plugins.PluginError` for import
+    strings) listing the choices or saying what is wrong.
+    """
+    if is_plugin(name):
+        factory = resolve(name)
+        if not callable(factory):
+            raise PluginError(f"{name!r} names a {type(factory).__name__}, not a callable that returns an nn.Module")
+        declared = getattr(factory, "fsl_spec", None)
+        if isinstance(declared, ModelSpec):
+            return dataclasses.replace(declared, name=name)
+        return ModelSpec(name=name, build=factory, input_shape=(), cuts=(), default_cut="", graph=True)
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {sorted(MODELS)} or name a factory as 'package.module:function'"
+        ) from None
 
 
 def cut_points(name: str) -> tuple[str, ...]:
-    """Legal cut points of model ``name``, from shallow to deep."""
+    """Cut points of model ``name``, from shallow to deep (legal ones, or suggestions for a graph-split model)."""
     return model_spec(name).cuts
+
+
+def build_module(
+    name: str,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int = 10,
+    norm: str | None = None,
+    seed: int | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Build model ``name`` (a zoo name or a ``"package.module:factory"`` import string).
+
+    The builder gets ``input_shape`` (per sample; the spec's default when None), ``num_classes`` and
+    ``norm`` where its signature takes them, and ``options`` as keyword arguments. With ``seed`` the
+    initial weights are reproducible (the global torch RNG is not disturbed).
+    """
+    spec = model_spec(name)
+    shape = spec.input_shape if input_shape is None else tuple(input_shape)
+    given = dict(options or {})
+    offered: dict[str, Any] = {"num_classes": num_classes}
+    if shape:
+        offered["input_shape"] = shape
+    if norm and not spec.default_norm:
+        raise ValueError(f"model {name!r} has no norm choice; leave model.norm empty")
+    if spec.default_norm:
+        offered["norm"] = norm or spec.default_norm
+    clash = sorted(set(given) & {"input_shape", "num_classes", "norm"})
+    if clash:
+        raise ValueError(f"model {name!r}: {clash} come from the data and model.norm, not from [model.options]")
+    params = inspect.signature(spec.build).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if takes_any or k in params}
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = spec.build(**kwargs, **given)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {name!r}: its builder returned a {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def build_model(
@@ -143,20 +292,42 @@ def build_model(
     num_classes: int = 10,
     norm: str | None = None,
     seed: int | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> nn.Sequential:
-    """Build zoo model ``name`` for per-sample ``input_shape`` (C, H, W).
+    """Build sequential zoo model ``name`` for per-sample ``input_shape`` (C, H, W).
 
-    With ``seed`` the initial weights are reproducible (the global torch RNG is
-    not disturbed).
+    With ``seed`` the initial weights are reproducible (the global torch RNG is not disturbed). A
+    model that is split by its graph (Hugging Face models, plug-ins) is built by :func:`build_module`.
     """
     spec = model_spec(name)
+    if spec.graph:
+        raise ValueError(f"model {name!r} is split by its graph, not a Sequential of blocks: use build_module")
     shape = spec.input_shape if input_shape is None else tuple(input_shape)
     if len(shape) != 3:
         raise ValueError(f"model {name!r} takes (C, H, W) inputs, got input_shape {shape}")
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        return spec.build(input_shape=shape, num_classes=num_classes, norm=spec.default_norm if norm is None else norm)
+    model = build_module(name, shape, num_classes, norm=norm, seed=seed, options=options)
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"model {name!r} is registered as sequential but its builder returned a {type(model).__name__}")
+    return model
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, or the ``logits`` of a Hugging Face ``ModelOutput``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]  # type: ignore[no-any-return]
+    raise TypeError(f"a model's output must be a tensor or carry .logits, got {type(output).__name__}")
+
+
+def run_model(model: nn.Module, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``model``'s logits for inputs ``x``: a tensor goes in positionally, a dict of tensors
+    (``input_ids``, ``attention_mask``) as keyword arguments, the way Hugging Face models take them."""
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    return logits_of(out)
 
 
 @dataclass
@@ -237,3 +408,8 @@ def cut_shape(client: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...
         for m, mode in modes.items():  # restore each module's own mode, not one flag for all
             m.training = mode
     return tuple(h.shape[1:])
+
+
+# the Hugging Face builders register themselves; importing the module costs nothing (transformers is
+# imported inside each builder)
+from fsl import zoo_hf as _zoo_hf  # noqa: E402, F401

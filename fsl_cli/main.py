@@ -274,7 +274,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fsl.data import DatasetNotFound, load_dataset
 
     try:
-        load_dataset(cfg.data.name, cfg.data.path or None)
+        load_dataset(cfg.data.name, cfg.data.path or None, cfg.data.options)
     except DatasetNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

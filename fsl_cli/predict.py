@@ -23,6 +23,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from clients.predictor import SplitPredictor
     from fsl.channel import ChannelIdentity
     from fsl.config import load_experiment
+    from fsl.data import as_tensor
     from fsl.experiment import experiment_dataset
     from fsl.grpc_channel import GrpcChannel
     from fsl.rundir import RunDir
@@ -35,11 +36,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     ch = GrpcChannel(address=args.server, identity=ident, root_certificates=args.root_certificates)
     pred = SplitPredictor(m.client, ch, exit_threshold=args.exit_threshold)
     n = min(args.n, len(ds.y_test))
+    x_test = as_tensor(ds.x_test, "fsl predict")
     lat, correct, exited = [], 0, 0
     t0 = time.perf_counter()
     try:
         for i in range(0, n, args.batch_size):
-            xb, yb = ds.x_test[i : i + args.batch_size], ds.y_test[i : i + args.batch_size]
+            xb, yb = x_test[i : i + args.batch_size], ds.y_test[i : i + args.batch_size]
             p = pred.predict(xb, budget_ms=args.budget_ms)
             lat.append(p.latency_ms)
             correct += int((p.logits.argmax(1) == yb).sum())

@@ -36,6 +36,7 @@ from torch import nn
 
 from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, to_toml
+from fsl.data import as_tensor
 from fsl.endpoint import advertised_address, dataplane_tls
 from fsl.experiment import build_model_for, config_to_json, experiment_dataset
 from fsl.memory import peak_rss_mb
@@ -421,12 +422,12 @@ class RoundRunner:
             accs, losses = [], []
             for _, rec in sorted(self.own.items()):  # by owner: the same order in a resumed run
                 self.eval_model.load_state_dict({**rec.to_torch_state_dict(), **server_sd})
-                ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs)
+                ev = evaluate_model(self.eval_model, as_tensor(self.ds.x_test, "evaluation"), self.ds.y_test, bs)
                 accs.append(ev.accuracy)
                 losses.append(ev.loss)
             return statistics.fmean(accs), statistics.fmean(losses), accs
         self.eval_model.load_state_dict({**self.arrays.to_torch_state_dict(), **server_sd})
-        ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs)
+        ev = evaluate_model(self.eval_model, as_tensor(self.ds.x_test, "evaluation"), self.ds.y_test, bs)
         return ev.accuracy, ev.loss, []
 
     def record(

@@ -70,12 +70,12 @@ def smoke_data(n_train: int, n_test: int, seed: int = 0) -> tuple[str, dict[str,
     import numpy as np
 
     try:
-        from fsl.data import DatasetNotFound, load_dataset, subset
+        from fsl.data import DatasetNotFound, as_tensor, load_dataset, subset
 
         ds = subset(load_dataset("mnist5k"), n_train, n_test, seed)
         name = "mnist5k"
-        arrays = {"x_train": ds.x_train.numpy(), "y_train": ds.y_train.numpy()}
-        arrays |= {"x_test": ds.x_test.numpy(), "y_test": ds.y_test.numpy()}
+        arrays = {"x_train": as_tensor(ds.x_train, "the smoke test").numpy(), "y_train": ds.y_train.numpy()}
+        arrays |= {"x_test": as_tensor(ds.x_test, "the smoke test").numpy(), "y_test": ds.y_test.numpy()}
     except (ImportError, DatasetNotFound):
         name = "synthetic"
         x, y = synthetic_digits(n_train + n_test, seed)
