@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
 from torch import nn
 
 from fsl.config import ExperimentConfig, from_dict, to_dict
 from fsl.data import Dataset, Partition, client_partition, load_dataset, subset
-from fsl.models import Split, build_model, model_spec, split_model, split_model_u
+from fsl.models import Example, Split, USplit, build_model, build_module, model_spec, split_model, split_model_u
 
 __all__ = [
     "build_model_for",
@@ -19,14 +20,29 @@ __all__ = [
     "config_to_json",
     "experiment_dataset",
     "local_partition",
+    "model_example",
+    "split_for",
+    "usplit_for",
 ]
 
 
-def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The experiment's whole model, seeded (the same initial weights on every node).
 
     With ``model.exits`` every cut point gets an exit classifier (:mod:`fsl.exits`).
     """
+    spec = model_spec(cfg.model.name)
+    if spec.graph:
+        if cfg.model.exits:
+            raise ValueError(f"model.exits needs a sequential zoo model; {cfg.model.name!r} is split by its graph")
+        return build_module(
+            cfg.model.name,
+            input_shape or None,
+            num_classes,
+            norm=cfg.model.norm or None,
+            seed=cfg.seed,
+            options=cfg.model.options,
+        )
     model = build_model(
         cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed, options=cfg.model.options
     )
@@ -37,9 +53,40 @@ def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_cla
     return model
 
 
+def model_example(
+    cfg: ExperimentConfig, input_shape: tuple[int, ...]
+) -> tuple[Example, dict[str, dict[int, str]], dict[str, tuple[int, int]]]:
+    """A batch of two inputs of the experiment's kind, to trace the model with, and which input
+    dimensions vary between batches within which bounds (:func:`fsl.graphsplit.graph_split`).
+
+    Token models take ``input_ids`` and ``attention_mask`` of any length up to the data's.
+    """
+    spec = model_spec(cfg.model.name)
+    if spec.input_kind == "tokens":
+        (length,) = input_shape
+        ids = torch.zeros(2, length, dtype=torch.long)
+        seq = {1: "seq"}
+        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return example, {"input_ids": seq, "attention_mask": seq}, {"seq": (2, length)}
+    return torch.zeros(2, *input_shape), {}, {}
+
+
+def split_for(cfg: ExperimentConfig, model: nn.Module, input_shape: tuple[int, ...]) -> Split:
+    """``model`` cut at ``cfg.model.cut`` (traced on an example of the experiment's inputs when it is
+    not a Sequential's block)."""
+    example, dynamic, bounds = model_example(cfg, input_shape)
+    return split_model(model, cfg.model.cut, example, dynamic=dynamic, bounds=bounds)
+
+
+def usplit_for(cfg: ExperimentConfig, model: nn.Module, input_shape: tuple[int, ...]) -> USplit:
+    """``model`` cut at ``cfg.model.cut`` and ``cfg.model.top_cut`` for a U-shaped split."""
+    example, dynamic, bounds = model_example(cfg, input_shape)
+    return split_model_u(model, cfg.model.cut, cfg.model.top_cut, example, dynamic=dynamic, bounds=bounds)
+
+
 def build_split(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> Split:
     """The experiment's model, seeded, cut at ``cfg.model.cut``."""
-    return split_model(build_model_for(cfg, input_shape, num_classes), cfg.model.cut)
+    return split_for(cfg, build_model_for(cfg, input_shape, num_classes), input_shape)
 
 
 def client_part(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, Any]:
@@ -52,9 +99,9 @@ def client_part(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes
     if cfg.mode in ("fl", "central"):
         return model, model
     if cfg.model.ushaped:
-        u = split_model_u(model, cfg.model.cut, cfg.model.top_cut)
+        u = usplit_for(cfg, model, input_shape)
         return u.client_modules, u
-    s = split_model(model, cfg.model.cut)
+    s = split_for(cfg, model, input_shape)
     return s.client, s
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "Traced",
     "as_inputs",
     "graph_split",
+    "join_params",
     "split_traced",
     "trace",
     "module_paths",
@@ -488,6 +489,25 @@ class GraphSegment(nn.Module):
                 else:
                     mod._buffers[leaf] = t
         return self
+
+
+def join_params(*segments: nn.Module) -> nn.Module:
+    """One container holding the parameters and buffers of ``segments`` under the model's names
+    (the same tensors, for state dicts and aggregation; it has no forward)."""
+    joined = nn.Module()
+    seen: set[str] = set()
+    for seg in segments:
+        for name, p in seg.named_parameters(remove_duplicate=False):
+            if name not in seen:
+                _set(joined, name, p, param=True)
+                seen.add(name)
+        for mod_name, mod in seg.named_modules():
+            for bname, buf in mod.named_buffers(recurse=False):
+                fqn = f"{mod_name}.{bname}" if mod_name else bname
+                if buf is not None and fqn not in seen:
+                    _set(joined, fqn, buf, param=False, persistent=bname not in mod._non_persistent_buffers_set)
+                    seen.add(fqn)
+    return joined
 
 
 @dataclass

@@ -15,10 +15,13 @@ import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fsl.graphsplit import GraphSplit
 
 from fsl.plugins import PluginError, resolve
 
@@ -332,19 +335,54 @@ def run_model(model: nn.Module, x: torch.Tensor | Mapping[str, torch.Tensor]) ->
 
 @dataclass
 class Split:
-    """A model cut in two; both segments share modules with the original model."""
+    """A model cut in two; both segments share parameters with the original model.
 
-    client: nn.Sequential
-    server: nn.Sequential
+    ``graph`` is set when the model was split by its graph (:mod:`fsl.graphsplit`): the client
+    segment then returns a dict of the named values that cross the cut, and the server segment
+    takes that dict. Otherwise both are ``nn.Sequential`` and one tensor crosses.
+    """
+
+    client: nn.Module
+    server: nn.Module
     cut: str
+    graph: GraphSplit | None = None
 
 
-def split_model(model: nn.Sequential, cut: str) -> Split:
-    """Split ``model`` after block ``cut``.
+Example = torch.Tensor | Mapping[str, torch.Tensor]
 
+
+def _is_block(model: nn.Module, *cuts: str) -> bool:
+    """Whether every cut names a top-level block of a Sequential (the split that needs no trace)."""
+    names = [n for n, _ in model.named_children()]
+    return isinstance(model, nn.Sequential) and all(c in names[:-1] for c in cuts)
+
+
+def split_model(
+    model: nn.Module,
+    cut: str,
+    example: Example | None = None,
+    *,
+    dynamic: Mapping[str, Mapping[int, str]] | None = None,
+    bounds: Mapping[str, tuple[int, int]] | None = None,
+) -> Split:
+    """Split ``model`` after ``cut``.
+
+    A cut that names a top-level block of an ``nn.Sequential`` splits the container (no tracing,
+    one tensor crosses); any other module path splits the traced graph of the model run on
+    ``example`` (:func:`fsl.graphsplit.graph_split`, which also takes ``dynamic`` and ``bounds``).
     Raises ``ValueError`` when ``cut`` is not a block name, or is the last block
     (the server segment would be empty).
     """
+    if not _is_block(model, cut) and (example is not None or not isinstance(model, nn.Sequential)):
+        from fsl.graphsplit import graph_split
+
+        if example is None:
+            raise ValueError(f"splitting {type(model).__name__} at {cut!r} traces it: pass an example batch")
+        g = graph_split(model, cut, example, dynamic=dynamic, bounds=bounds)
+        for seg in g.segments:
+            seg.train(model.training)
+        return Split(client=g.segments[0], server=g.segments[1], cut=cut, graph=g)
+    assert isinstance(model, nn.Sequential)
     names = [name for name, _ in model.named_children()]
     if cut not in names:
         raise ValueError(f"unknown cut {cut!r}; this model can be cut after {names[:-1]}")
@@ -364,29 +402,56 @@ class USplit:
     """A model cut twice for a label-private U-shaped split: the client keeps ``bottom`` and
     ``top`` (with the labels and the loss), the server runs ``middle``."""
 
-    bottom: nn.Sequential
-    middle: nn.Sequential
-    top: nn.Sequential
+    bottom: nn.Module
+    middle: nn.Module
+    top: nn.Module
     cut: str
     top_cut: str
+    graph: GraphSplit | None = None
 
     @property
-    def client_modules(self) -> nn.Sequential:
+    def client_modules(self) -> nn.Module:
         """Both client segments in one container (for state dicts and aggregation)."""
+        if self.graph is not None:
+            from fsl.graphsplit import join_params
+
+            return join_params(self.bottom, self.top)
+        assert isinstance(self.bottom, nn.Sequential) and isinstance(self.top, nn.Sequential)
         return join_segments(self.bottom, self.top)
 
 
-def split_model_u(model: nn.Sequential, cut: str, top_cut: str) -> USplit:
+def split_model_u(
+    model: nn.Module,
+    cut: str,
+    top_cut: str,
+    example: Example | None = None,
+    *,
+    dynamic: Mapping[str, Mapping[int, str]] | None = None,
+    bounds: Mapping[str, tuple[int, int]] | None = None,
+) -> USplit:
     """Cut ``model`` after ``cut`` and after ``top_cut``: bottom | middle | top.
 
-    ``top_cut`` must be a deeper block than ``cut`` and not the last block.
+    ``top_cut`` must be a deeper block than ``cut`` and not the last block. Module paths other than
+    a Sequential's blocks split the traced graph, as in :func:`split_model`.
     """
+    if not _is_block(model, cut, top_cut) and (example is not None or not isinstance(model, nn.Sequential)):
+        from fsl.graphsplit import graph_split
+
+        if example is None:
+            raise ValueError(f"splitting {type(model).__name__} at {cut!r} traces it: pass an example batch")
+        g = graph_split(model, [cut, top_cut], example, dynamic=dynamic, bounds=bounds)
+        bottom, middle, top = g.segments
+        for seg in g.segments:
+            seg.train(model.training)
+        return USplit(bottom=bottom, middle=middle, top=top, cut=cut, top_cut=top_cut, graph=g)
+    assert isinstance(model, nn.Sequential)
     names = [name for name, _ in model.named_children()]
     first = split_model(model, cut)
     if top_cut not in names:
         raise ValueError(f"unknown top cut {top_cut!r}; this model can be cut after {names[:-1]}")
     if names.index(top_cut) <= names.index(cut):
         raise ValueError(f"the top cut {top_cut!r} must come after the first cut {cut!r}")
+    assert isinstance(first.server, nn.Sequential)
     second = split_model(first.server, top_cut)
     return USplit(bottom=first.client, middle=second.client, top=second.server, cut=cut, top_cut=top_cut)
 

@@ -1,9 +1,10 @@
 """What a model is trained to do: the loss and the accuracy of each task, in one place.
 
 ``classify``: logits ``(B, C)``, labels ``(B,)`` class indices; accuracy over samples.
-``causal-lm``: logits ``(B, T, V)``, labels ``(B, T)`` token ids with ``-100`` where there is no
-target (padding); position ``t`` predicts token ``t + 1`` (the labels are the inputs, shifted here,
-as Hugging Face does); accuracy over predicted tokens.
+``causal-lm``: logits ``(B, T, V)``, labels ``(B, T)``: the token each position must predict (the
+next input token), ``-100`` where there is none (padding, the last position). The labels come
+shifted from the data (:func:`fsl.textdata.next_token_labels`), so every role scores position ``t``
+against ``labels[:, t]`` without knowing the inputs; accuracy over predicted tokens.
 
 Every role (a client's whole model, the split server, a U-shaped client's top segment, central
 evaluation) computes its loss through :func:`loss` and counts through :func:`correct`, so a task
@@ -12,35 +13,21 @@ means the same everywhere.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-__all__ = ["IGNORE", "TASKS", "correct", "logits_of", "loss", "targets"]
+__all__ = ["IGNORE", "TASKS", "correct", "loss", "targets"]
 
 TASKS = ("classify", "causal-lm")
 IGNORE = -100  # a label position without a target (Hugging Face's convention)
 
 
-def logits_of(out: Any) -> torch.Tensor:
-    """The prediction in a model's output: the tensor itself, or a Hugging Face output's ``logits``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    got = getattr(out, "logits", None)
-    if isinstance(got, torch.Tensor):
-        return got
-    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}")
-
-
-def _shifted(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _flat(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.dim() != 3 or y.shape != logits.shape[:2]:
         raise ValueError(
             f"causal-lm needs logits (B, T, V) and labels (B, T); got {list(logits.shape)}, {list(y.shape)}"
         )
-    return logits[:, :-1].flatten(0, 1), y[:, 1:].flatten()
+    return logits.flatten(0, 1), y.flatten()
 
 
 def loss(task: str, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -48,7 +35,7 @@ def loss(task: str, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mea
     if task == "classify":
         return nn.functional.cross_entropy(logits, y, reduction=reduction)
     if task == "causal-lm":
-        lg, tg = _shifted(logits, y)
+        lg, tg = _flat(logits, y)
         return nn.functional.cross_entropy(lg, tg, ignore_index=IGNORE, reduction=reduction)
     raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
 
@@ -56,7 +43,7 @@ def loss(task: str, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mea
 def targets(task: str, y: torch.Tensor) -> int:
     """How many predictions the labels ``y`` score (samples, or target tokens)."""
     if task == "causal-lm":
-        return int((y[:, 1:] != IGNORE).sum())
+        return int((y != IGNORE).sum())
     return int(y.shape[0])
 
 
@@ -64,7 +51,7 @@ def targets(task: str, y: torch.Tensor) -> int:
 def correct(task: str, logits: torch.Tensor, y: torch.Tensor) -> int:
     """How many of :func:`targets` the logits get right."""
     if task == "causal-lm":
-        lg, tg = _shifted(logits, y)
+        lg, tg = _flat(logits, y)
         keep = tg != IGNORE
         return int((lg.argmax(-1)[keep] == tg[keep]).sum())
     return int((logits.argmax(-1) == y).sum())

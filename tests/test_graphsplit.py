@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from fsl import tasks
 from fsl.graphsplit import GraphSplit, SplitError, graph_split
 from fsl.models import build_model
 
@@ -17,7 +18,7 @@ CE = nn.functional.cross_entropy
 
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return CE(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    return tasks.loss("causal-lm", logits, labels)
 
 
 def _logits(out: object) -> torch.Tensor:
@@ -220,7 +221,7 @@ def test_regnet_from_transformers() -> None:
 def test_gpt2_u_shaped_keeps_tied_embeddings_on_the_client() -> None:
     model = _gpt2(tie=True)
     x = _tokens(2, 12, 120)
-    labels = x["input_ids"].clone()
+    labels = torch.cat([x["input_ids"][:, 1:], torch.full((2, 1), tasks.IGNORE)], 1)
     sp = _check_step(
         model, ["transformer.h.0", "transformer.h.1"], x, labels, _lm_loss, dynamic=TOKENS, bounds={"seq": (2, 64)}
     )
@@ -233,7 +234,7 @@ def test_gpt2_two_way_split_needs_untied_embeddings() -> None:
     x = _tokens(2, 12, 120)
     with pytest.raises(SplitError, match="tie_word_embeddings"):
         graph_split(_gpt2(tie=True), "transformer.h.1", x, dynamic=TOKENS, bounds={"seq": (2, 64)})
-    labels = x["input_ids"].clone()
+    labels = torch.cat([x["input_ids"][:, 1:], torch.full((2, 1), tasks.IGNORE)], 1)
     _check_step(_gpt2(tie=False), ["transformer.h.1"], x, labels, _lm_loss, dynamic=TOKENS, bounds={"seq": (2, 64)})
 
 
