@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fsl.channel import SplitChannel
+from fsl.cutvalues import select_rows
 from fsl.exits import exit_logits
 
 __all__ = ["Prediction", "SplitPredictor"]
@@ -57,7 +58,7 @@ class SplitPredictor:
     def predict(self, x: torch.Tensor, budget_ms: float = 0.0) -> Prediction:
         """Predict a batch ``x`` (B, C, H, W) within ``budget_ms`` end to end (0: no target)."""
         t0 = time.perf_counter()
-        h = self.segment(x)  # (B, ...) smashed activations at the cut
+        h = self.segment(x)  # (B, ...) smashed activations at the cut, or the cut's named tensors
         logits = torch.empty(0)
         exited = torch.zeros(x.shape[0], dtype=torch.bool)
         if self.exit_threshold is not None:
@@ -73,7 +74,8 @@ class SplitPredictor:
         if len(rest) == 0:
             return Prediction(logits=logits, exited=exited, device_ms=device_ms, wire_ms=0.0)
         budget = max(1e-3, budget_ms - device_ms) if budget_ms > 0 else 0.0
-        remote = self.channel.infer(h[rest] if self.exit_threshold is not None else h, budget_ms=budget)
+        remote = self.channel.infer(select_rows(h, rest) if self.exit_threshold is not None else h, budget_ms=budget)
+        assert isinstance(remote, torch.Tensor), "the server segment returns logits"
         wire_ms = (time.perf_counter() - t1) * 1000.0
         if self.exit_threshold is None:
             logits = remote

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fsl.channel import SplitChannel, StepResult
+from fsl.cutvalues import Activations, as_dict, detached, map_floats
 from fsl.exits import exit_loss
 from fsl.training import (
     BatchResult,
@@ -114,13 +115,13 @@ def split_step(segment: nn.Module, channel: SplitChannel, options: TrainOptions,
     want_confidence = hooks.cartography is not None  # the server computes confidences only when asked
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> BatchResult:
-        h = segment(xb)  # (B, ...) smashed activations at the cut
-        sent = h.detach() if release is None else release(h.detach())
+        h = segment(xb)  # (B, ...) smashed activations at the cut, or the cut's named tensors
+        sent = _released(h, release)
         t0 = time.perf_counter()
         if len(yb):
             res = channel.train_step(sent, yb, want_confidence=want_confidence)
         else:  # an empty Poisson batch: nothing travels, DP-SGD still takes its noise-only step
-            res = StepResult(torch.zeros_like(h), 0.0, 0)
+            res = StepResult(map_floats(h, torch.zeros_like), 0.0, 0)
         wire_s = time.perf_counter() - t0
         _backward(h, res.grad, penalty, xb, exit_loss(segment, yb, options.exit_weight))
         return BatchResult(res.loss, res.correct, res.confidence, wire_s)
@@ -156,8 +157,13 @@ def ushaped_step(
             return BatchResult(0.0, 0)
         h1 = bottom(xb)  # (B, ...) at the first cut
         t0 = time.perf_counter()
-        h2, fwd_step = channel.forward(h1.detach() if release is None else release(h1.detach()))
+        sent = _released(h1, release)
+        h2, fwd_step = channel.forward(sent)
         wire_s = time.perf_counter() - t0
+        if not isinstance(h2, torch.Tensor):  # named tensors at the second cut: the floats take gradients
+            return _named_u_step(
+                top, channel, h1, sent, h2, fwd_step, xb, yb, options, penalty, want_confidence, wire_s
+            )
         h2 = h2.detach().requires_grad_(True)  # (B, ...) at the second cut
         mid[:] = [tuple(h2.shape[1:])]
         logits = top(h2)  # (B, num_classes)
@@ -168,7 +174,7 @@ def ushaped_step(
         plus(loss, exit_loss(top, yb, options.exit_weight)).backward()
         assert h2.grad is not None
         t1 = time.perf_counter()
-        g1 = channel.backward(h2.grad, fwd_step)  # dL/dh1 from the server
+        g1 = channel.backward(h2.grad, fwd_step, sent)  # dL/dh1 from the server
         wire_s += time.perf_counter() - t1
         _backward(h1, g1, penalty, xb, exit_loss(bottom, yb, options.exit_weight))
         res = head_result(logits, loss, yb, want_confidence)
@@ -178,23 +184,73 @@ def ushaped_step(
     return step
 
 
+def _released(h: Activations, release: Callable[[torch.Tensor], torch.Tensor] | None) -> Activations:
+    """What leaves the client: ``h`` detached, each float tensor through ``release`` (activation noise)."""
+    sent = detached(h)
+    return sent if release is None else map_floats(sent, release)
+
+
+def _named_u_step(
+    top: nn.Module,
+    channel: SplitChannel,
+    h1: Activations,
+    sent: Activations,
+    h2: dict[str, torch.Tensor],
+    fwd_step: int,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    options: TrainOptions,
+    penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    want_confidence: bool,
+    wire_s: float,
+) -> BatchResult:
+    """The rest of a U-shaped step whose middle returns named tensors: the top on their dict, the
+    loss, their float tensors' gradients up, the first cut's gradients down."""
+    mid = {n: t.detach().requires_grad_(True) if t.is_floating_point() else t for n, t in h2.items()}
+    logits = top(mid)
+    loss = nn.functional.cross_entropy(logits, yb)
+    plus(loss, exit_loss(top, yb, options.exit_weight)).backward()
+    g2 = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in mid.items() if t.is_floating_point()}
+    t1 = time.perf_counter()
+    g1 = channel.backward(g2, fwd_step, sent)
+    wire_s += time.perf_counter() - t1
+    _backward(h1, g1, penalty, xb)
+    res = head_result(logits, loss, yb, want_confidence)
+    res.wire_s = wire_s
+    return res
+
+
 def _backward(
-    h: torch.Tensor,
-    grad: torch.Tensor,
+    h: Activations,
+    grad: Activations,
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     xb: torch.Tensor,
     local_loss: torch.Tensor | None = None,
 ) -> None:
-    """``h.backward(grad)``, plus the gradients of client-side losses: a ``penalty(x, h)`` (NoPeek)
+    """Backprop the server's gradients into every tensor at the cut that has one, plus the gradients
+    of client-side losses: a ``penalty(x, h)`` (NoPeek, on the float tensors flattened side by side)
     and ``local_loss`` (the exits of a multi-exit client segment).
 
-    The server's gradient enters through the scalar ``sum(h * grad)``, whose gradient at ``h`` is
-    exactly ``grad`` (``1 * grad``, no rounding): a ``backward`` given a gradient tensor makes torch
+    The server's gradients enter through the scalar ``sum_n sum(h_n * grad_n)``, whose gradient at
+    each ``h_n`` is exactly ``grad_n`` (``1 * grad``, no rounding) — the same as
+    ``torch.autograd.backward(tensors, grads)``: a ``backward`` given gradient tensors makes torch
     import ``torch.fx``'s symbolic shapes and sympy, about 70 MB of resident memory on a client."""
-    total = (h * grad.to(h.dtype)).sum()  # d total / dh = grad
+    if isinstance(h, torch.Tensor) and isinstance(grad, torch.Tensor):
+        total = (h * grad.to(h.dtype)).sum()  # d total / dh = grad
+        flat = h
+    else:
+        hd, gd = as_dict(h), as_dict(grad)
+        terms = [(hd[n] * g.to(hd[n].dtype)).sum() for n, g in gd.items() if hd[n].requires_grad]
+        floats = [t.flatten(1) for t in hd.values() if t.is_floating_point()]
+        flat = torch.cat(floats, 1) if floats else next(iter(hd.values()))
+        if not terms:  # nothing at the cut depends on the client's parameters
+            terms = [flat.sum() * 0] if flat.requires_grad else []
+        if not terms and local_loss is None:
+            return
+        total = torch.stack(terms).sum() if terms else torch.zeros(())
     extra = local_loss
-    if penalty is not None and h.shape[0] >= 2:  # a distance correlation needs two samples
-        extra = plus(penalty(xb, h), extra)
+    if penalty is not None and flat.shape[0] >= 2:  # a distance correlation needs two samples
+        extra = plus(penalty(xb, flat), extra)
     plus(total, extra).backward()
 
 
@@ -216,7 +272,9 @@ def evaluate_split(
 
     def logits_of(xb: torch.Tensor) -> torch.Tensor:
         h = segment(xb)
-        return channel.infer(h if release is None else release(h))
+        out = channel.infer(h if release is None else map_floats(h, release))
+        assert isinstance(out, torch.Tensor), "the server segment returns logits"
+        return out
 
     return evaluate_logits(logits_of, x, y, batch_size)
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fsl.cutvalues import Activations, batch_size
 from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed
@@ -27,7 +28,9 @@ __all__ = ["ChannelIdentity", "DataPlaneServer", "InMemoryChannel", "InferInfo",
 class StepResult:
     """What the server sends back for one training batch."""
 
-    grad: torch.Tensor  # (B, ...) dL/dh at the cut, same shape as the activations
+    # (B, ...) dL/dh at the cut, same shape as the activations; for a cut of named tensors a dict
+    # with the gradients of those that take one (none for integer or bool tensors)
+    grad: Activations
     loss: float  # mean loss over the batch
     correct: int
     confidence: torch.Tensor | None = None  # (B,) p(true label) under the server's classifier, if sent
@@ -88,73 +91,118 @@ class SplitChannel:
         self.identity = identity
         self._step = 0
 
-    def train_step(self, h: torch.Tensor, y: torch.Tensor, *, want_confidence: bool = False) -> StepResult:
-        """Send activations ``h`` (B, ...) and labels ``y`` (B,); return the gradient at the cut.
+    def _put_cut(self, req: Framed, h: Activations) -> None:
+        """``h`` into ``req``: one tensor as ``activations``, a dict as named ``tensors`` (floats in
+        the channel's wire dtype, integer and bool tensors exact)."""
+        if isinstance(h, torch.Tensor):
+            req.set("activations", h, self.wire_dtype)
+        else:
+            req.add_all("tensors", h, self.wire_dtype)
+
+    @staticmethod
+    def _grads_back(rep: Framed, sent: Activations, single: str = "grad", named: str = "grads") -> Activations:
+        """The gradients a reply carries for the tensors ``sent``, in their kind and dtypes, shapes checked."""
+        if isinstance(sent, torch.Tensor):
+            grad = rep.tensor(single)
+            if grad.shape != sent.shape:
+                raise codec.WireError(
+                    f"server returned a gradient of shape {tuple(grad.shape)} for {tuple(sent.shape)}"
+                )
+            return grad.to(sent.dtype)
+        got = rep.named(named)
+        for n, g in got.items():
+            t = sent.get(n)
+            if t is None or not t.is_floating_point():
+                raise codec.WireError(f"server returned a gradient for {n!r}, which has none to take")
+            if g.shape != t.shape:
+                raise codec.WireError(
+                    f"server returned a gradient of shape {tuple(g.shape)} for {n!r} {tuple(t.shape)}"
+                )
+            got[n] = g.to(t.dtype)
+        return got
+
+    def train_step(self, h: Activations, y: torch.Tensor, *, want_confidence: bool = False) -> StepResult:
+        """Send activations ``h`` (B, ...) and labels ``y`` (B,) (or (B, T) token targets); return the
+        gradient at the cut. ``h`` may be a dict of named tensors (a graph cut): the gradients come back
+        as a dict, for the float tensors that take one.
 
         ``want_confidence`` asks the server for each sample's p(true label) (data cartography)."""
         # the tensors travel framed beside the message (fsl/wire/frame.py), sent from their own
         # memory and received as views of the reply's bytes: no protobuf copies of the activations
         req = Framed(pb.TrainRequest(header=self._header(), want_confidence=want_confidence))
-        req.set("activations", h, self.wire_dtype)
+        self._put_cut(req, h)
         codec.encode_into(req.msg.labels, y, torch.int64)  # (B,) small: inline
         rep = self._call_train(req)
         self.bytes_up += req.nbytes()
         self.bytes_down += rep.nbytes()
         self.requests += 1
-        grad = rep.tensor("grad")
-        if grad.shape != h.shape:
-            raise codec.WireError(f"server returned a gradient of shape {tuple(grad.shape)} for {tuple(h.shape)}")
+        grad = self._grads_back(rep, h)
         conf = None
+        b = batch_size(h)
         if rep.msg.HasField("confidence"):
             conf = rep.tensor("confidence")
-            if conf.shape != (h.shape[0],):
-                raise codec.WireError(
-                    f"server returned confidences of shape {tuple(conf.shape)} for a batch of {h.shape[0]}"
-                )
-        return StepResult(grad=grad.to(h.dtype), loss=rep.msg.loss, correct=int(rep.msg.correct), confidence=conf)
+            if conf.shape != (b,):
+                raise codec.WireError(f"server returned confidences of shape {tuple(conf.shape)} for a batch of {b}")
+        return StepResult(grad=grad, loss=rep.msg.loss, correct=int(rep.msg.correct), confidence=conf)
 
-    def infer(self, h: torch.Tensor, budget_ms: float = 0.0) -> torch.Tensor:
-        """Send activations ``h`` (B, ...); return the logits (B, num_classes).
+    def infer(self, h: Activations, budget_ms: float = 0.0) -> Activations:
+        """Send activations ``h`` (B, ...) or a dict of named tensors; return the logits (B, num_classes)
+        (a U-shaped middle that returns named tensors: those, as a dict).
 
         ``budget_ms`` is the latency the request may still spend (0: none): a batching server
         holds it for company only while that budget allows. What the server reports about the
         call (its queueing and compute time, the batch it ran in) is kept in :attr:`last_infer`.
         """
         req = Framed(pb.InferRequest(header=self._header(), budget_ms=budget_ms))  # framed as train_step's
-        req.set("activations", h, self.wire_dtype)
+        self._put_cut(req, h)
         rep = self._call_infer(req)
         self.bytes_up += req.nbytes()
         self.bytes_down += rep.nbytes()
         self.requests += 1
         msg = rep.msg
         self.last_infer = InferInfo(queue_ms=msg.queue_ms, compute_ms=msg.compute_ms, batch=int(msg.batch))
-        logits = rep.tensor("logits").float()
-        if logits.shape[0] != h.shape[0]:
-            raise codec.WireError(f"server returned {logits.shape[0]} rows of logits for a batch of {h.shape[0]}")
-        return logits
+        b = batch_size(h)
+        out: Activations = rep.named("outputs") if len(msg.outputs) else rep.tensor("logits").float()
+        if batch_size(out) != b:
+            raise codec.WireError(f"server returned {batch_size(out)} rows of logits for a batch of {b}")
+        return out
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """U-shaped step 1: bottom activations ``h`` up, the middle's output down (no labels).
-
-        Returns the middle output and the step id that :meth:`backward` must quote."""
+    def forward(self, h: Activations) -> tuple[Activations, int]:
+        """U-shaped step 1: bottom activations ``h`` (or named tensors) up, the middle's output down
+        (no labels). Returns the middle output (a dict when the server sends named tensors) and the
+        step id that :meth:`backward` must quote."""
         hdr = self._header()
-        req = pb.ForwardRequest(header=hdr, activations=codec.encode(h, self.wire_dtype))
+        req = pb.ForwardRequest(header=hdr)
+        if isinstance(h, torch.Tensor):
+            codec.encode_into(req.activations, h, self.wire_dtype)
+        else:
+            codec.encode_named(req.tensors, h, self.wire_dtype)
         rep = self._call_forward(req)
         self.bytes_up += codec.message_size(req)
         self.bytes_down += codec.message_size(rep)
         self.requests += 1
-        return codec.decode(rep.activations, name="activations").to(h.dtype), hdr.step
+        if len(rep.tensors):
+            return codec.decode_named(rep.tensors), hdr.step
+        dtype = h.dtype if isinstance(h, torch.Tensor) else torch.float32
+        return codec.decode(rep.activations, name="activations").to(dtype), hdr.step
 
-    def backward(self, grad: torch.Tensor, forward_step: int) -> torch.Tensor:
-        """U-shaped step 2: dL/d(middle output) up, dL/d(bottom output) down."""
-        req = pb.BackwardRequest(
-            header=self._header(), grad=codec.encode(grad, self.wire_dtype), forward_step=forward_step
-        )
+    def backward(self, grad: Activations, forward_step: int, sent: Activations | None = None) -> Activations:
+        """U-shaped step 2: dL/d(middle output) up (a dict for named outputs), dL/d(bottom output)
+        down, in the kind of ``sent`` (what :meth:`forward` sent; a dict when the server answers by name)."""
+        req = pb.BackwardRequest(header=self._header(), forward_step=forward_step)
+        if isinstance(grad, torch.Tensor):
+            codec.encode_into(req.grad, grad, self.wire_dtype)
+        else:
+            codec.encode_named(req.grads, grad, self.wire_dtype)
         rep = self._call_backward(req)
         self.bytes_up += codec.message_size(req)
         self.bytes_down += codec.message_size(rep)
         self.requests += 1
-        return codec.decode(rep.grad, name="grad").to(grad.dtype)
+        if sent is not None:
+            return self._grads_back(Framed(rep), sent)
+        if len(rep.grads):
+            return codec.decode_named(rep.grads, what="grads")
+        return codec.decode(rep.grad, name="grad").to(grad.dtype if isinstance(grad, torch.Tensor) else torch.float32)
 
     def info(self) -> pb.InfoReply:
         """What the server segment expects (shape, dtypes, limits, device)."""

@@ -26,6 +26,8 @@ For a batch of requests ``i = 1..K`` with ``B_i`` samples each, all from the sam
   the server counts one optimizer step per batch (``server_step``), SGD momentum is applied
   once per batch rather than once per request (the momentum buffer sees the summed gradient),
   and weight decay is applied once per batch (``lr * wd * w`` instead of K times).
+* Only requests whose cut values have the same per-sample shapes share a batch (a cut of named
+  tensors with a symbolic sequence length: one batch per length); the others wait for the next.
 * Exactness needs samples that do not interact inside the server segment. BatchNorm in
   training mode mixes the statistics of all clients in the batch, so a segment with BatchNorm
   is refused (use ``norm = "group"``, per-sample GroupNorm, or serve it unbatched). Dropout
@@ -263,13 +265,20 @@ class RequestBatcher:
             self.timeline.hold(lane.cond, deadline, now)
         batch: list[_Entry] = []
         samples = 0
+        key = lane.entries[0].job.shape_key
         for entry in lane.entries:
+            if entry.job.shape_key != key:  # other per-sample shapes (another sequence length): a later batch
+                continue
             n = entry.job.samples
             if len(batch) == self.max_requests or (batch and samples + n > self.max_samples):
                 break
             batch.append(entry)
             samples += n
-        del lane.entries[: len(batch)]
+        if len(batch) == len(lane.entries):
+            lane.entries.clear()
+        else:
+            taken = set(map(id, batch))
+            lane.entries[:] = [e for e in lane.entries if id(e) not in taken]
         return batch
 
     def _lead(self, lane: _Lane) -> None:

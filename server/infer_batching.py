@@ -159,14 +159,20 @@ class InferBatcher:
     def _collect(self) -> list[_Entry]:
         """Take a batch off the queue (lock held): wait for more while every deadline allows it.
 
-        A batch runs on one segment copy: a request for another copy waits for the next batch.
+        A batch runs on one segment copy, with one per-sample shape: a request for another copy
+        (another sequence length) waits for the next batch.
         """
         batch: list[_Entry] = []
         n = 0
         while True:
             q = self._queue
             while (
-                q and n + q[0].job.rows <= self.max_samples and (not batch or q[0].job.replica is batch[0].job.replica)
+                q
+                and n + q[0].job.rows <= self.max_samples
+                and (
+                    not batch
+                    or (q[0].job.replica is batch[0].job.replica and q[0].job.shape_key == batch[0].job.shape_key)
+                )
             ):
                 entry = q.popleft()
                 batch.append(entry)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from fsl.cutvalues import Activations, batch_size, sample_key
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed, as_sent
 from server.replicas import Replica
@@ -45,6 +46,12 @@ class Job:
     def samples(self) -> int:
         return 0
 
+    @property
+    def shape_key(self) -> object:
+        """What jobs must share to run in one batch (the per-sample shapes of a multi-tensor cut)."""
+        h = getattr(self, "h", None)
+        return None if h is None else sample_key(h)
+
     def answered_like(self, other: Job) -> None:
         """Take ``other``'s outcome: this request is a retry of the same step, which ``other`` ran."""
         self.reply, self.error, self.retry = other.reply, other.error, True
@@ -62,9 +69,12 @@ class Job:
 class TrainJob(Job):
     """An admitted ``Train`` request: activations and labels, checked."""
 
-    h: torch.Tensor  # (B, ...) validated activations (a read-only view of the request)
-    y: torch.Tensor  # (B,) validated labels
+    h: Activations  # (B, ...) validated activations, or the cut's named tensors (read-only views of the request)
+    y: torch.Tensor  # (B,) validated labels, or (B, T) token targets (causal-lm)
     wire_format: str = "float32"  # the activations' format: the gradient goes back in the same one
+    # the named tensors' formats, when the request sent its cut as named tensors (the gradients go
+    # back by name, each in its tensor's format); None: the one `activations` field
+    formats: dict[str, str] | None = None
     want_confidence: bool = False  # the client asked for p(true label) per sample (data cartography)
     # (num_classes,) log of the client's label prior, added to the logits in the loss (logit
     # adjustment, server.state.SplitServerState.logit_adjust); None: plain cross entropy
@@ -72,35 +82,44 @@ class TrainJob(Job):
 
     @property
     def samples(self) -> int:
-        return int(self.h.shape[0])
+        return batch_size(self.h)
+
+    @property
+    def shape_key(self) -> object:
+        k = sample_key(self.h)
+        return k if self.y.ndim == 1 else (k, tuple(self.y.shape[1:]))  # token targets of one length
 
 
 @dataclass(eq=False, kw_only=True)
 class InferJob(Job):
     """An admitted ``Infer`` request."""
 
-    h: torch.Tensor  # (B, ...) validated activations
+    h: Activations  # (B, ...) validated activations, or the cut's named tensors
     budget_ms: float = 0.0  # latency the client may still spend (0: none)
+    named: bool = False  # the request sent named tensors
 
     @property
     def rows(self) -> int:
-        return int(self.h.shape[0])
+        return batch_size(self.h)
 
 
 @dataclass(eq=False, kw_only=True)
 class ForwardJob(Job):
     """An admitted U-shaped ``Forward`` request (activations at the first cut, no labels)."""
 
-    h: torch.Tensor  # (B, ...) validated activations at the first cut
+    h: Activations  # (B, ...) validated activations at the first cut, or its named tensors
+    formats: dict[str, str] | None = None  # per named tensor, as TrainJob's
 
     @property
     def samples(self) -> int:
-        return int(self.h.shape[0])
+        return batch_size(self.h)
 
 
 @dataclass(eq=False, kw_only=True)
 class BackwardJob(Job):
     """An admitted U-shaped ``Backward`` request: the gradient at the second cut, for a kept forward."""
 
-    grad: torch.Tensor | None = None  # (B, ...) validated, set once the kept forward is found
+    grad: Activations | None = (
+        None  # (B, ...) validated (by name for named outputs), set once the kept forward is found
+    )
     pending: Any = None  # the server.ushaped.Pending forward it belongs to

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fsl.auth import RoundAuthority
+from fsl.cutvalues import SINGLE, Activations, Signature, TensorSpec, batch_size, like
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES
 from fsl.training import label_log_prior
 from fsl.wire import codec
@@ -37,9 +38,9 @@ from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed, as_framed, as_sent, wire_size
 from server.jobs import BackwardJob, ForwardJob, InferJob, Job, TrainJob
 from server.replicas import Replica, ReplicaSet
-from server.step import Staging, infer_step, train_step
+from server.step import LossFn, Staging, infer_step, train_step
 from server.ushaped import Pending, backward_step, forward_step
-from server.validation import ACTIVATION_DTYPES, InvalidRequest, check_labels, check_tensor
+from server.validation import ACTIVATION_DTYPES, InvalidRequest, check_labels, check_named, check_tensor
 
 __all__ = ["ClientStats", "SplitServerState", "resolve_device"]
 
@@ -97,15 +98,29 @@ class SplitServerState:
     logit_adjust: bool = False
     # called with (header, activations, labels) of every accepted training request: what an
     # honest-but-curious server sees (the observation recorder of the attack suite hooks in here);
-    # in U-shaped splits labels is None
-    observer: Callable[[pb.Header, torch.Tensor, torch.Tensor | None], None] | None = None
+    # in U-shaped splits labels is None. A cut of several tensors passes its dict of named tensors.
+    observer: Callable[[pb.Header, Activations, torch.Tensor | None], None] | None = None
     # called after each accepted training step with (header, activations, labels, dL/dh sent back):
-    # the whole exchange, for the gradient-inversion attack (server/recorder.py sets one or the other)
-    exchange_observer: Callable[[pb.Header, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    # the whole exchange, for the gradient-inversion attack (server/recorder.py sets one or the other);
+    # a cut of several tensors passes dicts (the gradients of the tensors that take one)
+    exchange_observer: Callable[[pb.Header, Activations, torch.Tensor, Activations], None] | None = None
+    # what crosses the cut (None: one float tensor of ``sample_shape``, Signature.single); a cut of
+    # several named tensors is validated against it and the segment is called with their dict
+    signature: Signature | None = None
+    # what the labels are: "classification" ((B,) class indices) or "causal-lm" ((B, T) token
+    # targets in [0, num_classes) or -100); the loss is ``loss_fn`` (None: cross entropy)
+    task: str = "classification"
+    loss_fn: LossFn | None = None
     # the open round's traffic per client (released by end_round; the run's totals stay in traffic_total)
     stats: dict[str, ClientStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.task not in ("classification", "causal-lm"):
+            raise ValueError(f"task must be 'classification' or 'causal-lm', not {self.task!r}")
+        if self.signature is None:
+            self.signature = Signature.single(self.sample_shape)
+        elif self.signature.positional:
+            self.sample_shape = tuple(int(d) for d in self.signature.tensors[0].dims)
         self.torch_device = resolve_device(self.device)
         self.segment.to(self.torch_device)
         self.global_replica = Replica(self.segment, self.lr, self.momentum, self.weight_decay)
@@ -118,9 +133,14 @@ class SplitServerState:
         self._totals = ClientStats()  # every client's traffic over the run, summed
         with torch.no_grad():
             was = self.segment.training
-            probe = self.segment.eval()(torch.zeros(1, *self.sample_shape, device=self.torch_device))
+            probe = self.segment.eval()(self.signature.example(1, self.torch_device))
             self.segment.train(was)
-        self.out_shape = tuple(probe.shape[1:])  # per-sample shape of the segment's output
+        # per-sample shape of the segment's output (a U-shaped middle returning named tensors: by name)
+        self.out_shape: Any = (
+            tuple(probe.shape[1:])
+            if isinstance(probe, torch.Tensor)
+            else {n: tuple(t.shape[1:]) for n, t in probe.items()}
+        )
 
     @property
     def steps(self) -> int:
@@ -178,6 +198,33 @@ class SplitServerState:
     def _activations(self, t: pb.Tensor, data: Any = None) -> torch.Tensor:
         return check_tensor(t, "activations", self.sample_shape, max_batch=self.max_batch, cut=self.cut, data=data)
 
+    @property
+    def sig(self) -> Signature:
+        assert self.signature is not None  # set by __post_init__
+        return self.signature
+
+    def _cut_values(self, req: Framed) -> tuple[Activations, dict[str, str] | None]:
+        """The request's cut, checked: its one ``activations`` tensor, or its named ``tensors``
+        (then also their wire formats, so that the gradients go back by name, each in its own)."""
+        msg, sig = req.msg, self.sig
+        if len(msg.tensors):
+            if msg.HasField("activations"):
+                raise InvalidRequest("send the cut as `activations` or as named `tensors`, not both")
+            d = check_named(req, "tensors", sig, max_batch=self.max_batch, cut=self.cut)
+            formats = {nt.name: codec.format_of(nt.tensor) for nt in msg.tensors}
+            return (d[SINGLE] if sig.positional else d), formats
+        if not sig.positional:
+            raise InvalidRequest(
+                f"the cut at {self.cut!r} carries {list(sig.names)}: send them as named tensors (`tensors`), "
+                "not one `activations` tensor"
+            )
+        return self._activations(msg.activations, req.payloads.get("activations")), None
+
+    def _label_elements(self) -> int:
+        sig = self.sig
+        longest = max((sig.bound(d)[1] for t in sig.tensors for d in t.dims if isinstance(d, str)), default=1)
+        return self.max_batch * longest
+
     def admit_train(self, request: pb.TrainRequest | Framed) -> TrainJob:
         """Admit a ``Train`` request (a message or a frame, read in place) or raise why not.
 
@@ -186,13 +233,15 @@ class SplitServerState:
         req = as_framed(request)
         msg, hdr = req.msg, req.msg.header
         self._admit(hdr, train=True, ushaped=False)
-        h = self._activations(msg.activations, req.payloads.get("activations"))
+        h, formats = self._cut_values(req)
         y = check_labels(
             msg.labels,
-            h.shape[0],
+            batch_size(h),
             num_classes=self.num_classes,
             max_batch=self.max_batch,
             data=req.payloads.get("labels"),
+            task=self.task,
+            max_elements=self._label_elements(),
         )
         job = TrainJob(
             hdr,
@@ -200,10 +249,11 @@ class SplitServerState:
             self.replica_for(hdr.client_id),
             h=h,
             y=y,
-            wire_format=codec.format_of(msg.activations),
+            wire_format=codec.format_of(msg.activations) if formats is None else "float32",
+            formats=formats,
             want_confidence=bool(msg.want_confidence),
         )
-        if not self._recall(job) and self.logit_adjust:
+        if not self._recall(job) and self.logit_adjust and self.task == "classification":
             job.log_prior = self._log_prior(hdr.client_id, y)
         return job
 
@@ -223,14 +273,17 @@ class SplitServerState:
         req = as_framed(request)
         hdr = req.msg.header
         self._admit(hdr, train=False)
-        h = self._activations(req.msg.activations, req.payloads.get("activations"))
-        return InferJob(hdr, request, self.replica_for(hdr.client_id), h=h, budget_ms=req.msg.budget_ms)
+        h, formats = self._cut_values(req)
+        return InferJob(
+            hdr, request, self.replica_for(hdr.client_id), h=h, budget_ms=req.msg.budget_ms, named=formats is not None
+        )
 
     def admit_forward(self, request: pb.ForwardRequest) -> ForwardJob:
         """Admit a U-shaped ``Forward`` request or raise why not (a retried forward: ``retry`` set)."""
         hdr = request.header
         self._admit(hdr, train=True, ushaped=True)
-        job = ForwardJob(hdr, request, self.replica_for(hdr.client_id), h=self._activations(request.activations))
+        h, formats = self._cut_values(as_framed(request))
+        job = ForwardJob(hdr, request, self.replica_for(hdr.client_id), h=h, formats=formats)
         self._recall(job)
         return job
 
@@ -245,9 +298,21 @@ class SplitServerState:
             p = self._pending.get(hdr.client_id)
         if p is None or (p.round, p.step) != (hdr.round, request.forward_step):
             raise InvalidRequest(f"no pending forward step {request.forward_step} for this client in round {hdr.round}")
-        job.grad = check_tensor(request.grad, "grad", self.out_shape, max_batch=self.max_batch, cut=self.cut)
-        if job.grad.shape[0] != p.h.shape[0]:
-            raise InvalidRequest(f"grad for a batch of {job.grad.shape[0]}, but the forward had {p.h.shape[0]}")
+        if len(request.grads) or isinstance(p.out, dict) or p.named:
+            if request.HasField("grad"):
+                raise InvalidRequest("send the gradient as `grad` or as named `grads`, not both")
+            need = p.needs_grad()  # exactly the outputs that take a gradient, of the forward's shapes
+            sig = Signature(tuple(TensorSpec(n, "float32", tuple(t.shape[1:]), grad=True) for n, t in need.items()))
+            job.grad = like(
+                p.out,
+                check_named(as_framed(request), "grads", sig, max_batch=self.max_batch, cut=self.cut, what="grads"),
+            )
+            rows = batch_size(job.grad)
+        else:
+            job.grad = check_tensor(request.grad, "grad", self.out_shape, max_batch=self.max_batch, cut=self.cut)
+            rows = int(job.grad.shape[0])
+        if rows != p.rows:
+            raise InvalidRequest(f"grad for a batch of {rows}, but the forward had {p.rows}")
         job.pending = p
         return job
 
@@ -278,7 +343,15 @@ class SplitServerState:
                 except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                     job.error = e
             while live:
-                bad = train_step(replica, live, device=self.torch_device, exit_weight=self.exit_weight, staging=staging)
+                bad = train_step(
+                    replica,
+                    live,
+                    device=self.torch_device,
+                    exit_weight=self.exit_weight,
+                    staging=staging,
+                    grad_names=self.sig.grad_names,
+                    loss_fn=self.loss_fn,
+                )
                 if not bad:
                     break
                 for job in bad:
@@ -303,8 +376,11 @@ class SplitServerState:
         a = 0
         for job in jobs:
             b = a + job.rows
-            job.reply = pb.InferReply(compute_ms=ms, batch=out.shape[0])
-            codec.encode_into(job.reply.logits, out[a:b])  # (B, num_classes): small, inside the message
+            job.reply = pb.InferReply(compute_ms=ms, batch=batch_size(out))
+            if isinstance(out, torch.Tensor):
+                codec.encode_into(job.reply.logits, out[a:b])  # (B, num_classes): small, inside the message
+            else:  # a U-shaped middle's named outputs
+                codec.encode_named(job.reply.outputs, {n: t[a:b] for n, t in out.items()})
             a = b
         return ms
 
@@ -320,7 +396,11 @@ class SplitServerState:
             return
         hdr = job.header
         if isinstance(job, TrainJob) and self.exchange_observer is not None:  # the dL/dh as the client receives it
-            self.exchange_observer(hdr, job.h, job.y, job.reply.tensor("grad").float())
+            if job.formats is None:
+                sent_back: Activations = job.reply.tensor("grad").float()
+            else:
+                sent_back = like(job.h, {n: g.float() for n, g in job.reply.named("grads").items()})
+            self.exchange_observer(hdr, job.h, job.y, sent_back)
         up, down = wire_size(job.request), wire_size(job.sent)
         infer = isinstance(job, InferJob)
         with self._lock:
@@ -338,7 +418,7 @@ class SplitServerState:
         with job.replica.lock:
             if self.observer is not None:
                 self.observer(job.header, job.h, None)
-            p = forward_step(job, self.torch_device)
+            p = forward_step(job, self.torch_device, self.sig.grad_names)
             self._remember(job)
         with self._lock:  # a client has at most one forward in flight; a new one replaces the old
             self._pending[job.header.client_id] = p
@@ -390,7 +470,8 @@ class SplitServerState:
         return reply
 
     def info(self) -> pb.InfoReply:
-        return pb.InfoReply(
+        """What the server segment expects: the cut's signature, limits, device, mode, task."""
+        reply = pb.InfoReply(
             model=self.model_name,
             cut=self.cut,
             sample_shape=list(self.sample_shape),
@@ -400,7 +481,10 @@ class SplitServerState:
             device=str(self.torch_device),
             mode=self.mode,
             ushaped=self.ushaped,
+            task=self.task,
         )
+        codec.encode_signature(self.sig, reply)
+        return reply
 
     def end_round(self) -> None:
         """Release the round's per-client state: pending U-shaped forwards, the retry cache, the label

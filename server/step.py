@@ -18,11 +18,12 @@ under balanced classes. With a uniform prior (IID data) the shift is a constant 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from fsl.cutvalues import SINGLE, Activations, batch_size, concat, gradients, leaves, map_floats
 from fsl.exits import exit_logits
 from fsl.fastmath import flush_denormals
 from fsl.wire import codec
@@ -31,7 +32,13 @@ from fsl.wire.frame import Framed
 from server.jobs import InferJob, TrainJob
 from server.replicas import Replica
 
-__all__ = ["Staging", "infer_step", "train_step", "true_label_probability"]
+__all__ = ["IGNORE_INDEX", "LossFn", "Staging", "infer_step", "train_step", "true_label_probability"]
+
+IGNORE_INDEX = -100  # token targets the causal-LM loss skips (server.validation accepts them)
+
+# (logits of one request, its labels) -> its mean loss: the task's loss (None: classification's
+# cross entropy, with the exits and logit adjustment below)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def true_label_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -89,12 +96,15 @@ def _slices(sizes: Sequence[int]) -> list[slice]:
     return out
 
 
-def _mean_loss(logits: torch.Tensor, y: torch.Tensor, exits: list[torch.Tensor], exit_weight: float) -> torch.Tensor:
-    """Mean cross entropy plus ``exit_weight`` times the exits' summed mean cross entropies
-    (the formula of :func:`fsl.exits.exit_loss`, here on any slice of the batch)."""
-    loss = nn.functional.cross_entropy(logits, y)
+def _mean_loss(
+    logits: torch.Tensor, y: torch.Tensor, exits: list[torch.Tensor], exit_weight: float, loss_fn: LossFn | None = None
+) -> torch.Tensor:
+    """Mean loss (``loss_fn``, cross entropy by default) plus ``exit_weight`` times the exits'
+    summed mean losses (the formula of :func:`fsl.exits.exit_loss`, here on any slice of the batch)."""
+    fn = nn.functional.cross_entropy if loss_fn is None else loss_fn
+    loss = fn(logits, y)
     if exits:
-        loss = loss + exit_weight * sum(nn.functional.cross_entropy(z, y) for z in exits)
+        loss = loss + exit_weight * sum(fn(z, y) for z in exits)
     return loss
 
 
@@ -105,8 +115,15 @@ def train_step(
     device: torch.device,
     exit_weight: float,
     staging: Staging | None = None,
+    grad_names: Sequence[str] = (SINGLE,),
+    loss_fn: LossFn | None = None,
 ) -> list[TrainJob]:
     """One forward, loss, backward and optimizer step of ``replica`` over the samples of ``jobs``.
+
+    The jobs' cut values are one tensor each (the segment is called with it) or dicts of named
+    tensors of equal per-sample shapes (called with their concatenation, the float tensors named in
+    ``grad_names`` as leaves whose gradients go back). ``loss_fn`` is the task's loss of one
+    request's logits and labels (None: cross entropy of class indices).
 
     The caller holds ``replica.lock``. Returns the jobs whose loss is not finite: then nothing
     was changed (no gradient applied, no step counted) and the caller may run the rest again.
@@ -115,13 +132,18 @@ def train_step(
     flush_denormals()  # this thread's float unit (fsl/fastmath.py): gRPC worker threads start without it
     one = len(jobs) == 1
     hs = [j.h for j in jobs]
-    sizes = [h.shape[0] for h in hs]
-    h = _gather(hs, device, staging).requires_grad_(True)  # (N, ...) smashed
+    sizes = [batch_size(h) for h in hs]
+    inputs: Activations
+    if isinstance(hs[0], torch.Tensor):  # one float tensor: gathered (pinned on CUDA) as it always was
+        h = _gather(hs, device, staging).requires_grad_(True)  # type: ignore[arg-type]  # (N, ...) smashed
+        inputs, leaf = h, {SINGLE: h}
+    else:
+        inputs, leaf = leaves(concat(hs), grad_names, device=device)
     y = (jobs[0].y if one else torch.cat([j.y for j in jobs])).to(device, non_blocking=True)
     seg = replica.segment
     seg.train()
     replica.optimizer.zero_grad(set_to_none=True)
-    logits = seg(h)  # (N, num_classes)
+    logits = seg(inputs)  # (N, num_classes), or (N, T, vocab) for token targets
     exits = list(exit_logits(seg).values())  # exits inside the server segment, if any
     parts = [slice(None)] if one else _slices(sizes)
     trained = logits
@@ -134,32 +156,41 @@ def train_step(
         trained = logits + shift
         exits = [z + shift for z in exits]
     if one:
-        losses = [_mean_loss(trained, y, exits, exit_weight)]
+        losses = [_mean_loss(trained, y, exits, exit_weight, loss_fn)]
     else:
-        losses = [_mean_loss(trained[s], y[s], [z[s] for z in exits], exit_weight) for s in parts]
+        losses = [_mean_loss(trained[s], y[s], [z[s] for z in exits], exit_weight, loss_fn) for s in parts]
     values = torch.stack([v.detach() for v in losses]).cpu().tolist()  # one synchronisation
     bad = [j for j, v in zip(jobs, values, strict=True) if not math.isfinite(v)]
     if bad:
         return bad
     (losses[0] if one else torch.stack(losses).sum()).backward()
-    assert h.grad is not None
     replica.optimizer.step()
     replica.steps += 1
     replica.samples += sum(sizes)
-    hits = logits.detach().argmax(1) == y
+    hits = logits.detach().argmax(-1) == y  # token targets: a hit per predicted token that is not ignored
+    if y.ndim > 1:
+        hits &= y != IGNORE_INDEX
     correct = torch.stack([hits[s].sum() for s in parts]).cpu().tolist()
     confidence = None
-    if any(j.want_confidence for j in jobs):  # only data cartography reads it
+    if y.ndim == 1 and any(j.want_confidence for j in jobs):  # only data cartography reads it
         confidence = true_label_probability(logits.detach(), y).cpu()  # (N,)
-    staged = staging is not None and device.type == "cuda"
-    grad = staging.to_host(h.grad) if staging is not None and staged else h.grad.cpu()  # (N, ...) dL/dh
+    staged = staging is not None and device.type == "cuda" and isinstance(inputs, torch.Tensor)
+    grads = {n: staging.to_host(g) if staging is not None and staged else g.cpu() for n, g in gradients(leaf).items()}
     for job, s, loss, hit in zip(jobs, parts, values, correct, strict=True):
         reply = Framed(pb.TrainReply(loss=loss, correct=int(hit)))
-        fmt = codec.wire_format(job.wire_format)  # in the sender's format
-        if job.framed:  # sent from the batch's gradient itself (the pinned staging is reused: a copy)
-            reply.set("grad", grad[s].clone() if staged else grad[s], fmt)
-        else:
-            codec.encode_into(reply.msg.grad, grad[s], fmt)
+        if job.formats is None:
+            grad, fmt = grads[SINGLE], codec.wire_format(job.wire_format)  # in the sender's format
+            if job.framed:  # sent from the batch's gradient itself (the pinned staging is reused: a copy)
+                reply.set("grad", grad[s].clone() if staged else grad[s], fmt)
+            else:
+                codec.encode_into(reply.msg.grad, grad[s], fmt)
+        else:  # by name, each in its tensor's format; none for integer and bool tensors
+            for n, grad in grads.items():
+                fmt = codec.wire_format(job.formats[n])
+                if job.framed:
+                    reply.add("grads", n, grad[s].clone() if staged else grad[s], fmt)
+                else:
+                    codec.encode_into(reply.msg.grads.add(name=n).tensor, grad[s], fmt)
         if job.want_confidence:
             assert confidence is not None
             codec.encode_into(reply.msg.confidence, confidence[s])
@@ -167,19 +198,24 @@ def train_step(
     return []
 
 
-def infer_step(replica: Replica, jobs: Sequence[InferJob], *, device: torch.device) -> torch.Tensor:
-    """Logits ``(N, num_classes)`` on the CPU of the segment copy in eval mode for all jobs' rows.
+def infer_step(replica: Replica, jobs: Sequence[InferJob], *, device: torch.device) -> Activations:
+    """Logits ``(N, num_classes)`` on the CPU of the segment copy in eval mode for all jobs' rows
+    (a U-shaped middle that returns named tensors: those).
 
     The caller holds ``replica.lock``; the segment's training mode is restored afterwards.
     """
-    hs = [j.h for j in jobs]
-    h = hs[0] if len(hs) == 1 else torch.cat(hs)  # (N, ...)
+    h = concat([j.h for j in jobs])  # (N, ...)
     seg = replica.segment
     was = seg.training
     seg.eval()
     try:
         with torch.no_grad():
-            out: torch.Tensor = seg(h.to(device, dtype=torch.float32)).float()
+            if isinstance(h, torch.Tensor):
+                out: Activations = seg(h.to(device, dtype=torch.float32)).float()
+            else:
+                out = map_floats(seg(leaves(h, (), device=device)[0]), lambda t: t.float())
     finally:
         seg.train(was)
-    return out.cpu()  # waits for the device
+    if isinstance(out, torch.Tensor):
+        return out.cpu()  # waits for the device
+    return {n: t.cpu() for n, t in out.items()}

@@ -219,6 +219,160 @@ def test_fuzz_thousands_of_malformed_requests_leave_the_server_up_and_the_model_
     assert reply.server_step == 1 and torch.isfinite(codec.decode(reply.grad)).all()
 
 
+def _valid_named(auth, rng: random.Random) -> Framed:
+    """A good multi-tensor request (hidden states, a skip connection, a bool mask, int64 positions)."""
+    from test_multitensor import VOCAB, ClientSeg
+
+    b, t = rng.randint(1, 6), rng.randint(1, 12)
+    torch.manual_seed(rng.randrange(10**6))
+    with torch.no_grad():
+        d = ClientSeg()(torch.randint(1, VOCAB, (b, t)))
+    req = Framed(
+        pb.TrainRequest(
+            header=pb.Header(
+                run_id="run-test", round=1, client_id="7", step=rng.randint(1, 10**6), token=auth.issue(1, "7")
+            )
+        )
+    )
+    req.add_all("tensors", d, rng.choice([None, torch.float16, torch.bfloat16]))
+    codec.encode_into(req.msg.labels, torch.randint(0, 5, (b,)))
+    return req
+
+
+def _break_named(req: Framed, rng: random.Random) -> str:
+    """Make a multi-tensor request invalid in one of many ways; return the way."""
+    items = req.msg.tensors
+    i = rng.randrange(len(items))
+    nt = items[i]
+    key = ("tensors", i)
+    kind = rng.choice(
+        [
+            "drop", "extra", "rename", "duplicate", "dtype", "rank", "dim", "negative", "huge", "seq",
+            "bounds", "batch", "nan", "truncate", "pad", "bool-byte", "int-scale", "int-sparse", "both",
+            "label-count", "no-name",
+        ]
+    )  # fmt: skip
+    if kind == "drop":
+        rest = [x for j, x in enumerate(items) if j != i]
+        payloads = {k: v for k, v in req.payloads.items() if k != key}
+        del items[:]
+        items.extend(rest)
+        req.payloads = {(("tensors", k[1] - (k[1] > i)) if isinstance(k, tuple) else k): v for k, v in payloads.items()}
+    elif kind == "extra":
+        req.add("tensors", rng.choice(["extra", "h2", "labels"]), torch.zeros(int(nt.tensor.shape[0]), 2))
+    elif kind == "rename":
+        nt.name = rng.choice(["", "H", "hidden", nt.name + " ", "x" * 200])
+    elif kind == "duplicate":
+        req.add("tensors", nt.name, torch.zeros(1))
+    elif kind == "dtype":
+        nt.tensor.dtype = rng.choice(
+            [d for d in ("float64", "int32", "bool", "int64", "float32", "object", "") if d != nt.tensor.dtype]
+        )
+    elif kind == "rank":
+        del nt.tensor.shape[rng.randrange(len(nt.tensor.shape))]
+    elif kind == "dim":
+        nt.tensor.shape[rng.randrange(1, len(nt.tensor.shape))] += rng.choice([-1, 1, 5])
+    elif kind == "negative":
+        nt.tensor.shape[rng.randrange(len(nt.tensor.shape))] = -rng.randint(1, 2**40)
+    elif kind == "huge":
+        nt.tensor.shape[rng.randrange(len(nt.tensor.shape))] = rng.choice([2**31, 2**40])
+    elif kind in ("seq", "bounds"):  # a symbolic size that disagrees, or leaves [1, 16]
+        name = rng.choice(["h", "skip", "pos"])
+        j = [x.name for x in items].index(name)
+        items[j].tensor.shape[1] = items[j].tensor.shape[1] + 1 if kind == "seq" else rng.choice([0, 17, 1000])
+    elif kind == "batch":
+        nt.tensor.shape[0] += rng.choice([-1, 1]) if nt.tensor.shape[0] > 1 else 1
+    elif kind == "nan":
+        j = [x.name for x in items].index(rng.choice(["h", "skip"]))
+        x = req.tensor(("tensors", j)).float().clone()
+        x.view(-1)[rng.randrange(x.numel())] = rng.choice([float("nan"), float("inf")])
+        req.payloads[("tensors", j)] = x.numpy()
+        items[j].tensor.dtype, items[j].tensor.scale = "float32", 0.0
+    elif kind == "truncate":
+        raw = np.frombuffer(bytes(req.data(key)), dtype=np.uint8)
+        req.payloads[key] = raw[: rng.randrange(max(1, len(raw)))]
+    elif kind == "pad":
+        req.payloads[key] = np.frombuffer(bytes(req.data(key)) + os.urandom(rng.randint(1, 16)), dtype=np.uint8)
+    elif kind == "bool-byte":
+        j = [x.name for x in items].index("mask")
+        raw = np.frombuffer(bytes(req.data(("tensors", j))), dtype=np.uint8).copy()
+        raw[rng.randrange(len(raw))] = rng.randint(2, 255)
+        req.payloads[("tensors", j)] = raw
+    elif kind == "int-scale":
+        items[[x.name for x in items].index("pos")].tensor.scale = rng.choice([0.5, 3.0, float("nan")])
+    elif kind == "int-sparse":
+        j = [x.name for x in items].index("pos")
+        req.payloads.pop(("tensors", j), None)
+        items[j].tensor.indices = np.arange(1, dtype="<u4").tobytes()
+        items[j].tensor.data = np.zeros(1, dtype="<i8").tobytes()
+    elif kind == "both":
+        req.set("activations", torch.zeros(int(nt.tensor.shape[0]), 2))
+    elif kind == "label-count":
+        codec.encode_into(req.msg.labels, torch.zeros(int(nt.tensor.shape[0]) + 1, dtype=torch.int64))
+    elif kind == "no-name":
+        nt.ClearField("name")
+    return kind
+
+
+@pytest.fixture
+def served_named():
+    from test_multitensor import SIG, ServerSeg
+
+    from server.state import SplitServerState
+
+    auth, _ = authority_and_identity()
+    torch.manual_seed(0)
+    state = SplitServerState(ServerSeg(), (), 5, device="cpu", signature=SIG, authority=auth, max_batch=16)
+    server = SplitServer(state, "127.0.0.1:0").start()
+    channel = grpc.insecure_channel(server.address)
+    yield auth, state, server, channel
+    channel.close()
+    server.stop(grace=None)
+
+
+def test_fuzz_malformed_multi_tensor_requests_leave_the_model_bit_identical(served_named):
+    auth, state, server, channel = served_named
+    rng = random.Random(99)
+    raw = {
+        m: channel.unary_unary(f"/fsl.dataplane.v1.SplitDataPlane/{m}", request_serializer=None)
+        for m in ("Train", "TrainFrame", "Infer", "InferFrame")
+    }
+    before = params(state.segment)
+    codes: dict[str, set[grpc.StatusCode]] = {}
+    for i in range(800):
+        req = _valid_named(auth, rng)
+        kind = _break_named(req, rng)
+        method = rng.choice(["TrainFrame", "TrainFrame", "Train", "InferFrame"])
+        if method.startswith("Infer"):
+            other = Framed(pb.InferRequest(header=req.msg.header), dict(req.payloads))
+            other.msg.tensors.extend(req.msg.tensors)
+            if req.msg.HasField("activations"):
+                other.msg.activations.CopyFrom(req.msg.activations)
+            req = other
+        data = frame.frame_bytes(req) if method.endswith("Frame") else req.message().SerializeToString()
+        if method.endswith("Frame") and i % 7 == 0 and req.payloads:  # a table entry naming an entry that is not there
+            count = int.from_bytes(data[8:12], "little")
+            e = 12 + rng.randrange(count) * 16
+            data = data[: e + 4] + rng.choice([2**31, 64, 4096]).to_bytes(4, "little") + data[e + 8 :]
+            kind = "frame-index"
+        try:
+            raw[method](data, timeout=10)
+        except grpc.RpcError as e:
+            codes.setdefault(kind, set()).add(e.code())
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (kind, method, e.code(), e.details())
+            assert e.details(), kind
+        else:
+            # only inference may accept a request whose one fault was in its labels (it reads none)
+            assert method.startswith("Infer") and kind == "label-count", (kind, method)
+            codes.setdefault(kind, set()).add(grpc.StatusCode.OK)
+    assert len(codes) >= 20, sorted(codes)
+    for k, v in params(state.segment).items():
+        assert torch.equal(v, before[k]), f"the fuzz changed {k}"
+    assert state.steps == 0
+    reply = frame.parse(pb.TrainReply, raw["TrainFrame"](frame.frame_bytes(_valid_named(auth, rng)), timeout=10))
+    assert reply.msg.server_step == 1 and set(reply.named("grads")) == {"h", "skip"}
+
+
 def test_32_concurrent_clients_for_a_full_round(served):
     auth, state, server, _ = served
     n_clients, steps, batch = 32, 8, 16

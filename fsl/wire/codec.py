@@ -27,8 +27,12 @@ __all__ = [
     "WireError",
     "all_finite",
     "decode",
+    "decode_named",
+    "decode_signature",
     "encode",
     "encode_into",
+    "encode_named",
+    "encode_signature",
     "format_of",
     "message_size",
     "tensor_nbytes",
@@ -45,6 +49,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
     "int8": torch.int8,
     "uint8": torch.uint8,
+    "bool": torch.bool,  # attention masks; every byte must be 0 or 1 (checked by decode)
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
@@ -160,6 +165,8 @@ def decode(
     expected = count * _ITEMSIZE[t.dtype]
     if len(data) != expected:
         raise WireError(f"{name}: buffer holds {len(data)} bytes but shape {list(shape)} of {t.dtype} needs {expected}")
+    if t.dtype == "bool" and count and int(np.frombuffer(data, dtype=np.uint8).max()) > 1:
+        raise WireError(f"{name}: a bool tensor holds bytes other than 0 and 1")  # torch assumes 0/1
     out = view(t.dtype, shape, data)
     if t.scale not in (0.0, 1.0):
         if not math.isfinite(t.scale) or t.scale < 0:
@@ -171,6 +178,50 @@ def decode(
         else:
             out = out.float() * t.scale  # a scaled float16 payload decodes to float32
     return out
+
+
+def encode_named(out: Any, values: dict[str, torch.Tensor], dtype: torch.dtype | Any = None) -> Any:
+    """Append ``values`` to the repeated ``NamedTensor`` field ``out``, inline (the plain-protobuf calls).
+
+    ``dtype`` (a float dtype or a compressed format) applies to the float tensors only: integer and
+    bool tensors travel exact.
+    """
+    for n, x in values.items():
+        encode_into(out.add(name=n).tensor, x, dtype if x.is_floating_point() else None)
+    return out
+
+
+def decode_named(items: Any, *, what: str = "tensors") -> dict[str, torch.Tensor]:
+    """A repeated ``NamedTensor`` field decoded into an ordered dict (names must not repeat)."""
+    out: dict[str, torch.Tensor] = {}
+    for nt in items:
+        if nt.name in out:
+            raise WireError(f"{what}: {nt.name!r} appears twice")
+        out[nt.name] = decode(nt.tensor, name=f"{what}[{nt.name!r}]")
+    return out
+
+
+def encode_signature(sig: Any, out: pb.InfoReply) -> pb.InfoReply:
+    """Put a :class:`fsl.cutvalues.Signature` into ``out`` (an ``InfoReply``)."""
+    for t in sig.tensors:
+        out.signature.add(name=t.name, dtype=t.dtype, dims=[str(d) for d in t.dims], grad=t.grad)
+    for sym, (lo, hi) in sig.bounds.items():
+        out.bounds.add(name=sym, low=lo, high=hi)
+    return out
+
+
+def decode_signature(reply: pb.InfoReply) -> Any:
+    """The :class:`fsl.cutvalues.Signature` an ``InfoReply`` carries (a single-tensor cut from a
+    server that reports none: from its ``sample_shape``)."""
+    from fsl.cutvalues import Signature, TensorSpec
+
+    if not reply.signature:
+        return Signature.single(tuple(reply.sample_shape))
+    specs = tuple(
+        TensorSpec(t.name, t.dtype, tuple(int(d) if d.lstrip("-").isdigit() else d for d in t.dims), t.grad)
+        for t in reply.signature
+    )
+    return Signature(specs, {b.name: (int(b.low), int(b.high)) for b in reply.bounds})
 
 
 def wire_format(name: str) -> torch.dtype | Any:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66sl/wire/dataplane.proto\x12\x10\x66sl.dataplane.v1\"T\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0f\n\x07indices\x18\x05 \x01(\x0c\"W\n\x06Header\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05token\x18\x05 \x01(\t\"\xaa\x01\n\x0cTrainRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12(\n\x06labels\x18\x03 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x17\n\x0fwant_confidence\x18\x04 \x01(\x08\"\x96\x01\n\nTrainReply\x12&\n\x04grad\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x03 \x01(\x03\x12\x13\n\x0bserver_step\x18\x04 \x01(\x03\x12,\n\nconfidence\x18\x05 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"z\n\x0cInferRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x11\n\tbudget_ms\x18\x03 \x01(\x01\"k\n\nInferReply\x12(\n\x06logits\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x03\"i\n\x0e\x46orwardRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"=\n\x0c\x46orwardReply\x12-\n\x0b\x61\x63tivations\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"y\n\x0f\x42\x61\x63kwardRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12&\n\x04grad\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x14\n\x0c\x66orward_step\x18\x03 \x01(\x03\"L\n\rBackwardReply\x12&\n\x04grad\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x13\n\x0bserver_step\x18\x02 \x01(\x03\"\r\n\x0bInfoRequest\"\xaa\x01\n\tInfoReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12\x0e\n\x06\x64types\x18\x04 \x03(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12\x0f\n\x07ushaped\x18\t \x01(\x08\"=\n\rControlHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05token\x18\x03 \x01(\t\"E\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"@\n\x0b\x43lientGrant\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\"\xe1\x01\n\x12LoadSegmentRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1f.fsl.dataplane.v1.ControlHeader\x12\x12\n\nexperiment\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x03\x12,\n\x05state\x18\x05 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\x12.\n\x07\x63lients\x18\x06 \x03(\x0b\x32\x1d.fsl.dataplane.v1.ClientGrant\"4\n\x10LoadSegmentReply\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x03\"f\n\x13SegmentStateRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1f.fsl.dataplane.v1.ControlHeader\x12\x0f\n\x07tensors\x18\x02 \x01(\x08\x12\r\n\x05\x63lose\x18\x03 \x01(\x08\"\x89\x01\n\rClientTraffic\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08\x62ytes_up\x18\x02 \x01(\x03\x12\x12\n\nbytes_down\x18\x03 \x01(\x03\x12\x16\n\x0etrain_requests\x18\x04 \x01(\x03\x12\x16\n\x0einfer_requests\x18\x05 \x01(\x03\x12\x0f\n\x07samples\x18\x06 \x01(\x03\"\x93\x01\n\x11SegmentStateReply\x12,\n\x05state\x18\x01 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x30\n\x07traffic\x18\x04 \x03(\x0b\x32\x1f.fsl.dataplane.v1.ClientTraffic2\xff\x02\n\x0eSplitDataPlane\x12\x45\n\x05Train\x12\x1e.fsl.dataplane.v1.TrainRequest\x1a\x1c.fsl.dataplane.v1.TrainReply\x12\x45\n\x05Infer\x12\x1e.fsl.dataplane.v1.InferRequest\x1a\x1c.fsl.dataplane.v1.InferReply\x12\x42\n\x04Info\x12\x1d.fsl.dataplane.v1.InfoRequest\x1a\x1b.fsl.dataplane.v1.InfoReply\x12K\n\x07\x46orward\x12 .fsl.dataplane.v1.ForwardRequest\x1a\x1e.fsl.dataplane.v1.ForwardReply\x12N\n\x08\x42\x61\x63kward\x12!.fsl.dataplane.v1.BackwardRequest\x1a\x1f.fsl.dataplane.v1.BackwardReply2\xc3\x01\n\x0cSplitControl\x12W\n\x0bLoadSegment\x12$.fsl.dataplane.v1.LoadSegmentRequest\x1a\".fsl.dataplane.v1.LoadSegmentReply\x12Z\n\x0cSegmentState\x12%.fsl.dataplane.v1.SegmentStateRequest\x1a#.fsl.dataplane.v1.SegmentStateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66sl/wire/dataplane.proto\x12\x10\x66sl.dataplane.v1\"T\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0f\n\x07indices\x18\x05 \x01(\x0c\"W\n\x06Header\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05token\x18\x05 \x01(\t\"\xda\x01\n\x0cTrainRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12(\n\x06labels\x18\x03 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x17\n\x0fwant_confidence\x18\x04 \x01(\x08\x12.\n\x07tensors\x18\x05 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\"\xc4\x01\n\nTrainReply\x12&\n\x04grad\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x03 \x01(\x03\x12\x13\n\x0bserver_step\x18\x04 \x01(\x03\x12,\n\nconfidence\x18\x05 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12,\n\x05grads\x18\x06 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\"\xaa\x01\n\x0cInferRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x11\n\tbudget_ms\x18\x03 \x01(\x01\x12.\n\x07tensors\x18\x04 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\"\x9b\x01\n\nInferReply\x12(\n\x06logits\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x03\x12.\n\x07outputs\x18\x05 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\"\x99\x01\n\x0e\x46orwardRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12-\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12.\n\x07tensors\x18\x03 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\"m\n\x0c\x46orwardReply\x12-\n\x0b\x61\x63tivations\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12.\n\x07tensors\x18\x02 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\"\xa7\x01\n\x0f\x42\x61\x63kwardRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Header\x12&\n\x04grad\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x14\n\x0c\x66orward_step\x18\x03 \x01(\x03\x12,\n\x05grads\x18\x04 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\"z\n\rBackwardReply\x12&\n\x04grad\x18\x01 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\x12\x13\n\x0bserver_step\x18\x02 \x01(\x03\x12,\n\x05grads\x18\x03 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\"\r\n\x0bInfoRequest\"\x95\x02\n\tInfoReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12\x0e\n\x06\x64types\x18\x04 \x03(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12\x0f\n\x07ushaped\x18\t \x01(\x08\x12.\n\tsignature\x18\n \x03(\x0b\x32\x1b.fsl.dataplane.v1.CutTensor\x12+\n\x06\x62ounds\x18\x0b \x03(\x0b\x32\x1b.fsl.dataplane.v1.SizeBound\x12\x0c\n\x04task\x18\x0c \x01(\t\"D\n\tCutTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64ims\x18\x03 \x03(\t\x12\x0c\n\x04grad\x18\x04 \x01(\x08\"4\n\tSizeBound\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03low\x18\x02 \x01(\x03\x12\x0c\n\x04high\x18\x03 \x01(\x03\"=\n\rControlHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05token\x18\x03 \x01(\t\"E\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x18.fsl.dataplane.v1.Tensor\"@\n\x0b\x43lientGrant\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\"\xe1\x01\n\x12LoadSegmentRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1f.fsl.dataplane.v1.ControlHeader\x12\x12\n\nexperiment\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x03\x12,\n\x05state\x18\x05 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\x12.\n\x07\x63lients\x18\x06 \x03(\x0b\x32\x1d.fsl.dataplane.v1.ClientGrant\"4\n\x10LoadSegmentReply\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x03\"f\n\x13SegmentStateRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1f.fsl.dataplane.v1.ControlHeader\x12\x0f\n\x07tensors\x18\x02 \x01(\x08\x12\r\n\x05\x63lose\x18\x03 \x01(\x08\"\x89\x01\n\rClientTraffic\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08\x62ytes_up\x18\x02 \x01(\x03\x12\x12\n\nbytes_down\x18\x03 \x01(\x03\x12\x16\n\x0etrain_requests\x18\x04 \x01(\x03\x12\x16\n\x0einfer_requests\x18\x05 \x01(\x03\x12\x0f\n\x07samples\x18\x06 \x01(\x03\"\x93\x01\n\x11SegmentStateReply\x12,\n\x05state\x18\x01 \x03(\x0b\x32\x1d.fsl.dataplane.v1.NamedTensor\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x30\n\x07traffic\x18\x04 \x03(\x0b\x32\x1f.fsl.dataplane.v1.ClientTraffic2\xff\x02\n\x0eSplitDataPlane\x12\x45\n\x05Train\x12\x1e.fsl.dataplane.v1.TrainRequest\x1a\x1c.fsl.dataplane.v1.TrainReply\x12\x45\n\x05Infer\x12\x1e.fsl.dataplane.v1.InferRequest\x1a\x1c.fsl.dataplane.v1.InferReply\x12\x42\n\x04Info\x12\x1d.fsl.dataplane.v1.InfoRequest\x1a\x1b.fsl.dataplane.v1.InfoReply\x12K\n\x07\x46orward\x12 .fsl.dataplane.v1.ForwardRequest\x1a\x1e.fsl.dataplane.v1.ForwardReply\x12N\n\x08\x42\x61\x63kward\x12!.fsl.dataplane.v1.BackwardRequest\x1a\x1f.fsl.dataplane.v1.BackwardReply2\xc3\x01\n\x0cSplitControl\x12W\n\x0bLoadSegment\x12$.fsl.dataplane.v1.LoadSegmentRequest\x1a\".fsl.dataplane.v1.LoadSegmentReply\x12Z\n\x0cSegmentState\x12%.fsl.dataplane.v1.SegmentStateRequest\x1a#.fsl.dataplane.v1.SegmentStateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,43 +36,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADER']._serialized_start=132
   _globals['_HEADER']._serialized_end=219
   _globals['_TRAINREQUEST']._serialized_start=222
-  _globals['_TRAINREQUEST']._serialized_end=392
-  _globals['_TRAINREPLY']._serialized_start=395
-  _globals['_TRAINREPLY']._serialized_end=545
-  _globals['_INFERREQUEST']._serialized_start=547
-  _globals['_INFERREQUEST']._serialized_end=669
-  _globals['_INFERREPLY']._serialized_start=671
-  _globals['_INFERREPLY']._serialized_end=778
-  _globals['_FORWARDREQUEST']._serialized_start=780
-  _globals['_FORWARDREQUEST']._serialized_end=885
-  _globals['_FORWARDREPLY']._serialized_start=887
-  _globals['_FORWARDREPLY']._serialized_end=948
-  _globals['_BACKWARDREQUEST']._serialized_start=950
-  _globals['_BACKWARDREQUEST']._serialized_end=1071
-  _globals['_BACKWARDREPLY']._serialized_start=1073
-  _globals['_BACKWARDREPLY']._serialized_end=1149
-  _globals['_INFOREQUEST']._serialized_start=1151
-  _globals['_INFOREQUEST']._serialized_end=1164
-  _globals['_INFOREPLY']._serialized_start=1167
-  _globals['_INFOREPLY']._serialized_end=1337
-  _globals['_CONTROLHEADER']._serialized_start=1339
-  _globals['_CONTROLHEADER']._serialized_end=1400
-  _globals['_NAMEDTENSOR']._serialized_start=1402
-  _globals['_NAMEDTENSOR']._serialized_end=1471
-  _globals['_CLIENTGRANT']._serialized_start=1473
-  _globals['_CLIENTGRANT']._serialized_end=1537
-  _globals['_LOADSEGMENTREQUEST']._serialized_start=1540
-  _globals['_LOADSEGMENTREQUEST']._serialized_end=1765
-  _globals['_LOADSEGMENTREPLY']._serialized_start=1767
-  _globals['_LOADSEGMENTREPLY']._serialized_end=1819
-  _globals['_SEGMENTSTATEREQUEST']._serialized_start=1821
-  _globals['_SEGMENTSTATEREQUEST']._serialized_end=1923
-  _globals['_CLIENTTRAFFIC']._serialized_start=1926
-  _globals['_CLIENTTRAFFIC']._serialized_end=2063
-  _globals['_SEGMENTSTATEREPLY']._serialized_start=2066
-  _globals['_SEGMENTSTATEREPLY']._serialized_end=2213
-  _globals['_SPLITDATAPLANE']._serialized_start=2216
-  _globals['_SPLITDATAPLANE']._serialized_end=2599
-  _globals['_SPLITCONTROL']._serialized_start=2602
-  _globals['_SPLITCONTROL']._serialized_end=2797
+  _globals['_TRAINREQUEST']._serialized_end=440
+  _globals['_TRAINREPLY']._serialized_start=443
+  _globals['_TRAINREPLY']._serialized_end=639
+  _globals['_INFERREQUEST']._serialized_start=642
+  _globals['_INFERREQUEST']._serialized_end=812
+  _globals['_INFERREPLY']._serialized_start=815
+  _globals['_INFERREPLY']._serialized_end=970
+  _globals['_FORWARDREQUEST']._serialized_start=973
+  _globals['_FORWARDREQUEST']._serialized_end=1126
+  _globals['_FORWARDREPLY']._serialized_start=1128
+  _globals['_FORWARDREPLY']._serialized_end=1237
+  _globals['_BACKWARDREQUEST']._serialized_start=1240
+  _globals['_BACKWARDREQUEST']._serialized_end=1407
+  _globals['_BACKWARDREPLY']._serialized_start=1409
+  _globals['_BACKWARDREPLY']._serialized_end=1531
+  _globals['_INFOREQUEST']._serialized_start=1533
+  _globals['_INFOREQUEST']._serialized_end=1546
+  _globals['_INFOREPLY']._serialized_start=1549
+  _globals['_INFOREPLY']._serialized_end=1826
+  _globals['_CUTTENSOR']._serialized_start=1828
+  _globals['_CUTTENSOR']._serialized_end=1896
+  _globals['_SIZEBOUND']._serialized_start=1898
+  _globals['_SIZEBOUND']._serialized_end=1950
+  _globals['_CONTROLHEADER']._serialized_start=1952
+  _globals['_CONTROLHEADER']._serialized_end=2013
+  _globals['_NAMEDTENSOR']._serialized_start=2015
+  _globals['_NAMEDTENSOR']._serialized_end=2084
+  _globals['_CLIENTGRANT']._serialized_start=2086
+  _globals['_CLIENTGRANT']._serialized_end=2150
+  _globals['_LOADSEGMENTREQUEST']._serialized_start=2153
+  _globals['_LOADSEGMENTREQUEST']._serialized_end=2378
+  _globals['_LOADSEGMENTREPLY']._serialized_start=2380
+  _globals['_LOADSEGMENTREPLY']._serialized_end=2432
+  _globals['_SEGMENTSTATEREQUEST']._serialized_start=2434
+  _globals['_SEGMENTSTATEREQUEST']._serialized_end=2536
+  _globals['_CLIENTTRAFFIC']._serialized_start=2539
+  _globals['_CLIENTTRAFFIC']._serialized_end=2676
+  _globals['_SEGMENTSTATEREPLY']._serialized_start=2679
+  _globals['_SEGMENTSTATEREPLY']._serialized_end=2826
+  _globals['_SPLITDATAPLANE']._serialized_start=2829
+  _globals['_SPLITDATAPLANE']._serialized_end=3212
+  _globals['_SPLITCONTROL']._serialized_start=3215
+  _globals['_SPLITCONTROL']._serialized_end=3410
 # @@protoc_insertion_point(module_scope)

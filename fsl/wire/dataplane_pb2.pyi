@@ -35,91 +35,107 @@ class Header(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., step: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("header", "activations", "labels", "want_confidence")
+    __slots__ = ("header", "activations", "labels", "want_confidence", "tensors")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     WANT_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
     header: Header
     activations: Tensor
     labels: Tensor
     want_confidence: bool
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., want_confidence: _Optional[bool] = ...) -> None: ...
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., want_confidence: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class TrainReply(_message.Message):
-    __slots__ = ("grad", "loss", "correct", "server_step", "confidence")
+    __slots__ = ("grad", "loss", "correct", "server_step", "confidence", "grads")
     GRAD_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     CORRECT_FIELD_NUMBER: _ClassVar[int]
     SERVER_STEP_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
     grad: Tensor
     loss: float
     correct: int
     server_step: int
     confidence: Tensor
-    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., correct: _Optional[int] = ..., server_step: _Optional[int] = ..., confidence: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    grads: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., correct: _Optional[int] = ..., server_step: _Optional[int] = ..., confidence: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("header", "activations", "budget_ms")
+    __slots__ = ("header", "activations", "budget_ms", "tensors")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
     header: Header
     activations: Tensor
     budget_ms: float
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., budget_ms: _Optional[float] = ...) -> None: ...
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., budget_ms: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("logits", "queue_ms", "compute_ms", "batch")
+    __slots__ = ("logits", "queue_ms", "compute_ms", "batch", "outputs")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     queue_ms: float
     compute_ms: float
     batch: int
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch: _Optional[int] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("header", "activations")
+    __slots__ = ("header", "activations", "tensors")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
     header: Header
     activations: Tensor
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("activations",)
+    __slots__ = ("activations", "tensors")
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
     activations: Tensor
-    def __init__(self, activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, activations: _Optional[_Union[Tensor, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("header", "grad", "forward_step")
+    __slots__ = ("header", "grad", "forward_step", "grads")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     FORWARD_STEP_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
     header: Header
     grad: Tensor
     forward_step: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., forward_step: _Optional[int] = ...) -> None: ...
+    grads: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., forward_step: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class BackwardReply(_message.Message):
-    __slots__ = ("grad", "server_step")
+    __slots__ = ("grad", "server_step", "grads")
     GRAD_FIELD_NUMBER: _ClassVar[int]
     SERVER_STEP_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
     grad: Tensor
     server_step: int
-    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., server_step: _Optional[int] = ...) -> None: ...
+    grads: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, grad: _Optional[_Union[Tensor, _Mapping]] = ..., server_step: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model", "cut", "sample_shape", "dtypes", "max_batch", "max_message_bytes", "device", "mode", "ushaped")
+    __slots__ = ("model", "cut", "sample_shape", "dtypes", "max_batch", "max_message_bytes", "device", "mode", "ushaped", "signature", "bounds", "task")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +145,9 @@ class InfoReply(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     USHAPED_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     model: str
     cut: str
     sample_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -138,7 +157,32 @@ class InfoReply(_message.Message):
     device: str
     mode: str
     ushaped: bool
-    def __init__(self, model: _Optional[str] = ..., cut: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtypes: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., ushaped: _Optional[bool] = ...) -> None: ...
+    signature: _containers.RepeatedCompositeFieldContainer[CutTensor]
+    bounds: _containers.RepeatedCompositeFieldContainer[SizeBound]
+    task: str
+    def __init__(self, model: _Optional[str] = ..., cut: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtypes: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., mode: _Optional[str] = ..., ushaped: _Optional[bool] = ..., signature: _Optional[_Iterable[_Union[CutTensor, _Mapping]]] = ..., bounds: _Optional[_Iterable[_Union[SizeBound, _Mapping]]] = ..., task: _Optional[str] = ...) -> None: ...
+
+class CutTensor(_message.Message):
+    __slots__ = ("name", "dtype", "dims", "grad")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    dims: _containers.RepeatedScalarFieldContainer[str]
+    grad: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., dims: _Optional[_Iterable[str]] = ..., grad: _Optional[bool] = ...) -> None: ...
+
+class SizeBound(_message.Message):
+    __slots__ = ("name", "low", "high")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    low: int
+    high: int
+    def __init__(self, name: _Optional[str] = ..., low: _Optional[int] = ..., high: _Optional[int] = ...) -> None: ...
 
 class ControlHeader(_message.Message):
     __slots__ = ("run_id", "round", "token")
