@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from fsl.config import ExperimentConfig, from_dict, to_dict
+from fsl.cutvalues import Signature
 from fsl.data import Dataset, Partition, client_partition, load_dataset, subset
-from fsl.models import Example, Split, USplit, build_model, build_module, model_spec, split_model, split_model_u
+from fsl.models import (
+    Example,
+    Split,
+    USplit,
+    build_model,
+    build_module,
+    cut_shape,
+    model_spec,
+    split_model,
+    split_model_u,
+)
 
 __all__ = [
     "build_model_for",
@@ -21,6 +33,8 @@ __all__ = [
     "experiment_dataset",
     "local_partition",
     "model_example",
+    "server_side",
+    "ServerSide",
     "split_for",
     "usplit_for",
 ]
@@ -82,6 +96,30 @@ def usplit_for(cfg: ExperimentConfig, model: nn.Module, input_shape: tuple[int, 
     """``model`` cut at ``cfg.model.cut`` and ``cfg.model.top_cut`` for a U-shaped split."""
     example, dynamic, bounds = model_example(cfg, input_shape)
     return split_model_u(model, cfg.model.cut, cfg.model.top_cut, example, dynamic=dynamic, bounds=bounds)
+
+
+@dataclass
+class ServerSide:
+    """What the split server runs for an experiment, and what it accepts at the cut."""
+
+    segment: nn.Module  # the server segment (U-shaped: the middle)
+    sample_shape: tuple[int, ...]  # one tensor at the cut: its per-sample shape; () with a signature
+    signature: Signature | None  # the named tensors at a traced cut (None: one float tensor)
+    task: str  # what the labels are (fsl.tasks)
+
+
+def server_side(cfg: ExperimentConfig, model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, ServerSide]:
+    """Split ``model`` as ``cfg`` says: (the client's part, whose state dict travels; the server's side)."""
+    task = model_spec(cfg.model.name).task
+    if cfg.model.ushaped:
+        u = usplit_for(cfg, model, input_shape)
+        if u.graph is not None:
+            return u.client_modules, ServerSide(u.middle, (), u.graph.signature(1), task)
+        return u.client_modules, ServerSide(u.middle, cut_shape(u.bottom, input_shape), None, task)
+    sp = split_for(cfg, model, input_shape)
+    if sp.graph is not None:
+        return sp.client, ServerSide(sp.server, (), sp.graph.signature(1), task)
+    return sp.client, ServerSide(sp.server, cut_shape(sp.client, input_shape), None, task)
 
 
 def build_split(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> Split:

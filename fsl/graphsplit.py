@@ -31,10 +31,13 @@ import operator
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
+
+if TYPE_CHECKING:
+    from fsl.cutvalues import Signature
 
 __all__ = [
     "Crossing",
@@ -455,6 +458,7 @@ class GraphSegment(nn.Module):
     ) -> None:
         super().__init__()
         self.index = index
+        self.sends: dict[str, int] = {}  # name of each value this segment returns -> the segment it is for
         self.input_names = tuple(input_names)
         for fqn, p in params.items():
             _set(self, fqn, p, param=True)
@@ -523,6 +527,14 @@ class GraphSplit:
     def into(self, target: int) -> list[Crossing]:
         """The values that segment ``target`` receives, in the order they travel."""
         return [c for c in self.crossings if c.target == target]
+
+    def signature(self, target: int) -> Signature:
+        """What segment ``target`` receives, as the data plane checks it (:mod:`fsl.cutvalues`)."""
+        from fsl.cutvalues import Signature, TensorSpec, wire_dtype_name
+
+        specs = tuple(TensorSpec(c.name, wire_dtype_name(c.dtype), c.dims, c.grad) for c in self.into(target))
+        used = {d for c in self.into(target) for d in c.dims if isinstance(d, str)}
+        return Signature(specs, {k: v for k, v in self.bounds.items() if k in used})
 
 
 def graph_split(
@@ -607,7 +619,9 @@ def split_traced(traced: Traced, cut_list: Sequence[str]) -> GraphSplit:
         attrs = tr.attrs[s] | ev.attrs[s]
         p, b = _owned(model, attrs)
         names = tr.inputs if s == 0 else [c.name for c in tr.crossings if c.target == s]
-        segments.append(GraphSegment(s, names, p, b, (tr.graphs[s], _renamed(ev, tr, s))))
+        seg = GraphSegment(s, names, p, b, (tr.graphs[s], _renamed(ev, tr, s)))
+        seg.sends = {c.name: c.target for c in tr.crossings if c.source == s}
+        segments.append(seg)
     return GraphSplit(segments, tuple(cut_list), tr.crossings, tuple(tr.inputs), bnd)
 
 

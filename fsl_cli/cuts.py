@@ -18,27 +18,36 @@ from typing import Any
 __all__ = ["register"]
 
 
-def _example(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], dict[str, dict[int, str]], dict[str, tuple[int, int]]]:
-    """(model, what it is, example inputs, dynamic dims, bounds) for the command line's MODEL."""
+def _example(args: argparse.Namespace) -> tuple[Any, str, Any, dict[str, dict[int, str]], dict[str, tuple[int, int]]]:
+    """(model, its name, an example batch, dynamic dims, bounds) for the command line's MODEL."""
     import torch
 
     from fsl.config import load_experiment
-    from fsl.experiment import build_model_for, example_inputs, experiment_dataset
+    from fsl.experiment import build_model_for, experiment_dataset, model_example
+    from fsl.models import model_spec
 
     target: str = args.model
-    overrides = [f"model.name={target}"] if not (target.endswith(".toml") or Path(f"experiments/{target}.toml").exists()) else []
-    if overrides:
-        overrides.append(f"data.name={args.data}" if args.data else "")
-    cfg = load_experiment(target if not overrides else "quickstart", [o for o in overrides if o])
-    ds = experiment_dataset(cfg)
-    model = build_model_for(cfg, ds.input_shape, ds.num_classes)
-    example, dynamic, bounds = example_inputs(ds, batch=2)
-    if args.input_shape:
-        shape = tuple(int(v) for v in args.input_shape.split(","))
-        (name,) = example
-        example = {name: torch.zeros(2, *shape)}
+    is_experiment = target.endswith(".toml") or Path(f"experiments/{target}.toml").exists()
+    overrides = [] if is_experiment else [f"model.name={target}", "mode=fl"]
+    if args.data:
+        overrides.append(f"data.name={args.data}")
+    elif not is_experiment:
+        spec = model_spec(target)
+        overrides.append("data.name=fortunes" if spec.input_kind == "tokens" else "data.name=digits")
+    cfg = load_experiment(target if is_experiment else "quickstart", overrides)
+    spec_shape = () if is_experiment or args.data else model_spec(target).input_shape
+    if args.input_shape or spec_shape:
+        shape: tuple[int, ...] = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else spec_shape
+        num_classes = 10
+    else:
+        ds = experiment_dataset(cfg)
+        shape, num_classes = ds.input_shape, ds.num_classes
     if args.seq_len:
-        example = {k: v[:, : args.seq_len] if v.dim() >= 2 else v for k, v in example.items()}
+        shape = (args.seq_len,)
+    model = build_model_for(cfg, shape, num_classes)
+    example, dynamic, bounds = model_example(cfg, shape)
+    if isinstance(example, torch.Tensor):
+        example = example.uniform_()
     return model, cfg.model.name, example, dynamic, bounds
 
 
@@ -54,7 +63,9 @@ def _cmd_cuts(args: argparse.Namespace) -> int:
     rows, refused = cut_table(traced, example)
     if args.depth:
         rows = [r for r in rows if r.cut.count(".") < args.depth]
-    shapes = {k: list(v.shape[1:]) for k, v in example.items()}
+    from fsl.graphsplit import as_inputs
+
+    shapes = {k: list(v.shape[1:]) for k, v in as_inputs(model, example).items()}
     if args.json:
         out = {
             "model": name,

@@ -305,7 +305,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # the deployment roles (certs, superlink, supernode, connect, launch), the standalone split server
 # (split-server), serving (serve, serve-token) and its client (predict). A role's package may be left
 # out of an installation (a device has no attacks).
-PLUGIN_MODULES = ("attacks.cli", "fsl_cli.deploy", "server.serve", "server.split_host", "fsl_cli.predict")
+PLUGIN_MODULES = (
+    "attacks.cli",
+    "fsl_cli.cuts",
+    "fsl_cli.deploy",
+    "server.serve",
+    "server.split_host",
+    "fsl_cli.predict",
+)
 
 
 def _register_plugins(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:

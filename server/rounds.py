@@ -38,9 +38,8 @@ from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, to_toml
 from fsl.data import as_tensor
 from fsl.endpoint import advertised_address, dataplane_tls
-from fsl.experiment import build_model_for, config_to_json, experiment_dataset
+from fsl.experiment import ServerSide, build_model_for, config_to_json, experiment_dataset, server_side
 from fsl.memory import peak_rss_mb
-from fsl.models import cut_shape, split_model, split_model_u
 from fsl.privacy.server import ServerPrivacy
 from fsl.rundir import Checkpoint, RunDir
 from fsl.training import evaluate_model
@@ -116,14 +115,9 @@ class RoundRunner:
         self.state: SplitServerState | None = None
         if self.mode == "fl":
             client_part: nn.Module = model
-        elif cfg.model.ushaped:
-            u = split_model_u(model, cfg.model.cut, cfg.model.top_cut)
-            client_part = u.client_modules
-            self.state = self._state(u.middle, cut_shape(u.bottom, self.ds.input_shape), ushaped=True)
         else:
-            s = split_model(model, cfg.model.cut)
-            client_part = s.client
-            self.state = self._state(s.server, cut_shape(s.client, self.ds.input_shape), ushaped=False)
+            client_part, side = server_side(cfg, model, self.ds.input_shape)
+            self.state = self._state(side, ushaped=cfg.model.ushaped)
         self.arrays = ArrayRecord(client_part.state_dict())
         # server.endpoints: the segment copies train on standalone split servers, merged here
         self.remote: RemoteSegments | None = None
@@ -152,11 +146,13 @@ class RoundRunner:
         )
         self._resume()
 
-    def _state(self, segment: nn.Module, sample_shape: tuple[int, ...], *, ushaped: bool) -> SplitServerState:
+    def _state(self, side: ServerSide, *, ushaped: bool) -> SplitServerState:
         c = self.cfg
         return SplitServerState(
-            segment,
-            sample_shape=sample_shape,
+            side.segment,
+            sample_shape=side.sample_shape,
+            signature=side.signature,
+            task=side.task,
             num_classes=self.ds.num_classes,
             lr=c.train.server_lr,
             momentum=c.train.momentum,

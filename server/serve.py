@@ -37,6 +37,7 @@ class ServedModel:
     cfg: Any  # ExperimentConfig
     client: Any  # nn.Module, the client segment (bottom, for U-shaped)
     server: Any  # nn.Module, the server segment
+    signature: Any  # fsl.cutvalues.Signature of a traced cut, None for one tensor
     input_shape: tuple[int, ...]
     num_classes: int
     round: int
@@ -46,8 +47,7 @@ class ServedModel:
 def load_served_model(run_dir: str | Path, dataset: Any | None = None) -> ServedModel:
     """Both segments of ``run_dir``'s newest checkpoint, built from the run's own config."""
     from fsl.config import load_experiment
-    from fsl.experiment import build_model_for, experiment_dataset
-    from fsl.models import split_model
+    from fsl.experiment import build_model_for, experiment_dataset, split_for
     from fsl.rundir import RunDir
 
     run = RunDir(run_dir)
@@ -60,13 +60,14 @@ def load_served_model(run_dir: str | Path, dataset: Any | None = None) -> Served
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to serve")
     ds = dataset if dataset is not None else experiment_dataset(cfg)
-    split = split_model(build_model_for(cfg, ds.input_shape, ds.num_classes), cfg.model.cut)
+    split = split_for(cfg, build_model_for(cfg, ds.input_shape, ds.num_classes), ds.input_shape)
     split.client.load_state_dict(ckpt.client)
     split.server.load_state_dict({k[len("segment.") :]: v for k, v in ckpt.server.items() if k.startswith("segment.")})
     return ServedModel(
         cfg=cfg,
         client=split.client.eval(),
         server=split.server.eval(),
+        signature=split.graph.signature(1) if split.graph is not None else None,
         input_shape=tuple(ds.input_shape),
         num_classes=ds.num_classes,
         round=ckpt.round,
@@ -103,7 +104,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     auth = serving_authority(args.run_dir, args.epoch)
     state = SplitServerState(
         m.server,
-        sample_shape=cut_shape(m.client, m.input_shape),
+        sample_shape=cut_shape(m.client, m.input_shape) if m.signature is None else (),
+        signature=m.signature,
         num_classes=m.num_classes,
         device=args.device,
         authority=auth,

@@ -112,20 +112,15 @@ class SplitHost:
         return self.batcher if self.batcher is not None else self.current()
 
     def _build(self, experiment: str, input_shape: tuple[int, ...], num_classes: int) -> None:
-        from fsl.experiment import build_model_for, config_from_json
-        from fsl.models import cut_shape, split_model, split_model_u
+        from fsl.experiment import build_model_for, config_from_json, server_side
 
         cfg = config_from_json(experiment)
-        model = build_model_for(cfg, input_shape, num_classes)
-        if cfg.model.ushaped:
-            u = split_model_u(model, cfg.model.cut, cfg.model.top_cut)
-            segment, sample_shape = u.middle, cut_shape(u.bottom, input_shape)
-        else:
-            s = split_model(model, cfg.model.cut)
-            segment, sample_shape = s.server, cut_shape(s.client, input_shape)
+        _, side = server_side(cfg, build_model_for(cfg, input_shape, num_classes), input_shape)
         self.state = SplitServerState(
-            segment,
-            sample_shape=sample_shape,
+            side.segment,
+            sample_shape=side.sample_shape,
+            signature=side.signature,
+            task=side.task,
             num_classes=num_classes,
             lr=cfg.train.server_lr,
             momentum=cfg.train.momentum,

@@ -20,6 +20,7 @@ aggregate: the run's traffic totals and the optimizer step count.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,8 @@ from torch import nn
 from fsl.auth import RoundAuthority
 from fsl.cutvalues import SINGLE, Activations, Signature, TensorSpec, batch_size, like
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES
+from fsl.tasks import TASKS
+from fsl.tasks import loss as task_loss
 from fsl.training import label_log_prior
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
@@ -107,16 +110,18 @@ class SplitServerState:
     # what crosses the cut (None: one float tensor of ``sample_shape``, Signature.single); a cut of
     # several named tensors is validated against it and the segment is called with their dict
     signature: Signature | None = None
-    # what the labels are: "classification" ((B,) class indices) or "causal-lm" ((B, T) token
+    # what the labels are: "classify" ((B,) class indices) or "causal-lm" ((B, T) token
     # targets in [0, num_classes) or -100); the loss is ``loss_fn`` (None: cross entropy)
-    task: str = "classification"
+    task: str = "classify"
     loss_fn: LossFn | None = None
     # the open round's traffic per client (released by end_round; the run's totals stay in traffic_total)
     stats: dict[str, ClientStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.task not in ("classification", "causal-lm"):
-            raise ValueError(f"task must be 'classification' or 'causal-lm', not {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, not {self.task!r}")
+        if self.loss_fn is None and self.task != "classify":
+            self.loss_fn = functools.partial(task_loss, self.task)
         if self.signature is None:
             self.signature = Signature.single(self.sample_shape)
         elif self.signature.positional:
@@ -253,7 +258,7 @@ class SplitServerState:
             formats=formats,
             want_confidence=bool(msg.want_confidence),
         )
-        if not self._recall(job) and self.logit_adjust and self.task == "classification":
+        if not self._recall(job) and self.logit_adjust and self.task == "classify":
             job.log_prior = self._log_prior(hdr.client_id, y)
         return job
 

@@ -92,7 +92,7 @@ def check_labels(
     num_classes: int,
     max_batch: int,
     data: Any = None,
-    task: str = "classification",
+    task: str = "classify",
     max_elements: int | None = None,
 ) -> torch.Tensor:
     """``t`` decoded as ``(batch,)`` int64 class indices in ``[0, num_classes)``, or for ``task``
