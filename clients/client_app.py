@@ -23,9 +23,10 @@ from clients.resources import client_memory_check, node_batch_size, peak_rss_mb
 from clients.trainer import evaluate_split, evaluate_split_u, train_segment, train_segment_u
 from fsl.channel import ChannelIdentity
 from fsl.config import ExperimentConfig
-from fsl.data import Partition, as_tensor
+from fsl.data import Partition
 from fsl.experiment import client_part, config_from_json, local_partition
 from fsl.grpc_channel import GrpcChannel
+from fsl.models import model_spec
 from fsl.plugins import resolve
 from fsl.privacy.client import client_arrays, client_privacy, secagg_setup_reply, wire_dtype_for
 from fsl.training import TrainHooks, TrainOptions, TrainStats, evaluate_model, train_local
@@ -116,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
     privacy = client_privacy(cfg, r.module, len(part.y_train), options, r.partition_id)
     options, hooks = privacy.options, privacy.hooks.merged(r.plugin_hooks())
     stats: TrainStats
-    x_train = as_tensor(part.x_train, "the client training loop")
+    x_train = part.x_train
     if cfg.mode == "fl":
         stats = train_local(r.module, x_train, part.y_train, options, hooks)
     else:
@@ -153,15 +154,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, part = r.cfg, r.part
     bs = cfg.train.eval_batch_size
     up = down = 0
-    x_val = as_tensor(part.x_val, "the client evaluation")
+    x_val, task = part.x_val, model_spec(cfg.model.name).task
     if cfg.mode == "fl":
-        ev = evaluate_model(r.module, x_val, part.y_val, bs)
+        ev = evaluate_model(r.module, x_val, part.y_val, bs, task)
     else:
         with r.channel() as channel:
             if cfg.model.ushaped:
-                ev = evaluate_split_u(r.detail.bottom, r.detail.top, x_val, part.y_val, channel, bs)
+                ev = evaluate_split_u(r.detail.bottom, r.detail.top, x_val, part.y_val, channel, bs, task)
             else:
-                ev = evaluate_split(r.module, x_val, part.y_val, channel, bs)
+                ev = evaluate_split(r.module, x_val, part.y_val, channel, bs, task=task)
             up, down = channel.bytes_up, channel.bytes_down
     metrics = MetricRecord(
         {

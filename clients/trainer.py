@@ -17,8 +17,10 @@ from functools import partial
 import torch
 from torch import nn
 
+from fsl import tasks
 from fsl.channel import SplitChannel, StepResult
 from fsl.cutvalues import Activations, as_dict, detached, map_floats
+from fsl.data import Inputs
 from fsl.exits import exit_loss
 from fsl.training import (
     BatchResult,
@@ -54,7 +56,7 @@ __all__ = [
 
 def train_segment(
     segment: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     channel: SplitChannel,
     options: TrainOptions | None = None,
@@ -70,7 +72,7 @@ def train_segment(
 def train_segment_u(
     bottom: nn.Module,
     top: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     channel: SplitChannel,
     options: TrainOptions | None = None,
@@ -81,7 +83,8 @@ def train_segment_u(
     Per batch: ``h1 = bottom(x)`` up, ``h2 = middle(h1)`` down, ``loss(top(h2), y)`` here,
     ``dL/dh2`` up, ``dL/dh1`` down, finish backprop through ``bottom``. Labels never leave.
     """
-    counts = torch.bincount(y) if options is not None and options.logit_adjust and len(y) else None
+    adjust = options is not None and options.logit_adjust and options.task == "classify"
+    counts = torch.bincount(y) if adjust and len(y) else None
     step = partial(ushaped_step, bottom, top, channel, label_counts=counts)
     return _train_split([bottom, top], step, channel, x, y, options, hooks)
 
@@ -90,7 +93,7 @@ def _train_split(
     modules: list[nn.Module],
     make_step: Callable[[TrainOptions, TrainHooks], Step],
     channel: SplitChannel,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     options: TrainOptions | None,
     hooks: TrainHooks | None,
@@ -156,13 +159,18 @@ def ushaped_step(
             torch.autograd.backward([h1, out], [torch.zeros_like(h1), torch.zeros_like(out)])
             return BatchResult(0.0, 0)
         h1 = bottom(xb)  # (B, ...) at the first cut
+        carry: dict[str, torch.Tensor] = {}
+        sends = getattr(bottom, "sends", None)  # a traced bottom may also compute values for the top
+        if sends and isinstance(h1, dict):
+            carry = {k: v for k, v in h1.items() if sends.get(k, 1) != 1}
+            h1 = {k: v for k, v in h1.items() if k not in carry}
         t0 = time.perf_counter()
         sent = _released(h1, release)
         h2, fwd_step = channel.forward(sent)
         wire_s = time.perf_counter() - t0
         if not isinstance(h2, torch.Tensor):  # named tensors at the second cut: the floats take gradients
             return _named_u_step(
-                top, channel, h1, sent, h2, fwd_step, xb, yb, options, penalty, want_confidence, wire_s
+                top, channel, h1, sent, h2, fwd_step, xb, yb, options, penalty, want_confidence, wire_s, carry
             )
         h2 = h2.detach().requires_grad_(True)  # (B, ...) at the second cut
         mid[:] = [tuple(h2.shape[1:])]
@@ -170,14 +178,17 @@ def ushaped_step(
         if label_counts is not None and not prior:
             n = logits.shape[1]
             prior.append(label_log_prior(nn.functional.pad(label_counts, (0, n - len(label_counts)))))
-        loss = nn.functional.cross_entropy(logits + prior[0] if prior else logits, yb)
+        if options.task == "classify":
+            loss = nn.functional.cross_entropy(logits + prior[0] if prior else logits, yb)
+        else:
+            loss = tasks.loss(options.task, logits, yb)
         plus(loss, exit_loss(top, yb, options.exit_weight)).backward()
         assert h2.grad is not None
         t1 = time.perf_counter()
         g1 = channel.backward(h2.grad, fwd_step, sent)  # dL/dh1 from the server
         wire_s += time.perf_counter() - t1
         _backward(h1, g1, penalty, xb, exit_loss(bottom, yb, options.exit_weight))
-        res = head_result(logits, loss, yb, want_confidence)
+        res = head_result(logits, loss, yb, want_confidence, options.task)
         res.wire_s = wire_s
         return res
 
@@ -203,19 +214,27 @@ def _named_u_step(
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     want_confidence: bool,
     wire_s: float,
+    carry: dict[str, torch.Tensor] | None = None,
 ) -> BatchResult:
-    """The rest of a U-shaped step whose middle returns named tensors: the top on their dict, the
-    loss, their float tensors' gradients up, the first cut's gradients down."""
+    """The rest of a U-shaped step whose middle returns named tensors: the top on their dict (and on
+    the values the bottom computed for it, ``carry``), the loss, their float tensors' gradients up,
+    the first cut's gradients down."""
     mid = {n: t.detach().requires_grad_(True) if t.is_floating_point() else t for n, t in h2.items()}
-    logits = top(mid)
-    loss = nn.functional.cross_entropy(logits, yb)
+    kept = {n: t.detach().requires_grad_(t.requires_grad) for n, t in (carry or {}).items()}
+    logits = top({**kept, **mid})
+    loss = tasks.loss(options.task, logits, yb)
     plus(loss, exit_loss(top, yb, options.exit_weight)).backward()
     g2 = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in mid.items() if t.is_floating_point()}
     t1 = time.perf_counter()
     g1 = channel.backward(g2, fwd_step, sent)
     wire_s += time.perf_counter() - t1
+    # the carried values' gradients join the server's in one backward pass through the bottom
+    g_kept = {n: t.grad for n, t in kept.items() if t.grad is not None}
+    if g_kept:
+        h1 = {**as_dict(h1), **{n: (carry or {})[n] for n in g_kept}}
+        g1 = {**as_dict(g1), **g_kept}
     _backward(h1, g1, penalty, xb)
-    res = head_result(logits, loss, yb, want_confidence)
+    res = head_result(logits, loss, yb, want_confidence, options.task)
     res.wire_s = wire_s
     return res
 
@@ -257,11 +276,12 @@ def _backward(
 @torch.no_grad()
 def evaluate_split(
     segment: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     channel: SplitChannel,
     batch_size: int = 512,
     release: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    task: str = "classify",
 ) -> EvalStats:
     """Split inference on (x, y): lower segment here, the rest on the split server.
 
@@ -270,20 +290,38 @@ def evaluate_split(
     """
     segment.eval()
 
-    def logits_of(xb: torch.Tensor) -> torch.Tensor:
+    def logits_of(xb: Inputs) -> torch.Tensor:
         h = segment(xb)
         out = channel.infer(h if release is None else map_floats(h, release))
         assert isinstance(out, torch.Tensor), "the server segment returns logits"
         return out
 
-    return evaluate_logits(logits_of, x, y, batch_size)
+    return evaluate_logits(logits_of, x, y, batch_size, task)
 
 
 @torch.no_grad()
 def evaluate_split_u(
-    bottom: nn.Module, top: nn.Module, x: torch.Tensor, y: torch.Tensor, channel: SplitChannel, batch_size: int = 512
+    bottom: nn.Module,
+    top: nn.Module,
+    x: Inputs,
+    y: torch.Tensor,
+    channel: SplitChannel,
+    batch_size: int = 512,
+    task: str = "classify",
 ) -> EvalStats:
     """U-shaped split inference: the server returns the middle output, the top runs here."""
     bottom.eval()
     top.eval()
-    return evaluate_logits(lambda xb: top(channel.infer(bottom(xb))), x, y, batch_size)
+    sends = getattr(bottom, "sends", None)
+
+    def logits_of(xb: Inputs) -> torch.Tensor:
+        h1 = bottom(xb)
+        carry: dict[str, torch.Tensor] = {}
+        if sends and isinstance(h1, dict):
+            carry = {k: v for k, v in h1.items() if sends.get(k, 1) != 1}
+            h1 = {k: v for k, v in h1.items() if k not in carry}
+        h2 = channel.infer(h1)
+        out: torch.Tensor = top({**carry, **h2} if isinstance(h2, dict) else h2)
+        return out
+
+    return evaluate_logits(logits_of, x, y, batch_size, task)

@@ -31,7 +31,7 @@ import importlib.util
 import inspect
 import json
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -51,12 +51,14 @@ __all__ = [
     "Inputs",
     "Partition",
     "as_tensor",
+    "cat_inputs",
     "client_partition",
     "is_plugin",
     "load_dataset",
     "num_samples",
     "register_dataset",
     "take",
+    "trim_padding",
     "partition_dirichlet",
     "partition_iid",
     "partition_shards",
@@ -91,6 +93,28 @@ def take(x: Inputs, idx: torch.Tensor) -> Inputs:
     if isinstance(x, torch.Tensor):
         return x.index_select(0, idx)
     return {k: v.index_select(0, idx) for k, v in x.items()}
+
+
+def cat_inputs(parts: Sequence[Inputs]) -> Inputs:
+    """Samples of several ``parts`` one after the other, tensor or dict alike."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat([p for p in parts if isinstance(p, torch.Tensor)])
+    return {k: torch.cat([p[k] for p in parts if isinstance(p, dict)]) for k in first}
+
+
+def trim_padding(x: Inputs, y: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
+    """A batch of right-padded token sequences cut to its longest sequence (at least 2 tokens), and
+    its (B, T) labels with it: padding costs compute and bytes on the wire and changes nothing else
+    (the attention mask hides it). Images and unpadded batches come back as they are."""
+    if isinstance(x, torch.Tensor) or "attention_mask" not in x:
+        return x, y
+    mask = x["attention_mask"]
+    longest = max(2, int(mask.sum(1).max())) if mask.numel() else mask.shape[1]
+    if longest >= mask.shape[1]:
+        return x, y
+    cut = {k: v[:, :longest] if v.dim() >= 2 and v.shape[1] == mask.shape[1] else v for k, v in x.items()}
+    return cut, y[:, :longest] if y.dim() == 2 else y
 
 
 def as_tensor(x: Inputs, where: str) -> torch.Tensor:

@@ -33,8 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsl import tasks
+from fsl.data import Inputs, take, trim_padding
 from fsl.exits import exit_loss
 from fsl.fastmath import flush_denormals
+from fsl.models import model_spec, run_model
 from fsl.optim import SGD, Stepper
 
 __all__ = [
@@ -71,6 +74,7 @@ class TrainOptions:
     seed: int = 0  # seeds the shuffling of the local data
     exit_weight: float = 0.5  # multi-exit models: weight of each exit's loss (fsl.exits)
     logit_adjust: bool = False  # U-shaped: the loss on logits + log(the local label prior) (train.logit_adjust)
+    task: str = "classify"  # what the labels are and how the loss reads them (fsl.tasks)
 
     @classmethod
     def from_config(cls, cfg: Any, *, seed: int, proximal_mu: float = 0.0) -> TrainOptions:
@@ -86,6 +90,7 @@ class TrainOptions:
             seed=seed,
             exit_weight=cfg.model.exit_weight,
             logit_adjust=cfg.train.logit_adjust,
+            task=model_spec(cfg.model.name).task,
         )
 
 
@@ -108,7 +113,7 @@ class TrainHooks:
     release: Callable[[torch.Tensor], torch.Tensor] | None = None
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     cartography: Record | None = None
-    inputs: Callable[[torch.Tensor], None] | None = None
+    inputs: Callable[[Any], None] | None = None
     on_batch: Callable[[int], None] | None = None
     on_end: Callable[[TrainStats], None] | None = None
 
@@ -152,10 +157,10 @@ class TrainStats:
     bytes_up: int = 0
     bytes_down: int = 0
 
-    def finish(self, loss_sum: float, correct: int) -> TrainStats:
-        """Turn the running sums into per-sample means."""
+    def finish(self, loss_sum: float, correct: int, targets: int | None = None) -> TrainStats:
+        """Turn the running sums into means (accuracy over ``targets`` predictions, samples by default)."""
         self.loss = loss_sum / max(1, self.examples)
-        self.accuracy = correct / max(1, self.examples)
+        self.accuracy = correct / max(1, self.examples if targets is None else targets)
         return self
 
 
@@ -174,17 +179,18 @@ class BatchResult:
     correct: int  # samples whose prediction is the label
     confidence: torch.Tensor | None = None  # (B,) p(true label), when cartography asked for it
     wire_s: float = 0.0  # the part of the step spent waiting on the data plane
+    targets: int | None = None  # predictions ``correct`` counts from (None: the batch's samples)
 
 
 # step(x (B, ...), y (B,)) -> the batch's result, with the gradients of the trained parameters set; the
 # loop has cleared them and takes the optimizer step. None: the step did nothing (no optimizer step).
-Step = Callable[[torch.Tensor, torch.Tensor], "BatchResult | None"]
+Step = Callable[[Any, torch.Tensor], "BatchResult | None"]
 
 
 def train_loop(
     step: Step,
     params: Iterable[torch.Tensor],
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     options: TrainOptions,
     hooks: TrainHooks,
@@ -197,11 +203,11 @@ def train_loop(
     start = [p.detach().clone() for p in params] if o.proximal_mu > 0 else []
     gen = torch.Generator().manual_seed(o.seed)
     stats = TrainStats()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, targets = 0.0, 0, 0
     for epoch in range(o.epochs):
         for idx in hooks.batches() if hooks.batches is not None else _shuffled(len(y), o.batch_size, gen):
             t0 = time.perf_counter()
-            xb, yb = x[idx], y[idx]
+            xb, yb = trim_padding(take(x, idx), y.index_select(0, idx))
             if hooks.inputs is not None and len(idx):
                 hooks.inputs(xb)
             opt.zero_grad(set_to_none=True)
@@ -216,11 +222,12 @@ def train_loop(
             stats.examples += len(idx)
             loss_sum += out.loss * len(idx)
             correct += out.correct
+            targets += len(idx) if out.targets is None else out.targets
             if hooks.cartography is not None and out.confidence is not None:
                 hooks.cartography(idx, out.confidence, epoch)
             if hooks.on_batch is not None:
                 hooks.on_batch(len(idx))
-    stats.finish(loss_sum, correct)
+    stats.finish(loss_sum, correct, targets)
     if hooks.on_end is not None:
         hooks.on_end(stats)
     return stats
@@ -240,17 +247,20 @@ def _add_proximal(params: Iterable[torch.Tensor], start: list[torch.Tensor], mu:
 
 
 def evaluate_logits(
-    logits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int
+    logits_of: Callable[[Any], torch.Tensor], x: Inputs, y: torch.Tensor, batch_size: int, task: str = "classify"
 ) -> EvalStats:
-    """Loss and accuracy of ``logits_of`` over (x, y) in batches; the labels stay here."""
-    loss_sum, correct = 0.0, 0
+    """Loss and accuracy of ``logits_of`` over (x, y) in batches; the labels stay here.
+
+    Loss and accuracy are means over the task's targets (samples; tokens for a language model)."""
+    loss_sum, correct, targets = 0.0, 0, 0
     for i in range(0, len(y), batch_size):
-        logits = logits_of(x[i : i + batch_size])  # (B, num_classes)
-        yb = y[i : i + batch_size]
-        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    n = len(y)
-    return EvalStats(examples=n, loss=loss_sum / max(1, n), accuracy=correct / max(1, n))
+        idx = torch.arange(i, min(i + batch_size, len(y)))
+        xb, yb = trim_padding(take(x, idx), y[i : i + batch_size])
+        logits = logits_of(xb)  # (B, num_classes), or (B, T, vocab)
+        loss_sum += float(tasks.loss(task, logits, yb, reduction="sum"))
+        correct += tasks.correct(task, logits, yb)
+        targets += tasks.targets(task, yb)
+    return EvalStats(examples=len(y), loss=loss_sum / max(1, targets), accuracy=correct / max(1, targets))
 
 
 def label_log_prior(counts: torch.Tensor) -> torch.Tensor:
@@ -270,8 +280,12 @@ def plus(loss: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
     return loss if extra is None else loss + extra
 
 
-def head_result(logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor, want_confidence: bool) -> BatchResult:
+def head_result(
+    logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor, want_confidence: bool, task: str = "classify"
+) -> BatchResult:
     """The result of a step whose loss is computed here, from the logits (B, num_classes)."""
+    if task != "classify":
+        return BatchResult(float(loss.detach()), tasks.correct(task, logits, y), targets=tasks.targets(task, y))
     return BatchResult(
         loss=float(loss.detach()),
         correct=int((logits.argmax(1) == y).sum()),
@@ -280,15 +294,17 @@ def head_result(logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor, want_
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> EvalStats:
+def evaluate_model(
+    model: nn.Module, x: Inputs, y: torch.Tensor, batch_size: int = 512, task: str = "classify"
+) -> EvalStats:
     """Evaluate a whole (joined) model locally."""
     model.eval()
-    return evaluate_logits(model, x, y, batch_size)
+    return evaluate_logits(lambda xb: run_model(model, xb), x, y, batch_size, task)
 
 
 def train_local(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     options: TrainOptions | None = None,
     hooks: TrainHooks | None = None,
@@ -301,13 +317,13 @@ def train_local(
     want_confidence = hooks.cartography is not None
     model.train()
 
-    def step(xb: torch.Tensor, yb: torch.Tensor) -> BatchResult:
-        logits = model(xb)  # (B, num_classes)
+    def step(xb: Inputs, yb: torch.Tensor) -> BatchResult:
+        logits = run_model(model, xb)  # (B, num_classes), or (B, T, vocab)
         if not len(yb):  # an empty Poisson batch: a zero gradient, so DP-SGD still takes its noise-only step
             torch.autograd.backward([logits], [torch.zeros_like(logits)])
             return BatchResult(0.0, 0)
-        loss = nn.functional.cross_entropy(logits, yb)
+        loss = tasks.loss(options.task, logits, yb)
         plus(loss, exit_loss(model, yb, options.exit_weight)).backward()  # multi-exit: every exit is here
-        return head_result(logits, loss, yb, want_confidence)
+        return head_result(logits, loss, yb, want_confidence, options.task)
 
     return train_loop(step, model.parameters(), x, y, options, hooks)

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from fsl.config import ExperimentConfig, to_toml
-from fsl.data import as_tensor, client_partition
+from fsl.data import cat_inputs, client_partition
 from fsl.experiment import build_model_for, experiment_dataset
+from fsl.models import model_spec
 from fsl.rundir import Checkpoint, RunDir
 from fsl.training import TrainOptions, evaluate_model, train_local
 from server.results import Reporter, summarize_run
@@ -39,7 +40,8 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
         )
         for i in range(cfg.clients)
     ]
-    x = torch.cat([as_tensor(p.x_train, "central training") for p in parts])
+    xs = [p.x_train for p in parts]
+    x = cat_inputs(xs)
     y = torch.cat([p.y_train for p in parts])
     model = build_model_for(cfg, ds.input_shape, ds.num_classes)
     history: list[dict[str, Any]] = []
@@ -58,7 +60,7 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
         if reporter is not None:
             reporter.round_start(rnd, cfg.train.rounds, 0, lambda: 0)
         stats = train_local(model, x, y, TrainOptions.from_config(cfg, seed=cfg.seed * 100_003 + rnd))
-        ev = evaluate_model(model, as_tensor(ds.x_test, "evaluation"), ds.y_test, cfg.train.eval_batch_size)
+        ev = evaluate_model(model, ds.x_test, ds.y_test, cfg.train.eval_batch_size, model_spec(cfg.model.name).task)
         row = {
             "round": rnd,
             "mode": "central",

@@ -36,10 +36,10 @@ from torch import nn
 
 from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, to_toml
-from fsl.data import as_tensor
 from fsl.endpoint import advertised_address, dataplane_tls
 from fsl.experiment import ServerSide, build_model_for, config_to_json, experiment_dataset, server_side
 from fsl.memory import peak_rss_mb
+from fsl.models import model_spec
 from fsl.privacy.server import ServerPrivacy
 from fsl.rundir import Checkpoint, RunDir
 from fsl.training import evaluate_model
@@ -108,6 +108,7 @@ class RoundRunner:
         if cfg.server.threads:
             torch.set_num_threads(cfg.server.threads)
         self.ds = experiment_dataset(cfg)
+        self.task = model_spec(cfg.model.name).task
         model = build_model_for(cfg, self.ds.input_shape, self.ds.num_classes)
         self.eval_model: nn.Module = copy.deepcopy(model)  # CPU copy for central evaluation
         self.run_id = run.path.name
@@ -418,12 +419,12 @@ class RoundRunner:
             accs, losses = [], []
             for _, rec in sorted(self.own.items()):  # by owner: the same order in a resumed run
                 self.eval_model.load_state_dict({**rec.to_torch_state_dict(), **server_sd})
-                ev = evaluate_model(self.eval_model, as_tensor(self.ds.x_test, "evaluation"), self.ds.y_test, bs)
+                ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs, self.task)
                 accs.append(ev.accuracy)
                 losses.append(ev.loss)
             return statistics.fmean(accs), statistics.fmean(losses), accs
         self.eval_model.load_state_dict({**self.arrays.to_torch_state_dict(), **server_sd})
-        ev = evaluate_model(self.eval_model, as_tensor(self.ds.x_test, "evaluation"), self.ds.y_test, bs)
+        ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs, self.task)
         return ev.accuracy, ev.loss, []
 
     def record(
