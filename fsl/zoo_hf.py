@@ -234,7 +234,9 @@ def gpt2(
 ) -> nn.Module:
     """A small GPT-2 language model (logits over the vocabulary at every position; ``num_classes`` unused)."""
     t = _transformers()
-    base = _gpt2_base(hidden_size, num_layers, num_heads, max_length)
+    # untied: a two-way split keeps the embedding on the client and the output layer on the server,
+    # and one weight cannot be trained on both sides (a U-shaped split could keep them tied)
+    base = {**_gpt2_base(hidden_size, num_layers, num_heads, max_length), "tie_word_embeddings": False}
     model: nn.Module = t.GPT2LMHeadModel(_config(t.GPT2Config, base, options, "gpt2"))
     return model
 
