@@ -457,6 +457,7 @@ class GraphSegment(nn.Module):
         graphs: tuple[fx.Graph, fx.Graph],
     ) -> None:
         super().__init__()
+        self.traced = True  # runs a graph of operations, not its submodules (per-layer tools cannot hook it)
         self.index = index
         self.sends: dict[str, int] = {}  # name of each value this segment returns -> the segment it is for
         self.input_names = tuple(input_names)
@@ -499,6 +500,7 @@ def join_params(*segments: nn.Module) -> nn.Module:
     """One container holding the parameters and buffers of ``segments`` under the model's names
     (the same tensors, for state dicts and aggregation; it has no forward)."""
     joined = nn.Module()
+    joined.traced = True  # type: ignore[assignment]  # tells per-layer tools (Opacus) what this holds
     seen: set[str] = set()
     for seg in segments:
         for name, p in seg.named_parameters(remove_duplicate=False):

@@ -273,3 +273,14 @@ def test_errors_say_why_and_what_to_do() -> None:
         graph_split(build_model("cnn"), ["conv2", "conv1"], torch.rand(2, 1, 28, 28))
     with pytest.raises(SplitError, match="no bounds"):
         graph_split(_bert(), "bert.encoder.layer.0", _tokens(2, 8, 200), dynamic=TOKENS)
+
+
+def test_dp_sgd_refuses_a_traced_segment_with_the_reason() -> None:
+    pytest.importorskip("opacus")
+    from fsl.models import split_model
+    from fsl.privacy.dp import validate_dp_module
+
+    traced = split_model(build_model("cnn", norm="group"), "conv1.0", torch.rand(2, 1, 28, 28))
+    (problem,) = validate_dp_module(traced.client)
+    assert "per-sample gradients" in problem.why and "Sequential" in problem.fix
+    assert validate_dp_module(split_model(build_model("cnn"), "conv1").client) == []

@@ -12,12 +12,12 @@ import copy
 
 import pytest
 import torch
+from test_graphsplit import _backward, _run_split
 
 from fsl import tasks
 from fsl.graphsplit import cut_table, split_traced, trace
 from fsl.models import MODELS, build_module, model_spec, run_model
 from fsl.zoo_hf import TOKEN_VOCAB
-from test_graphsplit import _backward, _run_split
 
 pytest.importorskip("transformers")
 
@@ -33,7 +33,13 @@ OPTIONS: dict[str, dict[str, object]] = {
     "gpt2-classify": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, **GPT_NO_DROPOUT},
     "mobilenet": {"classifier_dropout_prob": 0.0},
 }
-IMAGE = {"cnn": (1, 28, 28), "resnet": (3, 16, 16), "regnet": (1, 28, 28), "hf-resnet": (1, 28, 28), "mobilenet": (3, 32, 32)}
+IMAGE = {
+    "cnn": (1, 28, 28),
+    "resnet": (3, 16, 16),
+    "regnet": (1, 28, 28),
+    "hf-resnet": (1, 28, 28),
+    "mobilenet": (3, 32, 32),
+}
 SEQ = 12
 
 
@@ -94,7 +100,9 @@ def test_every_legal_cut_steps_as_the_unsplit_model(name: str) -> None:
         loss = tasks.loss(task, pred, y)
         assert abs(float(loss) - ref_loss) < 1e-4, (name, row.cut)
         _backward(loss, pairs)
-        grads = {n: p.grad for s in sp.segments for n, p in s.named_parameters(remove_duplicate=False) if p.grad is not None}
+        grads = {
+            n: p.grad for s in sp.segments for n, p in s.named_parameters(remove_duplicate=False) if p.grad is not None
+        }
         _close(grads, ref_grads, f"{name} at {row.cut}: gradient of")
         params = {id(p): p for s in sp.segments for p in s.parameters()}
         torch.optim.SGD(list(params.values()), lr=0.1).step()
@@ -143,4 +151,3 @@ def test_default_cut_over_grpc_steps_as_the_unsplit_model(name: str) -> None:
     torch.optim.SGD(client.parameters(), lr=0.1).step()
     after = {**client.state_dict(), **state.segment.state_dict()}
     _close(after, ref_state, f"{name} over gRPC:")
-

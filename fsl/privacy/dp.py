@@ -85,6 +85,15 @@ def validate_dp_module(module: nn.Module) -> list[DPProblem]:
     from opacus.validators import ModuleValidator
 
     problems: list[DPProblem] = []
+    if any(getattr(m, "traced", False) for m in module.modules()):
+        return [
+            DPProblem(
+                "(traced segment)",
+                "a segment cut from the model's traced graph runs the graph's operations, not its layers, so "
+                "Opacus cannot compute per-sample gradients layer by layer.",
+                "cut an nn.Sequential model at one of its top-level blocks, or turn privacy.dp off.",
+            )
+        ]
     for name, m in module.named_modules():
         if isinstance(m, _BATCH_NORMS):
             problems.append(
