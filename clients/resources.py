@@ -149,6 +149,11 @@ def client_memory_check(
     budget = float(node_config.get("memory-mb", 0) or 0)
     if budget <= 0:
         return None
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"memory-mb: the training-memory estimate probes image inputs (C, H, W); this model takes {input_shape}. "
+            "Leave memory-mb unset on this node for token models."
+        )
     if cfg.mode in ("fl", "central"):
         est = estimate_training_memory([module], input_shape, batch_size)
         what = f"the whole {cfg.model.name} model"
