@@ -89,13 +89,22 @@ def split_for(cfg: ExperimentConfig, model: nn.Module, input_shape: tuple[int, .
     """``model`` cut at ``cfg.model.cut`` (traced on an example of the experiment's inputs when it is
     not a Sequential's block)."""
     example, dynamic, bounds = model_example(cfg, input_shape)
-    return split_model(model, cfg.model.cut, example, dynamic=dynamic, bounds=bounds)
+    key = _trace_key(cfg, input_shape)
+    return split_model(model, cfg.model.cut, example, dynamic=dynamic, bounds=bounds, cache_key=key)
 
 
 def usplit_for(cfg: ExperimentConfig, model: nn.Module, input_shape: tuple[int, ...]) -> USplit:
     """``model`` cut at ``cfg.model.cut`` and ``cfg.model.top_cut`` for a U-shaped split."""
     example, dynamic, bounds = model_example(cfg, input_shape)
-    return split_model_u(model, cfg.model.cut, cfg.model.top_cut, example, dynamic=dynamic, bounds=bounds)
+    key = _trace_key(cfg, input_shape)
+    return split_model_u(
+        model, cfg.model.cut, cfg.model.top_cut, example, dynamic=dynamic, bounds=bounds, cache_key=key
+    )
+
+
+def _trace_key(cfg: ExperimentConfig, input_shape: tuple[int, ...]) -> str:
+    """What decides the traced graph of the experiment's model: its section of the config and the input."""
+    return json.dumps([to_dict(cfg)["model"], list(input_shape)], sort_keys=True, default=str)
 
 
 @dataclass

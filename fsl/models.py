@@ -364,6 +364,7 @@ def split_model(
     *,
     dynamic: Mapping[str, Mapping[int, str]] | None = None,
     bounds: Mapping[str, tuple[int, int]] | None = None,
+    cache_key: str | None = None,
 ) -> Split:
     """Split ``model`` after ``cut``.
 
@@ -378,7 +379,7 @@ def split_model(
 
         if example is None:
             raise ValueError(f"splitting {type(model).__name__} at {cut!r} traces it: pass an example batch")
-        g = graph_split(model, cut, example, dynamic=dynamic, bounds=bounds)
+        g = graph_split(model, cut, example, dynamic=dynamic, bounds=bounds, cache_key=cache_key)
         for seg in g.segments:
             seg.train(model.training)
         return Split(client=g.segments[0], server=g.segments[1], cut=cut, graph=g)
@@ -428,6 +429,7 @@ def split_model_u(
     *,
     dynamic: Mapping[str, Mapping[int, str]] | None = None,
     bounds: Mapping[str, tuple[int, int]] | None = None,
+    cache_key: str | None = None,
 ) -> USplit:
     """Cut ``model`` after ``cut`` and after ``top_cut``: bottom | middle | top.
 
@@ -439,7 +441,7 @@ def split_model_u(
 
         if example is None:
             raise ValueError(f"splitting {type(model).__name__} at {cut!r} traces it: pass an example batch")
-        g = graph_split(model, [cut, top_cut], example, dynamic=dynamic, bounds=bounds)
+        g = graph_split(model, [cut, top_cut], example, dynamic=dynamic, bounds=bounds, cache_key=cache_key)
         bottom, middle, top = g.segments
         for seg in g.segments:
             seg.train(model.training)

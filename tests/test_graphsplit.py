@@ -284,3 +284,16 @@ def test_dp_sgd_refuses_a_traced_segment_with_the_reason() -> None:
     (problem,) = validate_dp_module(traced.client)
     assert "per-sample gradients" in problem.why and "Sequential" in problem.fix
     assert validate_dp_module(split_model(build_model("cnn"), "conv1").client) == []
+
+
+def test_a_cached_trace_splits_another_instance_of_the_same_model() -> None:
+    x = torch.rand(3, 1, 28, 28)
+    first = graph_split(build_model("cnn", seed=0), "conv1.0", x, cache_key="cnn-test")
+    other = build_model("cnn", seed=1)
+    again = graph_split(other, "conv1.0", x, cache_key="cnn-test")
+    assert again.segments[0].conv1[0].weight is other.conv1[0].weight  # this model's own parameters
+    for s in (*first.segments, *again.segments):
+        s.eval()
+    pred, _ = _run_split(again, x)
+    torch.testing.assert_close(pred, other.eval()(x))
+    assert not torch.allclose(pred, _run_split(first, x)[0])
