@@ -163,12 +163,19 @@ class TrainConfig:
     # shared server segment towards predicting only its classes; inference uses the raw logits.
     # With IID data the prior is about uniform and the loss is plain cross entropy.
     logit_adjust: bool = True
+    # split modes: each SGD step's gradient is scaled down to this joint L2 norm, on the split server
+    # (the server segment) and on the client (its segment); 0 turns it off. Under label skew the first
+    # batches of a client whose classes the segment has not seen give a loss, and so a gradient, ten to
+    # forty times the usual one; with momentum 0.9 such a step kills ReLUs, and clients trained in turn
+    # (sl, sflv2) on two classes each end at chance. Steps of a healthy run stay below it.
+    clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
         for k in ("rounds", "local_epochs", "batch_size", "min_clients", "eval_batch_size"):
             _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
         _check(self.lr > 0 and self.server_lr > 0, "train.lr and train.server_lr must be > 0")
         _check(0 <= self.momentum < 1, f"train.momentum must lie in [0, 1), got {self.momentum}")
+        _check(self.clip_norm >= 0, f"train.clip_norm must be >= 0 (0: off), got {self.clip_norm}")
         _check(0 < self.fraction_train <= 1, f"train.fraction_train must lie in (0, 1], got {self.fraction_train}")
         _check(
             0 <= self.fraction_evaluate <= 1,
