@@ -74,7 +74,7 @@ class TrainOptions:
     seed: int = 0  # seeds the shuffling of the local data
     exit_weight: float = 0.5  # multi-exit models: weight of each exit's loss (fsl.exits)
     logit_adjust: bool = False  # U-shaped: the loss on logits + log(the local label prior) (train.logit_adjust)
-    clip_norm: float = 0.0  # each step's gradient norm bound on the client's parameters (0: none), train.clip_norm
+    clip_norm: float = 0.0  # each step's gradient norm bound on the client's parameters (0: none): cfg.clip_norm
     task: str = "classify"  # what the labels are and how the loss reads them (fsl.tasks)
 
     @classmethod
@@ -91,7 +91,7 @@ class TrainOptions:
             seed=seed,
             exit_weight=cfg.model.exit_weight,
             logit_adjust=cfg.train.logit_adjust,
-            clip_norm=t.clip_norm if cfg.mode not in ("fl", "central") else 0.0,  # split modes only
+            clip_norm=cfg.clip_norm,
             task=model_spec(cfg.model.name).task,
         )
 

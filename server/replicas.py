@@ -31,7 +31,7 @@ class Replica:
     ) -> None:
         self.segment = segment
         self.optimizer = torch.optim.SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.clip_norm = clip_norm  # largest L2 norm of one step's gradient (0: unclipped), train.clip_norm
+        self.clip_norm = clip_norm  # largest L2 norm of one step's gradient (0: unclipped): cfg.clip_norm
         self.lock = threading.Lock()
         self.steps = 0  # optimizer steps taken by this copy
         self.samples = 0  # samples trained on by this copy since it was made

@@ -85,7 +85,7 @@ class SplitServerState:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
-    clip_norm: float = 0.0  # each step's gradient norm bound (0: none); see TrainConfig.clip_norm
+    clip_norm: float = 0.0  # each step's gradient norm bound (0: none); ExperimentConfig.clip_norm
     device: str = "auto"
     max_batch: int = 4096
     authority: RoundAuthority | None = None

@@ -217,10 +217,25 @@ def test_sl_on_two_class_shards_no_longer_dies_under_the_default_clip(fashion_sm
     """Clients in turn on two classes each: the first batches of each new client give a gradient many
     times the usual one; unclipped, with momentum, those steps kill the server's ReLUs and the model
     ends at chance. The default train.clip_norm bounds those steps and the model learns."""
-    from fsl.config import TrainConfig
+    from fsl.config import ExperimentConfig
 
     plain_acc, plain_dead, plain_spike = _sl_on_shards(fashion_small, 0.0, rounds=2)
     assert plain_spike > 20  # measured: a client's first step about 200x the median step
     assert plain_acc[-1] < 0.15 and plain_dead > 0.6, (plain_acc, plain_dead)  # measured 0.10, 0.92 after 3 rounds
-    acc, dead = _sl_on_shards(fashion_small, TrainConfig().clip_norm, rounds=2)[:2]
+    acc, dead = _sl_on_shards(fashion_small, ExperimentConfig(mode="sl").clip_norm, rounds=2)[:2]
     assert acc[-1] > 0.25 and dead < 0.4, (acc, dead)  # measured 0.35, 0.16 after 3 rounds
+
+
+def test_the_automatic_clip_bounds_the_sequential_modes_only():
+    import dataclasses
+
+    from fsl.config import SEQUENTIAL_CLIP_NORM, ExperimentConfig, TrainConfig
+
+    auto = {m: ExperimentConfig(mode=m).clip_norm for m in ("sl", "sflv2", "fsl", "sflv1", "psl", "hybrid", "fl")}
+    assert auto == {"sl": SEQUENTIAL_CLIP_NORM, "sflv2": SEQUENTIAL_CLIP_NORM} | dict.fromkeys(
+        ("fsl", "sflv1", "psl", "hybrid", "fl"), 0.0
+    )
+    for mode, value, want in (("fsl", 0.5, 0.5), ("sl", 0, 0.0), ("fl", 0.5, 0.0)):
+        cfg = dataclasses.replace(ExperimentConfig(mode=mode), train=TrainConfig(clip_norm=value))
+        assert cfg.clip_norm == want
+        assert TrainOptions.from_config(cfg, seed=0).clip_norm == want  # what the client loop uses
