@@ -239,3 +239,12 @@ def test_the_automatic_clip_bounds_the_sequential_modes_only():
         cfg = dataclasses.replace(ExperimentConfig(mode=mode), train=TrainConfig(clip_norm=value))
         assert cfg.clip_norm == want
         assert TrainOptions.from_config(cfg, seed=0).clip_norm == want  # what the client loop uses
+
+
+def test_a_sweep_row_without_a_bound_ran_unclipped():
+    """skew.json rows written before the bound existed count as unclipped cells: the parallel modes
+    keep them, the sequential ones (now clipped by default) run again."""
+    from experiments.skew import _key
+
+    old = {"mode": "sl", "partition": "shards", "alpha": None, "seed": 0, "rounds": 10}
+    assert _key(old) == _key({**old, "clip_norm": 0.0}) != _key({**old, "clip_norm": 1.0})
