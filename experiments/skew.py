@@ -70,6 +70,7 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
         row["rounds"],
         row.get("train_limit", 0),
         row.get("logit_adjust", True),
+        row.get("clip_norm", 0.0),  # rows without it ran unclipped
     )
 
 
@@ -87,6 +88,7 @@ def _row(mode: str, partition: str, cfg: ExperimentConfig, run_dir: Path) -> dic
         "best_accuracy": summary["best_accuracy"],
         "accuracy_per_round": [h["accuracy"] for h in hist],
         "logit_adjust": _adjusted(cfg),
+        "clip_norm": cfg.clip_norm,  # the gradient-norm bound the cell's steps ran under (0: none)
         "train_limit": cfg.data.train_limit,
         "wall_s": summary["wall_s"],
     }
@@ -174,13 +176,15 @@ def main(args: argparse.Namespace) -> int:
             for m in modes:
                 cfg = cell_config(base, m, p, seed)
                 scheme, alpha = _partition(p)
-                key = (m, scheme, alpha, seed, cfg.train.rounds, cfg.data.train_limit, _adjusted(cfg))
+                key = (m, scheme, alpha, seed, cfg.train.rounds, cfg.data.train_limit, _adjusted(cfg), cfg.clip_norm)
                 if key in done:
                     continue
                 print(f"skew: {m} {p} seed {seed}", flush=True)
                 name = f"{m}-{p}-seed{seed}-r{cfg.train.rounds}" + (
                     "" if _adjusted(cfg) or m.startswith("fl") else "-plain"
                 )
+                # a clipped cell never resumes the run directory of an unclipped one
+                name += f"-clip{cfg.clip_norm:g}" if cfg.clip_norm > 0 else ""
                 run_dir = run_in_process(cfg, runs / name, quiet=args.quiet, label="skew")
                 rows.append(_row(m, p, cfg, run_dir))
                 write_results(out, rows)

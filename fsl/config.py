@@ -44,6 +44,8 @@ __all__ = [
 # Split-learning architectures and baselines (see README: "Architectures").
 MODES = ("fsl", "sl", "sflv1", "sflv2", "psl", "hybrid", "ushaped", "fl", "central")
 SPLIT_MODES = ("fsl", "sl", "sflv1", "sflv2", "psl", "hybrid")  # modes that run a split server
+SEQUENTIAL_MODES = ("sl", "sflv2")  # clients train one after another against the one server segment
+SEQUENTIAL_CLIP_NORM = 1.0  # train.clip_norm's automatic bound in the sequential modes
 PARALLEL_MODES = ("fsl", "sflv1", "psl", "hybrid")
 GROUP_RULES = ("count", "data", "capability")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
@@ -163,6 +165,16 @@ class TrainConfig:
     # shared server segment towards predicting only its classes; inference uses the raw logits.
     # With IID data the prior is about uniform and the loss is plain cross entropy.
     logit_adjust: bool = True
+    # the largest joint L2 norm of one SGD step's gradient, on the split server (the server segment)
+    # and on the client (its segment), in the split modes: a larger gradient is scaled down to it.
+    # Negative (the default): automatic, SEQUENTIAL_CLIP_NORM (1.0) in the sequential modes (sl,
+    # sflv2) and off in the others; 0: off everywhere; positive: that bound in every split mode.
+    # Clients trained in turn on one or two classes each (two-class shards) hand the server segment
+    # from one label set to another: the first batches of the next client give a gradient 10 to 200
+    # times the median step, and with momentum 0.9 those steps kill most of the server's ReLUs; the
+    # model then outputs a constant and ends at chance. Bounded, those steps cannot. In the parallel
+    # modes batches of many clients interleave and there is no such switch, so they are left alone.
+    clip_norm: float = -1.0
 
     def __post_init__(self) -> None:
         for k in ("rounds", "local_epochs", "batch_size", "min_clients", "eval_batch_size"):
@@ -332,6 +344,16 @@ class ExperimentConfig:
     activation_noise: ActivationNoiseConfig = field(default_factory=ActivationNoiseConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # fsl/privacy/config.py
     log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def clip_norm(self) -> float:
+        """The gradient-norm bound of every SGD step of a segment (0: none): ``train.clip_norm``, its
+        automatic value resolved for this mode; the whole-model baselines are never clipped."""
+        if self.mode in ("fl", "central"):
+            return 0.0
+        if self.train.clip_norm < 0:
+            return SEQUENTIAL_CLIP_NORM if self.mode in SEQUENTIAL_MODES else 0.0
+        return float(self.train.clip_norm)
 
     @property
     def architecture(self) -> str:

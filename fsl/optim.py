@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["SGD", "Stepper"]
+__all__ = ["SGD", "Stepper", "clip_grad_norm"]
 
 
 class Stepper(Protocol):
@@ -75,3 +75,21 @@ class SGD:
                     buf.mul_(self.momentum).add_(g, alpha=1.0)
                 g = buf
             p.add_(g, alpha=-self.lr)
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Scale the gradients of ``params`` down so that their joint L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping; ``max_norm <= 0`` leaves the gradients alone. The same rule as
+    ``torch.nn.utils.clip_grad_norm_`` (scale ``max_norm / (norm + 1e-6)``), written out so that the
+    client imports nothing more for it.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = float(torch.sqrt(sum((g.detach().float().pow(2).sum() for g in grads), torch.zeros(()))))
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.detach().mul_(scale)
+    return norm

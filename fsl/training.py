@@ -38,7 +38,7 @@ from fsl.data import Inputs, take, trim_padding
 from fsl.exits import exit_loss
 from fsl.fastmath import flush_denormals
 from fsl.models import model_spec, run_model
-from fsl.optim import SGD, Stepper
+from fsl.optim import SGD, Stepper, clip_grad_norm
 
 __all__ = [
     "BatchResult",
@@ -74,6 +74,7 @@ class TrainOptions:
     seed: int = 0  # seeds the shuffling of the local data
     exit_weight: float = 0.5  # multi-exit models: weight of each exit's loss (fsl.exits)
     logit_adjust: bool = False  # U-shaped: the loss on logits + log(the local label prior) (train.logit_adjust)
+    clip_norm: float = 0.0  # each step's gradient norm bound on the client's parameters (0: none): cfg.clip_norm
     task: str = "classify"  # what the labels are and how the loss reads them (fsl.tasks)
 
     @classmethod
@@ -90,6 +91,7 @@ class TrainOptions:
             seed=seed,
             exit_weight=cfg.model.exit_weight,
             logit_adjust=cfg.train.logit_adjust,
+            clip_norm=cfg.clip_norm,
             task=model_spec(cfg.model.name).task,
         )
 
@@ -215,6 +217,8 @@ def train_loop(
             if out is None:
                 continue
             _add_proximal(params, start, o.proximal_mu)
+            if o.clip_norm > 0 and hooks.optimizer is None:  # DP-SGD clips per sample itself
+                clip_grad_norm(params, o.clip_norm)
             opt.step()
             stats.compute_s += time.perf_counter() - t0 - out.wire_s
             stats.wire_s += out.wire_s

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsl.optim import clip_grad_norm
+
 __all__ = ["Replica", "ReplicaSet"]
 
 
@@ -24,20 +26,31 @@ class Replica:
     an inference pass): the segment and its optimizer are never touched by two threads at once.
     """
 
-    def __init__(self, segment: nn.Module, lr: float, momentum: float, weight_decay: float) -> None:
+    def __init__(
+        self, segment: nn.Module, lr: float, momentum: float, weight_decay: float, clip_norm: float = 0.0
+    ) -> None:
         self.segment = segment
         self.optimizer = torch.optim.SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.clip_norm = clip_norm  # largest L2 norm of one step's gradient (0: unclipped): cfg.clip_norm
         self.lock = threading.Lock()
         self.steps = 0  # optimizer steps taken by this copy
         self.samples = 0  # samples trained on by this copy since it was made
+
+    def step(self) -> None:
+        """The optimizer step on the gradients backward left, their joint norm clipped to ``clip_norm``."""
+        if self.clip_norm > 0:
+            clip_grad_norm(self.segment.parameters(), self.clip_norm)
+        self.optimizer.step()
 
 
 class ReplicaSet:
     """The global segment's :class:`Replica` and the round's copies, with the client -> copy assignment."""
 
-    def __init__(self, global_replica: Replica, lr: float, momentum: float, weight_decay: float) -> None:
+    def __init__(
+        self, global_replica: Replica, lr: float, momentum: float, weight_decay: float, clip_norm: float = 0.0
+    ) -> None:
         self.global_replica = global_replica
-        self._hyper = (lr, momentum, weight_decay)
+        self._hyper = (lr, momentum, weight_decay, clip_norm)
         self._lock = threading.Lock()  # guards the tables below, never held during compute
         self._copies: dict[str, Replica] = {}
         self._assignment: dict[str, str] = {}  # client -> replica id

@@ -157,6 +157,7 @@ class RoundRunner:
             num_classes=self.ds.num_classes,
             lr=c.train.server_lr,
             momentum=c.train.momentum,
+            clip_norm=c.clip_norm,
             weight_decay=c.train.weight_decay,
             device=c.server.device,
             max_batch=c.server.max_batch,

@@ -124,6 +124,7 @@ class SplitHost:
             num_classes=num_classes,
             lr=cfg.train.server_lr,
             momentum=cfg.train.momentum,
+            clip_norm=cfg.clip_norm,
             weight_decay=cfg.train.weight_decay,
             device=self.device,
             max_batch=cfg.server.max_batch,

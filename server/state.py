@@ -85,6 +85,7 @@ class SplitServerState:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    clip_norm: float = 0.0  # each step's gradient norm bound (0: none); ExperimentConfig.clip_norm
     device: str = "auto"
     max_batch: int = 4096
     authority: RoundAuthority | None = None
@@ -128,9 +129,9 @@ class SplitServerState:
             self.sample_shape = tuple(int(d) for d in self.signature.tensors[0].dims)
         self.torch_device = resolve_device(self.device)
         self.segment.to(self.torch_device)
-        self.global_replica = Replica(self.segment, self.lr, self.momentum, self.weight_decay)
+        self.global_replica = Replica(self.segment, self.lr, self.momentum, self.weight_decay, self.clip_norm)
         self.optimizer = self.global_replica.optimizer
-        self._copies = ReplicaSet(self.global_replica, self.lr, self.momentum, self.weight_decay)
+        self._copies = ReplicaSet(self.global_replica, self.lr, self.momentum, self.weight_decay, self.clip_norm)
         self._lock = threading.Lock()  # guards the tables below, never held during compute
         self._last: dict[str, tuple[int, int, Any]] = {}  # client -> (round, step, reply): the retry cache
         self._pending: dict[str, Pending] = {}  # client -> U-shaped forward awaiting backward

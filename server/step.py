@@ -164,7 +164,7 @@ def train_step(
     if bad:
         return bad
     (losses[0] if one else torch.stack(losses).sum()).backward()
-    replica.optimizer.step()
+    replica.step()  # clipped (train.clip_norm)
     replica.steps += 1
     replica.samples += sum(sizes)
     hits = logits.detach().argmax(-1) == y  # token targets: a hit per predicted token that is not ignored

@@ -99,7 +99,7 @@ def backward_step(job: BackwardJob, device: torch.device) -> None:
         outs[0].backward(gs[0])
     else:
         torch.autograd.backward(outs, gs)
-    rep.optimizer.step()
+    rep.step()  # clipped (train.clip_norm)
     rep.steps += 1
     rep.samples += p.rows
     back = gradients(p.leaf)

@@ -119,3 +119,132 @@ def test_batched_requests_are_each_adjusted_by_their_own_clients_prior():
     assert errors == [None, None] and batcher.batches == 1
     for rep, g in zip(replies, oracle, strict=True):
         assert torch.allclose(codec.decode(rep.grad), g, atol=1e-6, rtol=1e-5)
+
+
+def test_a_clipped_server_step_moves_the_segment_at_most_lr_times_the_bound():
+    """train.clip_norm on the split server: one step's gradient is scaled to the bound, so a batch
+    with a huge loss (a client's classes the segment has never seen) moves it by lr * clip_norm."""
+    y = torch.full((16,), 7)
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for clip in (0.0, 0.5):
+        _, split, state = make_state("cnn", "conv1", lr=0.1, momentum=0.9, clip_norm=clip, seed=0)
+        with torch.no_grad():
+            state.segment[-1].bias[3] = 30.0  # the segment is sure of class 3: cross entropy ~30
+        before = [p.detach().clone() for p in state.segment.parameters()]
+        _train(state, split, x, y, batch_size=16)
+        after = list(state.segment.parameters())
+        moved[clip] = float(torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(after, before, strict=True))))
+    assert moved[0.5] <= 0.1 * 0.5 + 1e-5  # the first step's momentum buffer is the (clipped) gradient
+    assert moved[0.0] > 5 * moved[0.5]  # unclipped: 0.38
+
+
+def test_a_clipped_client_step_is_bounded_and_dp_sgd_keeps_its_own_clipping():
+    from fsl.optim import clip_grad_norm
+
+    w = torch.zeros(3, requires_grad=True)
+    w.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert clip_grad_norm([w], 1.0) == pytest.approx(5.0)
+    assert float(w.grad.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert clip_grad_norm([w], 0.0) == pytest.approx(1.0, abs=1e-5) and float(w.grad.norm()) == pytest.approx(1.0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4) * 1e3, torch.zeros(8, dtype=torch.long)  # a huge gradient
+    from fsl.training import train_local
+
+    start = model.weight.detach().clone()
+    train_local(model, x, y, TrainOptions(epochs=1, batch_size=8, lr=0.1, momentum=0.0, clip_norm=1.0))
+    assert float((model.weight - start).norm()) <= 0.1 + 1e-5  # lr times the bound, bias included
+
+
+@pytest.fixture(scope="module")
+def fashion_small():
+    from fsl.data import DatasetNotFound, load_dataset, subset
+
+    try:
+        return subset(load_dataset("fashion-mnist"), 6000, 2000, seed=0)
+    except DatasetNotFound:
+        pytest.skip("dataset-fashion-mnist is not installed (.ci/run installs it)")
+
+
+def _dead_share(split, segment, x):
+    """Share of the server segment's ReLU units (conv2 and fc1) that are zero on every sample of ``x``."""
+    acts = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o: acts.append(o))
+        for m in segment.modules()
+        if isinstance(m, torch.nn.ReLU)
+    ]
+    with torch.no_grad():
+        segment(split.client(x))
+    for h in hooks:
+        h.remove()
+    dead = sum(int(((a > 0).sum(0) == 0).sum()) for a in acts)
+    return dead / sum(a[0].numel() for a in acts)
+
+
+def _sl_on_shards(ds, clip, rounds):
+    """sl: ten clients with two classes each train in turn against one server segment and hand the
+    client segment on; test accuracy per round, the dead share of the server's ReLUs at the end and
+    the largest server gradient norm of a client's first step against the median of all steps."""
+    torch.manual_seed(0)
+    parts = [client_partition(ds, i, 10, scheme="shards", seed=0) for i in range(10)]
+    _, split, state = make_state(
+        "cnn", "conv1", input_shape=ds.input_shape, lr=0.05, momentum=0.9, logit_adjust=True, clip_norm=clip
+    )
+    norms, first = [], []
+    step = state.global_replica.step
+
+    def recorded_step():
+        norms.append(float(torch.sqrt(sum((p.grad**2).sum() for p in state.segment.parameters()))))
+        step()
+
+    state.global_replica.step = recorded_step
+    accs = []
+    for r in range(rounds):
+        for i in torch.randperm(10, generator=torch.Generator().manual_seed(r)).tolist():
+            first.append(len(norms))
+            p = parts[i]
+            ch = InMemoryChannel(server=state, identity=ChannelIdentity(client_id=str(i)))
+            opts = TrainOptions(epochs=1, batch_size=64, lr=0.05, momentum=0.9, clip_norm=clip, seed=r)
+            train_segment(split.client, p.x_train, p.y_train, ch, opts)
+        state.end_round()
+        accs.append(evaluate_model(join_segments(split.client, state.segment), ds.x_test, ds.y_test).accuracy)
+    spike = max(norms[i] for i in first) / float(torch.tensor(norms).median())
+    return accs, _dead_share(split, state.segment, ds.x_test[:500]), spike
+
+
+def test_sl_on_two_class_shards_no_longer_dies_under_the_default_clip(fashion_small):
+    """Clients in turn on two classes each: the first batches of each new client give a gradient many
+    times the usual one; unclipped, with momentum, those steps kill the server's ReLUs and the model
+    ends at chance. The default train.clip_norm bounds those steps and the model learns."""
+    from fsl.config import ExperimentConfig
+
+    plain_acc, plain_dead, plain_spike = _sl_on_shards(fashion_small, 0.0, rounds=2)
+    assert plain_spike > 20  # measured: a client's first step about 200x the median step
+    assert plain_acc[-1] < 0.15 and plain_dead > 0.6, (plain_acc, plain_dead)  # measured 0.10, 0.92 after 3 rounds
+    acc, dead = _sl_on_shards(fashion_small, ExperimentConfig(mode="sl").clip_norm, rounds=2)[:2]
+    assert acc[-1] > 0.25 and dead < 0.4, (acc, dead)  # measured 0.35, 0.16 after 3 rounds
+
+
+def test_the_automatic_clip_bounds_the_sequential_modes_only():
+    import dataclasses
+
+    from fsl.config import SEQUENTIAL_CLIP_NORM, ExperimentConfig, TrainConfig
+
+    auto = {m: ExperimentConfig(mode=m).clip_norm for m in ("sl", "sflv2", "fsl", "sflv1", "psl", "hybrid", "fl")}
+    assert auto == {"sl": SEQUENTIAL_CLIP_NORM, "sflv2": SEQUENTIAL_CLIP_NORM} | dict.fromkeys(
+        ("fsl", "sflv1", "psl", "hybrid", "fl"), 0.0
+    )
+    for mode, value, want in (("fsl", 0.5, 0.5), ("sl", 0, 0.0), ("fl", 0.5, 0.0)):
+        cfg = dataclasses.replace(ExperimentConfig(mode=mode), train=TrainConfig(clip_norm=value))
+        assert cfg.clip_norm == want
+        assert TrainOptions.from_config(cfg, seed=0).clip_norm == want  # what the client loop uses
+
+
+def test_a_sweep_row_without_a_bound_ran_unclipped():
+    """skew.json rows written before the bound existed count as unclipped cells: the parallel modes
+    keep them, the sequential ones (now clipped by default) run again."""
+    from experiments.skew import _key
+
+    old = {"mode": "sl", "partition": "shards", "alpha": None, "seed": 0, "rounds": 10}
+    assert _key(old) == _key({**old, "clip_norm": 0.0}) != _key({**old, "clip_norm": 1.0})
