@@ -66,7 +66,11 @@ def train_segment(
 
     The server computes the loss and returns the gradient at the cut; the client finishes backprop.
     """
-    return _train_split([segment], partial(split_step, segment, channel), channel, x, y, options, hooks)
+    # a logit-adjusting server gets this client's exact label prior with every request
+    adjust = options is not None and options.logit_adjust and options.task == "classify" and len(y)
+    counts = torch.bincount(y).tolist() if adjust else None
+    step = partial(split_step, segment, channel, label_counts=counts)
+    return _train_split([segment], step, channel, x, y, options, hooks)
 
 
 def train_segment_u(
@@ -112,8 +116,17 @@ def _train_split(
     return stats
 
 
-def split_step(segment: nn.Module, channel: SplitChannel, options: TrainOptions, hooks: TrainHooks) -> Step:
-    """The step of split training: segment forward, the server's step through ``channel``, finish backprop."""
+def split_step(
+    segment: nn.Module,
+    channel: SplitChannel,
+    options: TrainOptions,
+    hooks: TrainHooks,
+    label_counts: list[int] | None = None,
+) -> Step:
+    """The step of split training: segment forward, the server's step through ``channel``, finish backprop.
+
+    ``label_counts`` (per class, over the local data) travel with each request for the server's
+    logit adjustment."""
     release, penalty = hooks.release, hooks.penalty
     want_confidence = hooks.cartography is not None  # the server computes confidences only when asked
 
@@ -122,7 +135,7 @@ def split_step(segment: nn.Module, channel: SplitChannel, options: TrainOptions,
         sent = _released(h, release)
         t0 = time.perf_counter()
         if len(yb):
-            res = channel.train_step(sent, yb, want_confidence=want_confidence)
+            res = channel.train_step(sent, yb, want_confidence=want_confidence, label_counts=label_counts)
         else:  # an empty Poisson batch: nothing travels, DP-SGD still takes its noise-only step
             res = StepResult(map_floats(h, torch.zeros_like), 0.0, 0)
         wire_s = time.perf_counter() - t0

@@ -10,7 +10,7 @@ nor this module imports ``grpc``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -121,15 +121,26 @@ class SplitChannel:
             got[n] = g.to(t.dtype)
         return got
 
-    def train_step(self, h: Activations, y: torch.Tensor, *, want_confidence: bool = False) -> StepResult:
+    def train_step(
+        self,
+        h: Activations,
+        y: torch.Tensor,
+        *,
+        want_confidence: bool = False,
+        label_counts: Sequence[int] | None = None,
+    ) -> StepResult:
         """Send activations ``h`` (B, ...) and labels ``y`` (B,) (or (B, T) token targets); return the
         gradient at the cut. ``h`` may be a dict of named tensors (a graph cut): the gradients come back
         as a dict, for the float tensors that take one.
 
-        ``want_confidence`` asks the server for each sample's p(true label) (data cartography)."""
+        ``want_confidence`` asks the server for each sample's p(true label) (data cartography);
+        ``label_counts`` (per class, over the client's local data) gives a logit-adjusting server the
+        client's exact label prior."""
         # the tensors travel framed beside the message (fsl/wire/frame.py), sent from their own
         # memory and received as views of the reply's bytes: no protobuf copies of the activations
         req = Framed(pb.TrainRequest(header=self._header(), want_confidence=want_confidence))
+        if label_counts is not None:
+            req.msg.label_counts.extend(int(c) for c in label_counts)
         self._put_cut(req, h)
         codec.encode_into(req.msg.labels, y, torch.int64)  # (B,) small: inline
         rep = self._call_train(req)

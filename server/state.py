@@ -260,12 +260,26 @@ class SplitServerState:
             want_confidence=bool(msg.want_confidence),
         )
         if not self._recall(job) and self.logit_adjust and self.task == "classify":
-            job.log_prior = self._log_prior(hdr.client_id, y)
+            job.log_prior = self._log_prior(hdr.client_id, y, msg.label_counts)
         return job
 
-    def _log_prior(self, client_id: str, y: torch.Tensor) -> torch.Tensor:
-        """(num_classes,) log of ``client_id``'s label prior this round, ``y`` counted in: add-one
-        smoothed, so a class the client never sent keeps a finite, strongly negative shift."""
+    def _log_prior(self, client_id: str, y: torch.Tensor, declared: Sequence[int] = ()) -> torch.Tensor:
+        """(num_classes,) log of ``client_id``'s label prior this round, add-one smoothed so that a class
+        the client does not hold keeps a finite, strongly negative shift.
+
+        The prior is the client's own label counts over its local data when the request declares them
+        (exact from the first batch), else the labels it has sent this round, ``y`` counted in: an
+        estimate that is poor over the first batches of a client with few samples, enough to swing
+        early steps."""
+        if declared:
+            if len(declared) > self.num_classes or any(c < 0 for c in declared) or sum(declared) < len(y):
+                raise InvalidRequest(
+                    f"label_counts must hold at most {self.num_classes} non-negative counts summing to at least "
+                    f"the batch ({len(y)}); got {len(declared)} counts summing to {sum(declared)}"
+                )
+            exact = torch.zeros(self.num_classes, dtype=torch.float64)
+            exact[: len(declared)] = torch.tensor(list(declared), dtype=torch.float64)
+            return label_log_prior(exact)
         batch = torch.bincount(y, minlength=self.num_classes).double()
         with self._lock:
             counts = self._label_counts.get(client_id)

@@ -248,3 +248,45 @@ def test_a_sweep_row_without_a_bound_ran_unclipped():
 
     old = {"mode": "sl", "partition": "shards", "alpha": None, "seed": 0, "rounds": 10}
     assert _key(old) == _key({**old, "clip_norm": 0.0}) != _key({**old, "clip_norm": 1.0})
+
+
+def _request(h, y, counts):
+    from fsl.wire import codec
+    from fsl.wire import dataplane_pb2 as pb
+
+    req = pb.TrainRequest(header=pb.Header(client_id="c", step=1))
+    codec.encode_into(req.activations, h, torch.float32)
+    codec.encode_into(req.labels, y, torch.int64)
+    req.label_counts.extend(counts)
+    return req
+
+
+def test_declared_label_counts_give_the_exact_prior_from_the_first_batch():
+    from server.validation import InvalidRequest
+
+    _, split, state = make_state("cnn", "conv1", lr=0.05, logit_adjust=True)
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 0, 1, 1])  # a batch that looks balanced
+    h = split.client(x).detach()
+    job = state.admit_train(_request(h, y, [90, 10]))  # but the client holds 90 % class 0
+    assert torch.allclose(job.log_prior, label_log_prior(torch.tensor([90, 10] + [0] * 8)))
+    before = {k: v.clone() for k, v in state.segment.state_dict().items()}
+    for bad in ([1] * 11, [-1, 9], [1, 1]):  # too many classes, negative, fewer than the batch
+        with pytest.raises(InvalidRequest, match="label_counts"):
+            state.admit_train(_request(h, y, bad))
+    assert all(torch.equal(v, before[k]) for k, v in state.segment.state_dict().items())
+
+
+def test_a_logit_adjusting_client_declares_its_label_counts():
+    _, split, state = make_state("cnn", "conv1", lr=0.05, logit_adjust=True)
+    seen = []
+    ch = InMemoryChannel(server=state, identity=ChannelIdentity(client_id="a"))
+    send = ch.train_step
+
+    def spy(h, y, **kw):
+        seen.append(kw.get("label_counts"))
+        return send(h, y, **kw)
+
+    ch.train_step = spy
+    y = torch.tensor([0, 0, 0, 2, 2, 1, 0, 0])
+    train_segment(split.client, torch.rand(8, 1, 28, 28), y, ch, TrainOptions(batch_size=4, logit_adjust=True))
+    assert seen == [[5, 1, 2], [5, 1, 2]]

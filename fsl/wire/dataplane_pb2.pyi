@@ -35,18 +35,20 @@ class Header(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., step: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("header", "activations", "labels", "want_confidence", "tensors")
+    __slots__ = ("header", "activations", "labels", "want_confidence", "tensors", "label_counts")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     WANT_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     header: Header
     activations: Tensor
     labels: Tensor
     want_confidence: bool
     tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., want_confidence: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    label_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., want_confidence: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., label_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("grad", "loss", "correct", "server_step", "confidence", "grads")
