@@ -7,7 +7,8 @@ training partitions, the same SGD settings and epochs). The rows:
 
 - ``minilm-embeddings`` / ``minilm-layer2``: pretrained all-MiniLM-L6-v2 fine-tuned on the
   ``fortunes`` topics, cut after its embeddings and after encoder layer 2
-  (``experiments/any-model-minilm.toml``); both share one central run;
+  (``experiments/any-model-minilm.toml``), and after layer 2 in mode ``sl`` (``minilm-layer2-sl``:
+  clients in turn, the client segment handed on instead of averaged); all three share one central run;
 - ``regnet``: a RegNetX from ``transformers`` on Fashion-MNIST, cut after its first stage
   (``experiments/any-model-regnet.toml``);
 - ``custom``: the plug-in model of ``examples/custom_model`` (a skip connection crosses its cut).
@@ -54,6 +55,9 @@ class Row:
 ROWS: dict[str, Row] = {
     "minilm-embeddings": Row("any-model-minilm", ("model.cut=bert.embeddings",), central="minilm"),
     "minilm-layer2": Row("any-model-minilm", ("model.cut=bert.encoder.layer.2",), central="minilm"),
+    # clients in turn, each handing the client segment to the next (vanilla split learning): no
+    # averaging of the client's three transformer layers
+    "minilm-layer2-sl": Row("any-model-minilm", ("model.cut=bert.encoder.layer.2", "mode=sl"), central="minilm"),
     "regnet": Row("any-model-regnet", central="regnet"),
     "custom": Row("examples/custom_model/experiment.toml", central="custom"),
 }
@@ -76,11 +80,13 @@ def row_configs(name: str, overrides: list[str]) -> tuple[ExperimentConfig, Expe
 
 def _digest(cfg: ExperimentConfig) -> str:
     """A short digest of what a run computes, for its directory's name: a finished run is reused only
-    for the same settings. The central run ignores the cut, so rows that differ only there share it."""
+    for the same settings. The central run ignores the cut, the logit adjustment and the server's
+    learning rate, so rows that differ only there share it."""
     from fsl.config import to_toml
 
-    if cfg.mode == "central":
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cut=""))
+    if cfg.mode == "central":  # what central training ignores
+        train = dataclasses.replace(cfg.train, logit_adjust=True, server_lr=cfg.train.lr)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cut=""), train=train)
     return hashlib.sha1(to_toml(dataclasses.replace(cfg, name="")).encode()).hexdigest()[:8]
 
 
@@ -138,6 +144,7 @@ def build_row(
         "server_lr": split.train.server_lr,
         "momentum": split.train.momentum,
         "local_epochs": split.train.local_epochs,
+        "logit_adjust": split.train.logit_adjust,
         "split_wall_s_per_round": s_sum["wall_s_per_round"],
         "central_wall_s_per_round": c_sum["wall_s_per_round"],
         "command": _command(split, name, overrides),
@@ -149,7 +156,17 @@ def build_row(
 
 
 def _key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["row"], row["cut"], row["rounds"], row["train_limit"], row["batch_size"], row["lr"], row["momentum"])
+    return (
+        row["row"],
+        row["mode"],
+        row["cut"],
+        row["rounds"],
+        row["train_limit"],
+        row["batch_size"],
+        row["lr"],
+        row["momentum"],
+        row["logit_adjust"],
+    )
 
 
 def _fmt_bytes(n: float) -> str:
@@ -161,14 +178,14 @@ def _fmt_bytes(n: float) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| model | cut | dataset | clients | rounds | split acc | central acc | bytes up / client / round "
+        "| model | cut | mode | dataset | clients | rounds | split acc | central acc | bytes up / client / round "
         "(data plane + segment) | bytes down / client / round (data plane + segment) |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = ""
     for r in rows:
         body += (
-            f"| {r['model']} | `{r['cut']}` | {r['dataset']} | {r['clients']} | {r['rounds']} | "
+            f"| {r['model']} | `{r['cut']}` | {r['mode']}{'' if r.get('logit_adjust', True) else ', plain CE'} | {r['dataset']} | {r['clients']} | {r['rounds']} | "
             f"{r['split_accuracy']:.4f} | {r['central_accuracy']:.4f} | "
             f"{_fmt_bytes(r['bytes_up_per_client_round'])} ({_fmt_bytes(r['dataplane_bytes_up_per_client_round'])}"
             f" + {_fmt_bytes(r['segment_bytes_up_per_client_round'])}) | "
@@ -206,16 +223,15 @@ def main(args: argparse.Namespace) -> int:
     )
     for name in names:
         split, central = configs[name]
-        key = (name, split.model.cut, split.train.rounds, split.data.train_limit, split.train.batch_size)
-        key += (split.train.lr, split.train.momentum)
-        if any(_key(r) == key for r in rows):
+        t = split.train
+        key = (name, split.mode, split.model.cut, t.rounds, split.data.train_limit, t.batch_size, t.lr, t.momentum)
+        if any(_key(r) == (*key, t.logit_adjust) for r in rows):
             continue
         central_name = central.name.removeprefix("any-model-")
         central_dir = run_in_process(
             central, runs / f"{central_name}-{_digest(central)}", quiet=args.quiet, label="any-model"
         )
         split_dir = run_in_process(split, runs / f"{name}-{_digest(split)}", quiet=args.quiet, label="any-model")
-        rows = [r for r in rows if r["row"] != name]  # one row per model and cut: the latest settings
         rows.append(build_row(name, split, split_dir, central_dir, overrides))
         write_results(out, rows)
     print(markdown(rows))
