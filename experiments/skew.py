@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.compare import run_in_process
-from fsl.config import ExperimentConfig, load_experiment
+from fsl.config import SEQUENTIAL_CLIP_NORM, SEQUENTIAL_MODES, ExperimentConfig, load_experiment
 
 MODES = ("fsl", "sl", "sflv1", "sflv2", "psl", "hybrid", "ushaped", "fl", "fl+fedprox")
 PARTITIONS = ("iid", "dirichlet-1.0", "dirichlet-0.5", "dirichlet-0.1", "shards")
@@ -89,6 +89,9 @@ def _row(mode: str, partition: str, cfg: ExperimentConfig, run_dir: Path) -> dic
         "accuracy_per_round": [h["accuracy"] for h in hist],
         "logit_adjust": _adjusted(cfg),
         "clip_norm": cfg.clip_norm,  # the gradient-norm bound the cell's steps ran under (0: none)
+        # split modes adjust logits by the label counts each client declares (rows without the key
+        # estimated the prior from the labels received so far in the round)
+        "label_prior": "declared" if _adjusted(cfg) else None,
         "train_limit": cfg.data.train_limit,
         "wall_s": summary["wall_s"],
     }
@@ -98,8 +101,20 @@ def _label(row: dict[str, Any]) -> str:
     return f"dirichlet-{row['alpha']}" if row["partition"] == "dirichlet" else str(row["partition"])
 
 
+def _default_clip(mode: str) -> float:
+    return SEQUENTIAL_CLIP_NORM if mode in SEQUENTIAL_MODES else 0.0
+
+
+def current(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that ran under the defaults of today's code: a cell rerun under a new default (the
+    sequential modes' gradient clip) supersedes its older run, which stays in ``skew.json``."""
+    return [r for r in rows if r["mode"] in ("fl", "fl+fedprox") or r.get("clip_norm", 0.0) == _default_clip(r["mode"])]
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """Final accuracy per mode and partition (mean over the seeds run; their count in brackets)."""
+    """Final accuracy per mode and partition under today's defaults (mean over the seeds run; their
+    count in brackets)."""
+    rows = current(rows)
     cols = [p for p in PARTITIONS if any(_label(r) == p for r in rows)]
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     out = "| mode | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
@@ -118,6 +133,7 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = current(rows)
     cols = [p for p in PARTITIONS if any(_label(r) == p for r in rows)]
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in MODES:
