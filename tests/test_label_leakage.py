@@ -14,6 +14,7 @@ def _auc(rows):
     return {r["attack"]: r["auc"] for r in rows}
 
 
+@pytest.mark.slow  # trains a U-shaped split for two epochs several times (~2 min on 2 cores)
 def test_attacks_high_undefended_and_defenses_lower_them(task):
     none = _auc(run_cell(task, "none", 0.0, epochs=2, seed=0))
     assert none["norm"] > 0.9 and none["direction"] > 0.95  # model completion needs more data: see the full run
