@@ -141,9 +141,9 @@ class NoisyGradChannel(InMemoryChannel):
 
     grad_noise: GradientNoise | None = None
 
-    def backward(self, grad: torch.Tensor, forward_step: int) -> torch.Tensor:
-        sent = grad if self.grad_noise is None else self.grad_noise(grad)
-        return super().backward(sent, forward_step)
+    def backward(self, grad: Any, forward_step: int, sent: Any = None) -> Any:
+        noisy = grad if self.grad_noise is None else self.grad_noise(grad)
+        return super().backward(noisy, forward_step, sent)
 
 
 def randomized_response(y: torch.Tensor, epsilon: float, num_classes: int, seed: int = 0) -> torch.Tensor:

@@ -393,11 +393,26 @@ def _partition(
             g.output(materialize(result))
         else:
             g.output({names[a]: env[a] for a in outs})
+        if s > 0:
+            _clone_mutated_inputs(g)
         g.eliminate_dead_code()
         graphs.append(g)
         attrs.append(b.attrs)
     inputs = [str(p.target) for p in placeholders]
     return _Partition(graphs, attrs, crossings, inputs, crossing_nodes)
+
+
+def _clone_mutated_inputs(g: fx.Graph) -> None:
+    """A received value that the graph changes in place (``x += residual``) is cloned first: it arrives
+    as a leaf that takes a gradient, which autograd does not let an in-place operation touch."""
+    inputs = [n for n in g.nodes if n.op == "placeholder"]
+    for p in inputs:
+        if not any(_mutates(u) and u.args and u.args[0] is p for u in p.users):
+            continue
+        with g.inserting_after(inputs[-1]):
+            copy = g.call_function(torch.ops.aten.clone.default, (p,))
+        copy.meta = dict(p.meta)
+        p.replace_all_uses_with(copy, delete_user_cb=lambda user, c=copy: user is not c)
 
 
 def _owned(model: nn.Module, attrs: set[str]) -> tuple[dict[str, nn.Parameter], dict[str, tuple[torch.Tensor, bool]]]:
