@@ -171,12 +171,7 @@ def ushaped_step(
             out = top(torch.zeros((0, *mid[0]), dtype=h1.dtype))  # (0, num_classes)
             torch.autograd.backward([h1, out], [torch.zeros_like(h1), torch.zeros_like(out)])
             return BatchResult(0.0, 0)
-        h1 = bottom(xb)  # (B, ...) at the first cut
-        carry: dict[str, torch.Tensor] = {}
-        sends = getattr(bottom, "sends", None)  # a traced bottom may also compute values for the top
-        if sends and isinstance(h1, dict):
-            carry = {k: v for k, v in h1.items() if sends.get(k, 1) != 1}
-            h1 = {k: v for k, v in h1.items() if k not in carry}
+        h1, carry = _route(bottom, bottom(xb))  # (B, ...) at the first cut
         t0 = time.perf_counter()
         sent = _released(h1, release)
         h2, fwd_step = channel.forward(sent)
@@ -206,6 +201,16 @@ def ushaped_step(
         return res
 
     return step
+
+
+def _route(bottom: nn.Module, h1: Activations) -> tuple[Activations, dict[str, torch.Tensor]]:
+    """The bottom's output split into what goes to the server's middle and what a traced bottom
+    computed for the top, which stays here (its ``sends`` says where each value goes)."""
+    sends = getattr(bottom, "sends", None)
+    if not sends or not isinstance(h1, dict):
+        return h1, {}
+    carry = {k: v for k, v in h1.items() if sends.get(k, 1) != 1}
+    return {k: v for k, v in h1.items() if k not in carry}, carry
 
 
 def _released(h: Activations, release: Callable[[torch.Tensor], torch.Tensor] | None) -> Activations:
@@ -325,14 +330,9 @@ def evaluate_split_u(
     """U-shaped split inference: the server returns the middle output, the top runs here."""
     bottom.eval()
     top.eval()
-    sends = getattr(bottom, "sends", None)
 
     def logits_of(xb: Inputs) -> torch.Tensor:
-        h1 = bottom(xb)
-        carry: dict[str, torch.Tensor] = {}
-        if sends and isinstance(h1, dict):
-            carry = {k: v for k, v in h1.items() if sends.get(k, 1) != 1}
-            h1 = {k: v for k, v in h1.items() if k not in carry}
+        h1, carry = _route(bottom, bottom(xb))
         h2 = channel.infer(h1)
         out: torch.Tensor = top({**carry, **h2} if isinstance(h2, dict) else h2)
         return out

@@ -227,13 +227,11 @@ def _fmt_dim(v: Any, names: Mapping[str, str]) -> int | str:
 class _Builder:
     """Builds one segment's graph from a plan."""
 
-    def __init__(self, plan: _Plan, seg: int, sym_names: Mapping[str, str]) -> None:
-        self.plan, self.seg, self.sym_names = plan, seg, sym_names
+    def __init__(self) -> None:
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.inputs: dict[fx.Node, fx.Node] = {}  # crossing value -> placeholder
         self.attrs: set[str] = set()
-        self.deferred_syms: list[fx.Node] = []
 
     def placeholder_for(self, n: fx.Node, name: str) -> fx.Node:
         if n not in self.inputs:
@@ -251,6 +249,7 @@ class _Partition:
     crossings: list[Crossing]
     inputs: list[str]  # raw input names the first segment reads
     crossing_nodes: list[fx.Node]
+    side: dict[fx.Node, int]  # the segment each operation of the traced graph runs in
 
 
 def _partition(
@@ -285,7 +284,6 @@ def _partition(
             return 0
         return plan.side.get(n)
 
-    crossing_nodes: list[fx.Node] = []
     for s in range(nseg):
         for n in users_of[s]:
             for a in n.all_input_nodes:
@@ -344,7 +342,7 @@ def _partition(
     graphs: list[fx.Graph] = []
     attrs: list[set[str]] = []
     for s in range(nseg):
-        b = _Builder(plan, s, sym_names)
+        b = _Builder()
         g = b.graph
         env = b.env
         if s == 0:
@@ -399,7 +397,7 @@ def _partition(
         graphs.append(g)
         attrs.append(b.attrs)
     inputs = [str(p.target) for p in placeholders]
-    return _Partition(graphs, attrs, crossings, inputs, crossing_nodes)
+    return _Partition(graphs, attrs, crossings, inputs, crossing_nodes, plan.side)
 
 
 def _clone_mutated_inputs(g: fx.Graph) -> None:
@@ -648,7 +646,7 @@ def split_traced(traced: Traced, cut_list: Sequence[str]) -> GraphSplit:
             f"({len(sig_e)}); cut at another module"
         )
     nseg = len(cut_list) + 1
-    _check_ownership(model, tr, ev, cut_list)
+    _check_ownership(params, [tr, ev], cut_list)
     segments = []
     for s in range(nseg):
         attrs = tr.attrs[s] | ev.attrs[s]
@@ -671,13 +669,13 @@ def _renamed(ev: _Partition, tr: _Partition, s: int) -> fx.Graph:
     return g
 
 
-def _check_ownership(model: nn.Module, tr: _Partition, ev: _Partition, cuts: Sequence[str]) -> None:
-    """A parameter used by two segments (tied weights) cannot be trained by one side alone."""
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+def _check_ownership(params: set[str], parts: Sequence[_Partition], cuts: Sequence[str]) -> None:
+    """A parameter used by two segments (tied weights) cannot be trained by one side alone; the two
+    client segments of a U-shaped split may share one."""
     nseg = len(cuts) + 1
     side = {s: "client" if s == 0 or (nseg == 3 and s == 2) else f"server{s}" for s in range(nseg)}
     seen: dict[str, int] = {}
-    for part in (tr, ev):
+    for part in parts:
         for s, attrs in enumerate(part.attrs):
             for a in attrs & params:
                 if a in seen and side[seen[a]] != side[s]:
@@ -744,12 +742,11 @@ def cut_table(
     for path in module_paths(model):
         try:
             part = _partition(gm, [path], params, traced.dynamic)
-            _check_ownership_one(part, [path], params)
+            _check_ownership(params, [part], [path])
         except SplitError as e:
             refused[path] = str(e)
             continue
-        plan_side = _Plan(gm, [path], params).side
-        client_flops = sum(f for n, f in flops.items() if plan_side.get(n) == 0)
+        client_flops = sum(f for n, f in flops.items() if part.side.get(n) == 0)
         client_params = sum(sizes[a] for a in part.attrs[0] if a in sizes)
         tensors = []
         nbytes = 0
@@ -759,12 +756,3 @@ def cut_table(
             nbytes += math.prod(shape) * c.dtype.itemsize
         rows.append(CutRow(path, tuple(tensors), nbytes, client_flops / total_flops, client_params / total_params))
     return rows, refused
-
-
-def _check_ownership_one(part: _Partition, cuts: Sequence[str], params: set[str]) -> None:
-    seen: dict[str, int] = {}
-    for s, attrs in enumerate(part.attrs):
-        for a in attrs & params:
-            if a in seen and seen[a] != s:
-                raise SplitError(f"parameter {a!r} is used on both sides of the cut {list(cuts)} (tied weights)")
-            seen[a] = s

@@ -10,7 +10,7 @@ from torch import nn
 
 from fsl import tasks
 from fsl.graphsplit import GraphSplit, SplitError, graph_split
-from fsl.models import build_model
+from fsl.models import build_model, run_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,10 +19,6 @@ CE = nn.functional.cross_entropy
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return tasks.loss("causal-lm", logits, labels)
-
-
-def _logits(out: object) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out  # type: ignore[return-value,attr-defined]
 
 
 Pairs = list[list[tuple[torch.Tensor, torch.Tensor]]]
@@ -69,7 +65,7 @@ def _check_step(model: nn.Module, cuts: list[str], x: object, y: torch.Tensor, l
     whole.train(train)
     for s in sp.segments:
         s.train(train)
-    out = _logits(whole(**x) if isinstance(x, dict) else whole(x))
+    out = run_model(whole, x)
     loss = loss_fn(out, y)
     loss.backward()
     pred, pairs = _run_split(sp, x)
