@@ -91,6 +91,7 @@ class _Round:
         options = TrainOptions.from_config(
             self.cfg,
             seed=seed,
+            rnd=self.round,
             proximal_mu=float(self.conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         )
         return dataclasses.replace(options, batch_size=node_batch_size(self.node_config, options.batch_size))

@@ -144,6 +144,7 @@ def build_row(
         "server_lr": split.train.server_lr,
         "momentum": split.train.momentum,
         "local_epochs": split.train.local_epochs,
+        "lr_schedule": split.train.lr_schedule,
         "logit_adjust": split.train.logit_adjust,
         "split_wall_s_per_round": s_sum["wall_s_per_round"],
         "central_wall_s_per_round": c_sum["wall_s_per_round"],
@@ -165,6 +166,7 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
         row["batch_size"],
         row["lr"],
         row["momentum"],
+        row.get("lr_schedule", "constant"),
         row["logit_adjust"],
     )
 
@@ -225,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
         split, central = configs[name]
         t = split.train
         key = (name, split.mode, split.model.cut, t.rounds, split.data.train_limit, t.batch_size, t.lr, t.momentum)
-        if any(_key(r) == (*key, t.logit_adjust) for r in rows):
+        if any(_key(r) == (*key, t.lr_schedule, t.logit_adjust) for r in rows):
             continue
         central_name = central.name.removeprefix("any-model-")
         central_dir = run_in_process(

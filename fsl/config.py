@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -49,6 +50,7 @@ SEQUENTIAL_CLIP_NORM = 1.0  # train.clip_norm's automatic bound in the sequentia
 PARALLEL_MODES = ("fsl", "sflv1", "psl", "hybrid")
 GROUP_RULES = ("count", "data", "capability")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg")
 
 
@@ -175,8 +177,28 @@ class TrainConfig:
     # model then outputs a constant and ends at chance. Bounded, those steps cannot. In the parallel
     # modes batches of many clients interleave and there is no such switch, so they are left alone.
     clip_norm: float = -1.0
+    # how both learning rates (client and split server) change over the rounds: "constant", or from
+    # the full rate in round 1 towards 0 after the last round along half a cosine ("cosine") or a
+    # line ("linear"). Per round, the unit every client and the split server share (a client learns
+    # its round from Flower); the central baseline reads a round as its local_epochs and follows the
+    # same schedule. A decaying rate lets the shared server segment settle on the features of the
+    # averaged client segment instead of chasing the last client's until the run stops.
+    lr_schedule: str = "constant"
+
+    def lr_factor(self, rnd: int) -> float:
+        """The multiplier of ``lr`` and ``server_lr`` in round ``rnd`` (1-based) under ``lr_schedule``."""
+        done = min(max(rnd - 1, 0), self.rounds) / self.rounds  # the share of the run behind this round
+        if self.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * done))
+        if self.lr_schedule == "linear":
+            return 1.0 - done
+        return 1.0
 
     def __post_init__(self) -> None:
+        _check(
+            self.lr_schedule in LR_SCHEDULES,
+            f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, not {self.lr_schedule!r}",
+        )
         for k in ("rounds", "local_epochs", "batch_size", "min_clients", "eval_batch_size"):
             _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
         _check(self.lr > 0 and self.server_lr > 0, "train.lr and train.server_lr must be > 0")

@@ -78,13 +78,14 @@ class TrainOptions:
     task: str = "classify"  # what the labels are and how the loss reads them (fsl.tasks)
 
     @classmethod
-    def from_config(cls, cfg: Any, *, seed: int, proximal_mu: float = 0.0) -> TrainOptions:
-        """The options an ``ExperimentConfig``'s ``[train]`` and ``[model]`` sections give, with this run's seed."""
+    def from_config(cls, cfg: Any, *, seed: int, rnd: int = 1, proximal_mu: float = 0.0) -> TrainOptions:
+        """The options an ``ExperimentConfig``'s ``[train]`` and ``[model]`` sections give for round ``rnd``
+        (its learning rate under ``train.lr_schedule``), with this run's seed."""
         t = cfg.train
         return cls(
             epochs=t.local_epochs,
             batch_size=t.batch_size,
-            lr=t.lr,
+            lr=t.lr * t.lr_factor(rnd),
             momentum=t.momentum,
             weight_decay=t.weight_decay,
             proximal_mu=proximal_mu,

@@ -59,7 +59,7 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
         t0 = time.perf_counter()
         if reporter is not None:
             reporter.round_start(rnd, cfg.train.rounds, 0, lambda: 0)
-        stats = train_local(model, x, y, TrainOptions.from_config(cfg, seed=cfg.seed * 100_003 + rnd))
+        stats = train_local(model, x, y, TrainOptions.from_config(cfg, seed=cfg.seed * 100_003 + rnd, rnd=rnd))
         ev = evaluate_model(model, ds.x_test, ds.y_test, cfg.train.eval_batch_size, model_spec(cfg.model.name).task)
         row = {
             "round": rnd,

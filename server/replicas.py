@@ -36,6 +36,11 @@ class Replica:
         self.steps = 0  # optimizer steps taken by this copy
         self.samples = 0  # samples trained on by this copy since it was made
 
+    def set_lr(self, lr: float) -> None:
+        """Train with learning rate ``lr`` from the next step (the round's rate under train.lr_schedule)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def step(self) -> None:
         """The optimizer step on the gradients backward left, their joint norm clipped to ``clip_norm``."""
         if self.clip_norm > 0:
@@ -55,6 +60,14 @@ class ReplicaSet:
         self._copies: dict[str, Replica] = {}
         self._assignment: dict[str, str] = {}  # client -> replica id
         self.retired_steps = 0  # optimizer steps of copies already merged
+
+    def set_lr(self, lr: float) -> None:
+        """Train the global segment and every copy opened from now on with learning rate ``lr``."""
+        with self._lock:
+            self._hyper = (lr, *self._hyper[1:])
+            live = list(self._copies.values())
+        for r in [self.global_replica, *live]:
+            r.set_lr(lr)
 
     @property
     def steps(self) -> int:

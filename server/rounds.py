@@ -304,6 +304,7 @@ class RoundRunner:
                 rnd, {str(n): r for n, r in plan.replicas.items()}, state.state_tensors(), self.authority
             )
         elif state is not None:
+            state.set_lr(cfg.train.server_lr * cfg.train.lr_factor(rnd))
             state.open_replicas({str(n): rid for n, rid in plan.replicas.items()})
         r = Round(rnd, plan, conf, sent=self.arrays)
         for h in self.hooks:

@@ -32,6 +32,7 @@ import grpc
 import torch
 
 from fsl.auth import AuthError, ExpiredCredential, RoundAuthority
+from fsl.config import TrainConfig
 from fsl.grpc_channel import grpc_options
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
@@ -99,6 +100,7 @@ class SplitHost:
         self.batcher: Any | None = None
         self._built_for: tuple[str, tuple[int, ...], int] | None = None
         self._run_round: tuple[str, int] | None = None
+        self._train_cfg: TrainConfig | None = None  # the experiment's [train], once a segment is built
         self._samples0 = self._steps0 = 0
 
     def current(self) -> SplitServerState:
@@ -115,6 +117,7 @@ class SplitHost:
         from fsl.experiment import build_model_for, config_from_json, server_side
 
         cfg = config_from_json(experiment)
+        self._train_cfg = cfg.train
         _, side = server_side(cfg, build_model_for(cfg, input_shape, num_classes), input_shape)
         self.state = SplitServerState(
             side.segment,
@@ -161,6 +164,9 @@ class SplitHost:
             except (KeyError, RuntimeError) as e:
                 raise InvalidRequest(f"the segment state does not fit the experiment's segment: {e}") from e
             state.stats.clear()
+            if self._train_cfg is not None:  # the round's rate under train.lr_schedule
+                t = self._train_cfg
+                state.set_lr(t.server_lr * t.lr_factor(hdr.round))
             state.open_replicas({g.client_id: g.replica for g in req.clients})
             self.tokens.grant(hdr.run_id, hdr.round, {g.client_id: g.token for g in req.clients})
             self._run_round = (hdr.run_id, hdr.round)

@@ -154,6 +154,11 @@ class SplitServerState:
         return self._copies.steps
 
     # ------------------------------------------------------------- replicas
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of every server-side step from now on (each round's, under train.lr_schedule)."""
+        self.lr = lr
+        self._copies.set_lr(lr)
+
     def open_replicas(self, assignment: dict[str, str]) -> None:
         """Give each replica id in ``assignment`` (client -> replica) its own copy of the global
         segment for this round. A single replica id means: everyone trains the global segment."""

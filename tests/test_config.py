@@ -29,6 +29,7 @@ def test_overrides_are_typed_and_applied():
         ("data.name=imagenet", "unknown dataset 'imagenet'"),
         ("mode=warp", "mode 'warp' is not available"),
         ("train.wire_dtype=float64", "train.wire_dtype must be one of"),
+        ("train.lr_schedule=step", "train.lr_schedule must be one of"),
         ("rounds", "must look like section.key=value"),
     ],
 )
@@ -70,3 +71,22 @@ def test_a_sweep_with_a_missing_dataset_says_so_in_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and str(missing) in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "schedule,factors",
+    [
+        ("constant", [1.0, 1.0, 1.0, 1.0]),
+        ("linear", [1.0, 0.75, 0.5, 0.25]),
+        ("cosine", [1.0, 0.5 + 0.5**0.5 / 2, 0.5, 0.5 - 0.5**0.5 / 2]),
+    ],
+)
+def test_the_learning_rate_schedule_gives_each_round_its_rate(schedule, factors):
+    from fsl.training import TrainOptions
+
+    cfg = load_experiment("quickstart", ["train.rounds=4", f"train.lr_schedule={schedule}", "train.lr=0.2"])
+    assert [cfg.train.lr_factor(r) for r in (1, 2, 3, 4)] == pytest.approx(factors)
+    # the client's options for a round carry that round's rate
+    assert [TrainOptions.from_config(cfg, seed=0, rnd=r).lr for r in (1, 2, 3, 4)] == pytest.approx(
+        [0.2 * f for f in factors]
+    )

@@ -320,3 +320,33 @@ def test_a_hybrid_round_on_two_split_server_processes_merges_their_segments(tmp_
     initial = split_model(build_model_for(_cfg(), SHAPE, 10), _cfg().model.cut).client.state_dict()
     assert client.keys() == initial.keys() and any(not torch.equal(client[k], initial[k]) for k in client)
     assert row["accuracy"] > 0.5
+
+
+def test_a_split_server_trains_each_round_at_the_experiments_scheduled_rate():
+    cfg = load_experiment(
+        "quickstart", ["data.name=digits", "mode=sflv1", "train.rounds=4", "train.lr_schedule=cosine"]
+    )
+    key = ControlKey(b"k" * 32)
+    auth = RoundAuthority(RUN)
+    local = _local_state(cfg)
+    start = local.state_tensors()
+    local.set_lr(cfg.train.server_lr * cfg.train.lr_factor(3))  # round 3 of 4: about 0.15 of the rate
+    assignment = {"a": "g0"}
+    local.open_replicas(assignment)
+    with _hosts(1, key) as addresses:
+        remote = _remote(addresses, key, cfg)
+        remote.open_round(3, assignment, start, auth)
+        ident = ChannelIdentity(run_id=RUN, round=3, client_id="a", token=auth.issue(3, "a"))
+        ch = GrpcChannel(address=remote.address_for("a"), identity=ident)
+        ref = InMemoryChannel(server=local, identity=ident)
+        for h, y in _batches("a", local.sample_shape):
+            torch.testing.assert_close(ch.train_step(h, y).grad, ref.train_step(h, y).grad)
+        ch.close()
+        results = remote.collect()
+        remote.close()
+    local.merge_replicas()
+    want, got = local.state_tensors(), remote.merge(results, start)
+    moved = [k for k in want if k.startswith("segment.") and not torch.equal(want[k], start[k])]
+    assert moved, "the round trained the segment"
+    for k in moved:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)

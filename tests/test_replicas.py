@@ -51,3 +51,20 @@ def test_momentum_is_carried_into_the_copies_and_averaged_back():
     state.merge_replicas()  # no one trained: the average of identical buffers is the buffer
     for p in state.segment.parameters():
         torch.testing.assert_close(state.optimizer.state[p]["momentum_buffer"], buf[id(p)])
+
+
+def test_a_new_learning_rate_reaches_the_global_segment_and_every_copy():
+    _, _, state = make_state("cnn", "conv1", lr=0.1, momentum=0.0)
+    state.open_replicas({"a": "g0", "b": "g1"})
+    state.set_lr(0.025)  # a live copy takes it from its next step
+    state.merge_replicas()
+    state.open_replicas({"a": "g0", "b": "g1"})  # and so does every copy opened later
+    for rep in [state.global_replica, *state.replicas().values()]:
+        assert [g["lr"] for g in rep.optimizer.param_groups] == [0.025]
+    # and the step it takes is that rate's: w - 0.025 * grad
+    before = params(state.replicas()["g0"].segment)
+    h, y = torch.rand(4, 16, 14, 14), torch.randint(0, 10, (4,))
+    _ch(state, "a").train_step(h, y)
+    seg = state.replicas()["g0"].segment
+    for name, p in seg.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name] - 0.025 * p.grad, msg=name)
