@@ -134,6 +134,9 @@ def lora_section(
         "server_lr": split.train.server_lr,
         "momentum": split.train.momentum,
         "local_epochs": split.train.local_epochs,
+        # the split run clips each segment's steps (train.clip_norm); the central baseline never clips
+        "split_clip_norm": split.clip_norm,
+        "central_clip_norm": central.clip_norm,
         "split_wall_s_per_round": s_sum.get("wall_s_per_round"),
         "central_wall_s_per_round": c_sum.get("wall_s_per_round"),
         "lora_split_command": _command(overrides),
