@@ -7,7 +7,8 @@ training partitions, the same adapters, head, optimizer and epochs). :func:`lora
 (or reuses finished runs with the same settings; an interrupted one resumes) and returns the
 section's keys:
 
-- ``lora_split_accuracy``, ``lora_central_accuracy``: final test accuracy of each (all 625 test texts);
+- ``lora_split_accuracy``, ``lora_central_accuracy``: final test accuracy of each (all 625 test texts;
+  ``*_best_accuracy``: the best round's);
 - ``adapter_bytes_per_round``: the control plane's bytes in one round of the split run, every client
   together, measured (Flower's messages: the client segment's trained tensors down for training, back
   up, and down again for federated evaluation), averaged over the rounds;
@@ -108,6 +109,8 @@ def lora_section(
         "lora_split_accuracy": s_sum["final_accuracy"],
         "lora_central_accuracy": c_sum["final_accuracy"],
         "lora_accuracy_gap_points": 100.0 * (c_sum["final_accuracy"] - s_sum["final_accuracy"]),
+        "lora_split_best_accuracy": s_sum["best_accuracy"],
+        "lora_central_best_accuracy": c_sum["best_accuracy"],
         "lora_split_accuracy_per_round": [h["accuracy"] for h in hist],
         "lora_central_accuracy_per_round": [h["accuracy"] for h in _history(central_dir)],
         "adapter_bytes_per_round": adapter_bytes_per_round,
