@@ -34,6 +34,7 @@ TINY = [
     "train.server_lr=0.1",
     "model.lora.r=2",
     "model.lora.alpha=4.0",
+    "model.lora.dropout=0.1",  # the adapters' dropout is traced into the training graph only
 ]
 
 
