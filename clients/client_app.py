@@ -24,8 +24,9 @@ from clients.trainer import evaluate_split, evaluate_split_u, train_segment, tra
 from fsl.channel import ChannelIdentity
 from fsl.config import ExperimentConfig
 from fsl.data import Partition
-from fsl.experiment import client_part, config_from_json, local_partition
+from fsl.experiment import base_digests, client_part, config_from_json, local_partition
 from fsl.grpc_channel import GrpcChannel
+from fsl.lora import carried_state, check_base, load_carried
 from fsl.models import model_spec
 from fsl.plugins import resolve
 from fsl.privacy.client import client_arrays, client_privacy, secagg_setup_reply, wire_dtype_for
@@ -57,9 +58,11 @@ class _Round:
         self.node_id = context.node_id
         self.node_config = context.node_config
         self.round = int(conf.get("server-round", 0))  # type: ignore[arg-type]
+        if str(conf.get("base-digest", "")):  # adapters (LoRA) only mean something on the base they were trained on
+            check_base({"client": str(conf["base-digest"])}, base_digests(self.module), f"node {self.node_id}")
         if "arrays" in msg.content:
             arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
-            self.module.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+            load_carried(self.module, arrays.to_torch_state_dict(), "client segment")
 
     @property
     def partition(self) -> Partition:
@@ -144,7 +147,8 @@ def train(msg: Message, context: Context) -> Message:
             **privacy.metrics(),  # (sigma, q, steps) for the server's DP accountant
         }
     )
-    arrays = client_arrays(r.module.state_dict(), r.conf, context, stats.examples)  # masked under secure aggregation
+    # what trained, and only that (a frozen LoRA base stays here); masked under secure aggregation
+    arrays = client_arrays(carried_state(r.module), r.conf, context, stats.examples)
     content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

@@ -46,7 +46,7 @@ class MemoryBudgetError(RuntimeError):
 @dataclass(frozen=True)
 class MemoryEstimate:
     resident_mb: float  # what the process holds already (interpreter, torch, the local data)
-    params_mb: float  # weights + gradients + SGD momentum of what the client trains
+    params_mb: float  # weights, and gradients + SGD momentum of those that train (a frozen LoRA base has none)
     activations_mb: float  # saved for backward over one batch, plus the batch and its smashed output
     batch_size: int
 
@@ -92,7 +92,7 @@ def estimate_training_memory(
     act = x.numel() * x.element_size()
     params = 0
     for i, seg in enumerate(segments):
-        params += sum(p.numel() * p.element_size() for p in seg.parameters())
+        params += sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in seg.parameters())
         x = x.clone().requires_grad_(i > 0)
         saved, out = _saved_bytes(seg, x)
         act += saved + 2 * out.numel() * out.element_size()  # the smashed output and its gradient
@@ -102,7 +102,7 @@ def estimate_training_memory(
         x = out
     return MemoryEstimate(
         resident_mb=rss_mb(),
-        params_mb=3 * params / MB,
+        params_mb=params / MB,
         activations_mb=act / probe * batch_size / MB,
         batch_size=batch_size,
     )

@@ -34,6 +34,7 @@ __all__ = [
     "SimulationConfig",
     "HybridConfig",
     "LogConfig",
+    "LoraConfig",
     "TrainConfig",
     "experiment_path",
     "from_dict",
@@ -93,6 +94,47 @@ class DataConfig:
         _check(self.train_limit >= 0 and self.test_limit >= 0, "data.train_limit and data.test_limit must be >= 0")
 
 
+LORA_SEGMENTS = ("client", "server", "both")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A TOML array of names, or one comma-separated string (Flower's run config has no arrays)."""
+    parts = value.split(",") if isinstance(value, str) else value
+    return tuple(str(p).strip() for p in parts if str(p).strip())
+
+
+@dataclass(frozen=True)
+class LoraConfig:  # [model.lora]: low-rank adapters (peft) instead of training the weights (fsl/lora.py)
+    r: int = 0  # rank of each adapter; 0: no LoRA, every parameter trains
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input (training only)
+    # modules that get adapters: names matched as a module path or its last parts ("query" matches
+    # every "...attention.self.query"), or "all-linear"; empty: peft's default for the model type
+    # (BERT: query and value)
+    targets: tuple[str, ...] = ()
+    # where the adapters go: "both" segments, or only the "client"'s or the "server"'s, the other
+    # segment then training all its weights (the split is the model's cut)
+    segments: str = "both"
+    # modules whose own weights train in full beside the adapters (peft's modules_to_save): the task
+    # head, freshly initialised, cannot be left frozen
+    trainable: tuple[str, ...] = ("classifier",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", _names(self.targets))
+        object.__setattr__(self, "trainable", _names(self.trainable))
+        _check(self.r >= 0, f"model.lora.r must be >= 0, got {self.r}")
+        _check(self.alpha > 0, f"model.lora.alpha must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"model.lora.dropout must lie in [0, 1), got {self.dropout}")
+        _check(
+            self.segments in LORA_SEGMENTS,
+            f"model.lora.segments must be one of {list(LORA_SEGMENTS)}, not {self.segments!r}",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # one of fsl.models.MODELS, or an import string "package.module:factory" naming a callable that
@@ -108,6 +150,7 @@ class ModelConfig:
     exit_weight: float = 0.5  # weight of each exit's cross entropy next to the final loss
     # keyword arguments of the model's builder ([model.options]: sizes, dropout, ...)
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # [model.lora]: train adapters, not the weights
 
     def __post_init__(self) -> None:
         try:
@@ -397,6 +440,11 @@ class ExperimentConfig:
                 bool(self.model.top_cut) or not self.model.ushaped,
                 f"model.top_cut: a U-shaped split of {self.model.name} needs a second cut; name {hint}",
             )
+        lora = self.model.lora
+        _check(
+            not (lora.enabled and lora.segments != "both" and not self.model.cut),
+            f"model.lora.segments = {lora.segments!r} puts adapters on one side of model.cut, which is empty",
+        )
         _check(self.clients >= 1, f"clients must be >= 1, got {self.clients}")
         _check(self.train.min_clients <= self.clients, "train.min_clients cannot exceed clients")
         check_privacy(self, ConfigError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from torch import nn
 from fsl.config import ExperimentConfig, from_dict, to_dict
 from fsl.cutvalues import Signature
 from fsl.data import Dataset, Partition, client_partition, load_dataset, subset
+from fsl.lora import base_digest, inject_lora
 from fsl.models import (
     Example,
     Split,
@@ -25,6 +27,7 @@ from fsl.models import (
 )
 
 __all__ = [
+    "base_digests",
     "build_model_for",
     "build_split",
     "client_part",
@@ -37,19 +40,22 @@ __all__ = [
     "ServerSide",
     "split_for",
     "usplit_for",
+    "with_lora",
+    "without_lora",
 ]
 
 
 def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The experiment's whole model, seeded (the same initial weights on every node).
 
-    With ``model.exits`` every cut point gets an exit classifier (:mod:`fsl.exits`).
+    With ``model.exits`` every cut point gets an exit classifier (:mod:`fsl.exits`); with
+    ``[model.lora]`` the model gets LoRA adapters and its base is frozen (:func:`with_lora`).
     """
     spec = model_spec(cfg.model.name)
     if spec.graph:
         if cfg.model.exits:
             raise ValueError(f"model.exits needs a sequential zoo model; {cfg.model.name!r} is split by its graph")
-        return build_module(
+        model = build_module(
             cfg.model.name,
             input_shape or None,
             num_classes,
@@ -57,6 +63,7 @@ def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_cla
             seed=cfg.seed,
             options=cfg.model.options,
         )
+        return with_lora(cfg, model, input_shape)
     model = build_model(
         cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed, options=cfg.model.options
     )
@@ -64,7 +71,50 @@ def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_cla
         from fsl.exits import add_exits
 
         model = add_exits(model, input_shape, num_classes, at=model_spec(cfg.model.name).cuts, seed=cfg.seed)
-    return model
+    return with_lora(cfg, model, input_shape)
+
+
+def without_lora(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``[model.lora]`` off: the plain model it adapts."""
+    from fsl.config import LoraConfig
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=LoraConfig()))
+
+
+def with_lora(cfg: ExperimentConfig, model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """``model`` with the adapters ``[model.lora]`` asks for (in place), or as it is when LoRA is off.
+
+    Adapters on one segment only: the plain model is split at the experiment's cut first (traced
+    once per process and cached) to learn which weights that segment holds; the adapters go there
+    and the other segment's weights all train. In every mode, ``central`` included, so that a
+    baseline trains exactly what the split run trains.
+    """
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return model
+    side: set[str] | None = None
+    if lora.segments != "both":
+        client, server = server_side(without_lora(cfg), model, input_shape)
+        seg = client if lora.segments == "client" else server.segment
+        side = {n for n, _ in seg.named_parameters(remove_duplicate=False)}
+    return inject_lora(
+        model,
+        r=lora.r,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        targets=lora.targets,
+        trainable=lora.trainable,
+        side=side,
+        seed=cfg.seed,
+    )
+
+
+def base_digests(client: nn.Module, server: nn.Module | None = None) -> dict[str, str]:
+    """The frozen base of each segment, fingerprinted (:func:`fsl.lora.base_digest`; ``""``: nothing frozen)."""
+    out = {"client": base_digest(client)}
+    if server is not None:
+        out["server"] = base_digest(server)
+    return out
 
 
 def model_example(

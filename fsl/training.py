@@ -200,7 +200,7 @@ def train_loop(
 ) -> TrainStats:
     """Train ``params`` on (x, y) for ``options.epochs`` passes, ``step`` computing each batch's gradients."""
     flush_denormals()  # decayed momentum holds denormal floats, which are slow on CPUs (fsl/fastmath.py)
-    params = list(params)
+    params = [p for p in params if p.requires_grad]  # a frozen base (LoRA) never gets a gradient
     o = options
     opt = hooks.optimizer or SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     start = [p.detach().clone() for p in params] if o.proximal_mu > 0 else []

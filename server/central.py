@@ -14,7 +14,8 @@ import torch
 
 from fsl.config import ExperimentConfig, to_toml
 from fsl.data import cat_inputs, client_partition
-from fsl.experiment import build_model_for, experiment_dataset
+from fsl.experiment import base_digests, build_model_for, experiment_dataset
+from fsl.lora import carried_state, check_base, load_carried
 from fsl.models import model_spec
 from fsl.rundir import Checkpoint, RunDir
 from fsl.training import TrainOptions, evaluate_model, train_local
@@ -44,11 +45,13 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
     x = cat_inputs(xs)
     y = torch.cat([p.y_train for p in parts])
     model = build_model_for(cfg, ds.input_shape, ds.num_classes)
+    digests = base_digests(model)  # "client": the whole model here
     history: list[dict[str, Any]] = []
     start, wall_before = 1, 0.0
     ckpt = run.latest_checkpoint()
     if ckpt is not None:
-        model.load_state_dict(ckpt.client)
+        check_base(ckpt.extra.get("base_digest"), digests, str(run.path))
+        load_carried(model, ckpt.client, "model")
         start, wall_before = ckpt.round + 1, float(ckpt.extra.get("wall_s", 0.0))
         history = run.read_metrics(ckpt.round)
         run.rewrite_metrics(history)
@@ -82,13 +85,11 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
         }
         history.append(row)
         run.append_metrics(row)
+        extra: dict[str, Any] = {"wall_s": wall_before + time.perf_counter() - t_start}
+        if digests["client"]:  # adapters only (LoRA): the base they adapt, by fingerprint
+            extra["base_digest"] = digests
         run.save_checkpoint(
-            Checkpoint(
-                rnd,
-                {k: v.detach().clone() for k, v in model.state_dict().items()},
-                {},
-                {"wall_s": wall_before + time.perf_counter() - t_start},
-            )
+            Checkpoint(rnd, {k: v.detach().clone() for k, v in carried_state(model).items()}, {}, extra)
         )
         if reporter is not None:
             reporter.round_end(row)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsl.lora import frozen_names
 from fsl.optim import clip_grad_norm
 
 __all__ = ["Replica", "ReplicaSet"]
@@ -30,7 +31,9 @@ class Replica:
         self, segment: nn.Module, lr: float, momentum: float, weight_decay: float, clip_norm: float = 0.0
     ) -> None:
         self.segment = segment
-        self.optimizer = torch.optim.SGD(segment.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        # only what trains: a frozen base (LoRA) gets no optimizer state and is never averaged
+        trained = [p for p in segment.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(trained, lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.clip_norm = clip_norm  # largest L2 norm of one step's gradient (0: unclipped): cfg.clip_norm
         self.lock = threading.Lock()
         self.steps = 0  # optimizer steps taken by this copy
@@ -44,7 +47,7 @@ class Replica:
     def step(self) -> None:
         """The optimizer step on the gradients backward left, their joint norm clipped to ``clip_norm``."""
         if self.clip_norm > 0:
-            clip_grad_norm(self.segment.parameters(), self.clip_norm)
+            clip_grad_norm([p for p in self.segment.parameters() if p.requires_grad], self.clip_norm)
         self.optimizer.step()
 
 
@@ -118,14 +121,17 @@ class ReplicaSet:
         if not reps or total == 0:
             return weights
         g = self.global_replica
+        frozen = frozen_names(g.segment)  # identical in every copy: averaging would only round them
         with g.lock, torch.no_grad():
             for key, val in g.segment.state_dict().items():
+                if key in frozen:
+                    continue
                 if val.is_floating_point():
                     val.copy_(sum(r.segment.state_dict()[key] * (weights[rid] / total) for rid, r in reps.items()))
                 else:  # integer buffers (BatchNorm's batch counter): take the largest
                     val.copy_(max(r.segment.state_dict()[key] for r in reps.values()))
-            per_rep = {rid: list(r.segment.parameters()) for rid, r in reps.items()}
-            for i, gp in enumerate(g.segment.parameters()):
+            per_rep = {rid: [p for p in r.segment.parameters() if p.requires_grad] for rid, r in reps.items()}
+            for i, gp in enumerate(p for p in g.segment.parameters() if p.requires_grad):
                 bufs = [
                     (rid, r.optimizer.state.get(per_rep[rid][i], {}).get("momentum_buffer")) for rid, r in reps.items()
                 ]

@@ -37,7 +37,8 @@ from torch import nn
 from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, to_toml
 from fsl.endpoint import advertised_address, dataplane_tls
-from fsl.experiment import ServerSide, build_model_for, config_to_json, experiment_dataset, server_side
+from fsl.experiment import ServerSide, base_digests, build_model_for, config_to_json, experiment_dataset, server_side
+from fsl.lora import carried_state, check_base, load_carried
 from fsl.memory import peak_rss_mb
 from fsl.models import model_spec
 from fsl.privacy.server import ServerPrivacy
@@ -116,10 +117,13 @@ class RoundRunner:
         self.state: SplitServerState | None = None
         if self.mode == "fl":
             client_part: nn.Module = model
+            self.digests = base_digests(client_part)
         else:
             client_part, side = server_side(cfg, model, self.ds.input_shape)
+            self.digests = base_digests(client_part, side.segment)
             self.state = self._state(side, ushaped=cfg.model.ushaped)
-        self.arrays = ArrayRecord(client_part.state_dict())
+        # what trains, and only that, goes to the clients and comes back (a frozen LoRA base stays home)
+        self.arrays = ArrayRecord(carried_state(client_part))
         # server.endpoints: the segment copies train on standalone split servers, merged here
         self.remote: RemoteSegments | None = None
         if self.state is not None and cfg.server.endpoints:
@@ -194,6 +198,7 @@ class RoundRunner:
         if ckpt is None:
             self.run.write_config(to_toml(self.cfg))
             return
+        check_base(ckpt.extra.get("base_digest"), self.digests, str(self.run.path))
         own: dict[str, dict[str, torch.Tensor]] = {}
         shared: dict[str, torch.Tensor] = {}
         for k, v in ckpt.client.items():
@@ -220,6 +225,8 @@ class RoundRunner:
         for owner, rec in self.own.items():
             client.update({f"{owner}/{k}": v for k, v in rec.to_torch_state_dict().items()})
         extra: dict[str, Any] = {"wall_s": self.wall_before + time.perf_counter() - t_start, "run_id": self.run_id}
+        if any(self.digests.values()):  # the checkpoint holds adapters only: the base they adapt, by fingerprint
+            extra["base_digest"] = self.digests
         extra.update({h.name: h.state_dict() for h in self.hooks if h.name})
         server = self.state.state_tensors() if self.state is not None else {}
         self.run.save_checkpoint(Checkpoint(round=rnd, client=client, server=server, extra=extra))
@@ -420,12 +427,12 @@ class RoundRunner:
         if own_segments and self.own:
             accs, losses = [], []
             for _, rec in sorted(self.own.items()):  # by owner: the same order in a resumed run
-                self.eval_model.load_state_dict({**rec.to_torch_state_dict(), **server_sd})
+                load_carried(self.eval_model, {**rec.to_torch_state_dict(), **server_sd}, "model")
                 ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs, self.task)
                 accs.append(ev.accuracy)
                 losses.append(ev.loss)
             return statistics.fmean(accs), statistics.fmean(losses), accs
-        self.eval_model.load_state_dict({**self.arrays.to_torch_state_dict(), **server_sd})
+        load_carried(self.eval_model, {**self.arrays.to_torch_state_dict(), **server_sd}, "model")
         ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs, self.task)
         return ev.accuracy, ev.loss, []
 
@@ -499,6 +506,8 @@ class RoundRunner:
             "experiment": config_to_json(self.cfg),
             "run-id": self.run_id,
             "dataplane-address": advertised_address(self.cfg.server, server.address) if server is not None else "",
+            # the client's frozen base (LoRA), which it builds itself: a node whose base differs refuses
+            "base-digest": self.digests["client"],
             **tls_conf,
         }
         for h in self.hooks:

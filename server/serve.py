@@ -44,8 +44,13 @@ class ServedModel:
     run_id: str
 
 
-def load_served_model(run_dir: str | Path, dataset: Any | None = None) -> ServedModel:
-    """Both segments of ``run_dir``'s newest checkpoint, built from the run's own config."""
+def load_served_model(run_dir: str | Path, dataset: Any | None = None, merge: bool = True) -> ServedModel:
+    """Both segments of ``run_dir``'s newest checkpoint, built from the run's own config.
+
+    A LoRA run's checkpoint holds the adapters (and what else trained); the frozen base is built
+    here from the same pretrained weights, checked against the checkpoint's fingerprint, and with
+    ``merge`` the adapters are folded into it (:func:`fsl.lora.merge_lora`): the served segments are
+    then the plain model's, with no adapter left to compute."""
     from fsl.config import load_experiment
     from fsl.experiment import build_model_for, experiment_dataset, split_for
     from fsl.rundir import RunDir
@@ -60,9 +65,14 @@ def load_served_model(run_dir: str | Path, dataset: Any | None = None) -> Served
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint to serve")
     ds = dataset if dataset is not None else experiment_dataset(cfg)
-    split = split_for(cfg, build_model_for(cfg, ds.input_shape, ds.num_classes), ds.input_shape)
-    split.client.load_state_dict(ckpt.client)
-    split.server.load_state_dict({k[len("segment.") :]: v for k, v in ckpt.server.items() if k.startswith("segment.")})
+    model = build_model_for(cfg, ds.input_shape, ds.num_classes)
+    server_sd = {k[len("segment.") :]: v for k, v in ckpt.server.items() if k.startswith("segment.")}
+    if cfg.model.lora.enabled:
+        split = _lora_split(cfg, model, ckpt, server_sd, ds.input_shape, str(run_dir), merge)
+    else:
+        split = split_for(cfg, model, ds.input_shape)
+        split.client.load_state_dict(ckpt.client)
+        split.server.load_state_dict(server_sd)
     return ServedModel(
         cfg=cfg,
         client=split.client.eval(),
@@ -73,6 +83,22 @@ def load_served_model(run_dir: str | Path, dataset: Any | None = None) -> Served
         round=ckpt.round,
         run_id=f"serve:{Path(run_dir).resolve().name}",
     )
+
+
+def _lora_split(
+    cfg: Any, model: Any, ckpt: Any, server_sd: dict[str, Any], input_shape: tuple[int, ...], where: str, merge: bool
+) -> Any:
+    """A LoRA run's model with its checkpoint's adapters on the locally built base, split at its cut
+    (merged first, when asked: then it is split as the plain model, with the plain model's names)."""
+    from fsl.experiment import base_digests, server_side, split_for, without_lora
+    from fsl.lora import check_base, load_carried, merge_lora
+
+    client, side = server_side(cfg, model, input_shape)
+    check_base(ckpt.extra.get("base_digest"), base_digests(client, side.segment), where)
+    load_carried(model, {**ckpt.client, **server_sd}, "model")
+    if not merge:
+        return split_for(cfg, model, input_shape)
+    return split_for(without_lora(cfg), merge_lora(model), input_shape)
 
 
 def serving_authority(run_dir: str | Path, epoch: int = 0, create: bool = True) -> Any:

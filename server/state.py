@@ -33,6 +33,7 @@ from torch import nn
 from fsl.auth import RoundAuthority
 from fsl.cutvalues import SINGLE, Activations, Signature, TensorSpec, batch_size, like
 from fsl.grpc_channel import DEFAULT_MAX_MESSAGE_BYTES
+from fsl.lora import carried_state, load_carried
 from fsl.tasks import TASKS
 from fsl.tasks import loss as task_loss
 from fsl.training import label_log_prior
@@ -534,9 +535,10 @@ class SplitServerState:
 
     # ------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Global segment weights and optimizer buffers, as CPU tensors (for safetensors checkpoints)."""
+        """Global segment weights and optimizer buffers, as CPU tensors (for safetensors checkpoints and
+        standalone split servers). A frozen base (LoRA) is left out: every node builds it itself."""
         with self.global_replica.lock:
-            out = {f"segment.{k}": v.detach().cpu().clone() for k, v in self.segment.state_dict().items()}
+            out = {f"segment.{k}": v.detach().cpu().clone() for k, v in carried_state(self.segment).items()}
             names = {id(p): n for n, p in self.segment.named_parameters()}
             for p, st in self.optimizer.state.items():
                 for key, val in st.items():
@@ -549,7 +551,7 @@ class SplitServerState:
         """Restore what :meth:`state_tensors` produced."""
         with self.global_replica.lock:
             seg = {k[len("segment.") :]: v for k, v in tensors.items() if k.startswith("segment.")}
-            self.segment.load_state_dict(seg)
+            load_carried(self.segment, seg, "server segment")
             params = dict(self.segment.named_parameters())
             self.optimizer.state.clear()
             for k, v in tensors.items():
