@@ -494,11 +494,10 @@ def profile_graph_model(
 
     The model is traced once (:func:`fsl.graphsplit.trace`) and split at every path of ``cuts``
     at once; block ``cuts[i]`` is the segment that ends with that module, and ``head`` is the
-    rest of the model after the last cut. Per block: the median forward latency of its segment
-    (eval mode, ``no_grad``) at each batch size, timed as the segments run one after another;
-    FLOPs from the traced graph's per-operation
-    count (the client's FLOPs share at each cut, :func:`fsl.graphsplit.cut_table`, times the
-    model's FLOPs); the bytes one sample sends when the model is cut there alone (every value
+    rest of the model after the last cut. Per block: the forward latency of its segment (eval
+    mode, ``no_grad``; ``statistic`` of the repeats) at each batch size, timed as the segments run
+    one after another; FLOPs from the traced graph's per-operation count (the client's FLOPs share
+    at each cut, :func:`fsl.graphsplit.cut_table`, times the model's FLOPs); the bytes one sample sends when the model is cut there alone (every value
     crossing the cut, at its dtype); its parameters; and an activation estimate (the values it
     receives plus the largest operation's inputs and outputs, parameters excluded).
 
