@@ -20,7 +20,8 @@
 # The wheels come from the host pip's configured index (pip.conf, PIP_INDEX_URL) and the root
 # filesystem's packages from the host's apt sources: the script names no address of its own.
 #
-# Cold: ~9 min here (apt, mmdebstrap, 174 MB of wheels, pip install under emulation); cached: 1-2 min.
+# Cold: ~9 min here (apt, mmdebstrap, 174 MB of wheels, pip install under emulation); cached: 1-2 min;
+# --minilm adds 105 MB of wheels, a second venv and about a minute of emulated MiniLM (cached).
 # Too slow for CI: run it on demand. Result: one JSON file (default clients/pi/smoke-aarch64.json).
 set -euo pipefail
 
@@ -49,7 +50,7 @@ while [[ $# -gt 0 ]]; do
         --minilm) MINILM=1; shift ;;
         --minilm-cut) MINILM=1; MINILM_CUT=$2; shift 2 ;;
         --minilm-batches) MINILM=1; MINILM_BATCHES=$2; shift 2 ;;
-        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
