@@ -50,7 +50,7 @@ while [[ $# -gt 0 ]]; do
         --minilm) MINILM=1; shift ;;
         --minilm-cut) MINILM=1; MINILM_CUT=$2; shift 2 ;;
         --minilm-batches) MINILM=1; MINILM_BATCHES=$2; shift 2 ;;
-        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
