@@ -718,11 +718,14 @@ def _node_flops(gm: fx.GraphModule, inputs: Mapping[str, torch.Tensor]) -> dict[
 
 
 def cut_table(
-    traced: Traced, example: torch.Tensor | Mapping[str, torch.Tensor]
+    traced: Traced,
+    example: torch.Tensor | Mapping[str, torch.Tensor],
+    paths: Sequence[str] | None = None,
 ) -> tuple[list[CutRow], dict[str, str]]:
     """Every module path of the traced model as a cut: the legal ones as rows, the others with why not.
 
-    Shapes and bytes are those of ``example`` (for token models: at its sequence length).
+    Shapes and bytes are those of ``example`` (for token models: at its sequence length). ``paths``
+    tries only those module paths (a profile of a few cuts of a large model need not plan every one).
     """
     gm = traced.graphs[1]
     model = traced.model
@@ -739,7 +742,7 @@ def cut_table(
                 values[name] = int(example[str(p.target)].shape[d])
     rows: list[CutRow] = []
     refused: dict[str, str] = {}
-    for path in module_paths(model):
+    for path in module_paths(model) if paths is None else paths:
         try:
             part = _partition(gm, [path], params, traced.dynamic)
             _check_ownership(params, [part], [path])

@@ -1,6 +1,7 @@
 """The host end of the aarch64 smoke test: a split server on 127.0.0.1 for the Pi clients.
 
-It serves the server segment of a model with data-plane authentication on (round 1 open, one
+It serves the server segment of a model (the CNN, or a token model such as ``minilm`` split by its
+traced graph) with data-plane authentication on (round 1 open, one
 token per client id), writes what a client needs to connect (address, tokens) to a JSON file,
 optionally writes a small dataset as ``.npz`` for the clients, and serves until SIGTERM/SIGINT
 (or ``--timeout``); on the way out it writes what the server counted. The device end and the
@@ -18,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
-from clients.pi.smoke_driver import ROUND, RUN_ID, smoke_data, write_json
+from clients.pi.smoke_driver import ROUND, RUN_ID, build_split, is_token_model, smoke_data, write_json
 
 __all__ = ["cmd_host", "main"]
 
@@ -28,18 +29,20 @@ def cmd_host(args: argparse.Namespace) -> int:
     import torch
 
     from fsl.auth import RoundAuthority
-    from fsl.models import build_model, cut_shape, model_spec, split_model
+    from fsl.models import cut_shape, model_spec
     from server.split_server import SplitServer, SplitServerState
 
     torch.set_num_threads(args.threads)
-    shape = model_spec(args.model).input_shape
-    split = split_model(build_model(args.model, input_shape=shape, seed=args.seed), args.cut)
+    seq = args.seq_len if is_token_model(args.model) else 0
+    split = build_split(args.model, args.cut, args.seed, seq or 32)
+    graph = split.graph
     authority = RoundAuthority(RUN_ID)
     authority.open_round(ROUND)
     state = SplitServerState(
         split.server,
-        sample_shape=cut_shape(split.client, shape),
-        num_classes=10,
+        sample_shape=() if graph else cut_shape(split.client, model_spec(args.model).input_shape),
+        signature=graph.signature(1) if graph else None,
+        num_classes=2 if seq else 10,
         lr=args.lr,
         momentum=args.momentum,
         device="cpu",
@@ -54,7 +57,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     try:
         dataset = ""
         if args.data_out:
-            dataset, arrays = smoke_data(args.train, args.test, args.seed)
+            dataset, arrays = smoke_data(args.train, args.test, args.seed, seq)
             tmp = Path(args.data_out + ".tmp.npz")
             np.savez(tmp, allow_pickle=False, **arrays)
             tmp.replace(args.data_out)
@@ -67,6 +70,7 @@ def cmd_host(args: argparse.Namespace) -> int:
             "model": args.model,
             "cut": args.cut,
             "seed": args.seed,
+            "seq_len": seq,
             "dataset": dataset,
             "host": {"machine": platform.machine(), "torch": torch.__version__, "python": platform.python_version()},
         }
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--clients", default="pi4,pi5", help="comma-separated client ids to issue tokens for")
     h.add_argument("--model", default="cnn")
     h.add_argument("--cut", default="conv1")
+    h.add_argument("--seq-len", type=int, default=32, help="token models: tokens per sequence")
     h.add_argument("--port", type=int, default=0)
     h.add_argument("--train", type=int, default=160, help="training samples in --data-out")
     h.add_argument("--test", type=int, default=256, help="held-out samples in --data-out")

@@ -34,9 +34,9 @@ def test_quick_inference_study_writes_its_tables_and_the_scheduler_responds(tmp_
     assert KEYS <= set(doc)
     assert set(doc["sla_attainment"]) == {"scheduler", "all_cloud"}
     # what the quick run must already show: the scheduler saves server compute at no loss of
-    # attainment. The study scales the measured profile to a fixed total, so host load moves only
-    # its shape: with single block timings off by 0.5-10x the scheduler measured 0.984-0.995
-    # attainment (all-cloud 0.902) and 72-88% less server compute.
+    # attainment. The RegNetX-400MF profile is measured in the run, so host load moves it: three
+    # measurements on a 2-core host at load 4-6 gave 0.90-0.95 attainment (all-cloud 0.56, which
+    # cannot send a 150 KB frame over 3G/4G within the target) and 89-94% less server compute.
     assert doc["server_compute_reduction_vs_cloud"] > 0.5
     assert doc["sla_attainment"]["scheduler"] >= doc["sla_attainment"]["all_cloud"]
     # the simulator-vs-loopback error is a figure of the host's load (reported, not asserted)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.pi.smoke_driver import synthetic_digits
+from clients.pi.smoke_driver import BAD, GOOD, synthetic_digits, synthetic_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +35,13 @@ def test_synthetic_digits_are_mnist_shaped_and_seeded():
     assert y.shape == (50,) and set(y.tolist()) <= set(range(10))
     x2, y2 = synthetic_digits(50, seed=3)
     assert (x == x2).all() and (y == y2).all()
+
+
+def test_synthetic_tokens_carry_their_class_word():
+    ids, y = synthetic_tokens(40, 16, seed=1)
+    assert ids.shape == (40, 16) and ids.dtype.name == "int64" and (ids[:, 0] == 101).all()
+    for row, label in zip(ids, y, strict=True):
+        assert (row == (GOOD if label else BAD)).sum() == 3 and (row == (BAD if label else GOOD)).sum() == 0
 
 
 def test_host_and_client_train_one_batch_over_grpc(tmp_path):
@@ -96,3 +103,39 @@ def test_report_fails_when_the_server_counted_other_steps(tmp_path):
     )
     assert r.returncode == 1 and "FAIL" in r.stdout
     assert json.loads((tmp_path / "r.json").read_text())["ok"] is False
+
+
+@pytest.mark.slow
+def test_a_minilm_client_segment_trains_against_the_host(tmp_path):
+    pytest.importorskip("transformers")
+    ready, data, stats = tmp_path / "ready.json", tmp_path / "data.npz", tmp_path / "stats.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
+    host = subprocess.Popen(
+        [sys.executable, "-m", "fsl_cli.pi_smoke_host", "--ready", str(ready), "--data-out", str(data)]
+        + ["--stats", str(stats), "--clients", "pi4", "--model", "minilm", "--cut", "bert.embeddings"]
+        + ["--seq-len", "16", "--train", "8", "--test", "8", "--timeout", "180"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        line = host.stdout.readline()
+        assert line.startswith("split server (minilm"), (line, host.communicate())
+        client = _run(
+            "client", "--ready", str(ready), "--data", str(data), "--client-id", "pi4", "--batches", "2",
+            "--batch-size", "4", "--no-clientapp", timeout=180,
+        )  # fmt: skip
+        assert client.returncode == 0, client.stderr
+        result = json.loads(client.stdout)
+        assert result["ok"] and result["model"] == "minilm" and result["dataset"] == "synthetic-tokens"
+        assert result["server"]["cut"] == "bert.embeddings"
+        # the embeddings' parameters (the 30522 x 384 word pieces among them) are the client's
+        assert 11_000_000 < result["client_params"] < 12_500_000
+        # what went up: hidden states (B, 16, 384) and the additive mask (B, 1, 16, 16), float32
+        assert result["bytes_up"] > 2 * 4 * (16 * 384 + 16 * 16) * 4
+    finally:
+        host.send_signal(signal.SIGTERM)
+        host.wait(timeout=30)
+    assert host.returncode == 0, host.stderr
+    assert json.loads(stats.read_text())["steps"] == 2

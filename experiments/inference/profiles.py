@@ -15,14 +15,21 @@ bytes into milliseconds.
 Cut names follow :mod:`fsl.models`: a cut is the last block that stays on the device.
 Two cuts exist beyond the model's own: ``"input"`` (nothing runs on the device, the raw
 input is sent: all cloud) and the model's last block (everything runs on the device).
+
+Any other model (a Hugging Face RegNet or BERT, a plug-in) is profiled by
+:func:`profile_graph_model`: its blocks are the segments between module paths of its traced
+graph (:mod:`fsl.graphsplit`), and what a cut sends is every value that crosses it (skip
+connections, attention masks), at the dtypes that travel, as :func:`fsl.graphsplit.cut_table`
+counts them.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -38,6 +45,7 @@ __all__ = [
     "DeviceProfile",
     "ModelProfile",
     "NetworkProfile",
+    "profile_graph_model",
     "profile_model",
 ]
 
@@ -101,6 +109,9 @@ class ModelProfile:
         Timed repeats per measurement.
     host : str
         What the profile was measured on.
+    notes : dict
+        What else a reader needs to know (the model, what the ``"input"`` cut sends, the host's
+        load while timing); free text, not read by the planner.
     """
 
     blocks: list[str]
@@ -116,6 +127,7 @@ class ModelProfile:
     threads: int = 1
     repeats: int = 0
     host: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
@@ -266,7 +278,7 @@ def _peak_layer_bytes(block: nn.Module, x: torch.Tensor) -> int:
     return max(peak, _tensor_bytes(x) + _tensor_bytes(out))
 
 
-def _time_ms(fn: Any, x: torch.Tensor, repeats: int, warmup: int, sync: Any) -> float:
+def _time_ms(fn: Any, x: Any, repeats: int, warmup: int, sync: Any, stat: Any = statistics.median) -> float:
     for _ in range(warmup):
         fn(x)
     sync()
@@ -276,7 +288,7 @@ def _time_ms(fn: Any, x: torch.Tensor, repeats: int, warmup: int, sync: Any) -> 
         fn(x)
         sync()
         times.append((time.perf_counter_ns() - t0) / 1e6)
-    return statistics.median(times)
+    return float(stat(times))
 
 
 def _forward_with_flops(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -376,6 +388,228 @@ def profile_model(
         threads=threads,
         repeats=repeats,
         host=host.strip(),
+    )
+
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def _cpu_name() -> str:
+    """The CPU model as the kernel reports it (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sample_bytes(x: Inputs) -> int:
+    """Bytes of one sample of ``x`` (a batch, or a dict of batches), at the dtypes it has."""
+    tensors = list(x.values()) if isinstance(x, Mapping) else [x]
+    return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+def _peak_op_bytes(fn: Callable[[], Any], exclude: set[int]) -> int:
+    """Largest bytes of one operation's inputs and outputs while ``fn()`` runs.
+
+    Tensors whose storage is in ``exclude`` (the segment's parameters and buffers, counted apart)
+    are left out; views count at their own size, so a broadcast errs high.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    peak = 0
+
+    class _Peak(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            nonlocal peak
+            out = func(*args, **(kwargs or {}))
+            leaves = tree_leaves((args, kwargs, out))
+            nbytes = sum(
+                t.numel() * t.element_size()
+                for t in leaves
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in exclude
+            )
+            peak = max(peak, nbytes)
+            return out
+
+    with _Peak():
+        fn()
+    return peak
+
+
+def _run_segments(segments: Sequence[nn.Module], x: Inputs) -> tuple[list[Any], Any]:
+    """Each segment's input (the model's input for the first, the values it receives for the
+    others) and the last segment's output, running ``segments`` in order on ``x``."""
+    pool: dict[str, torch.Tensor] = {}
+    inputs: list[Any] = []
+    out: Any = None
+    for k, seg in enumerate(segments):
+        inp = x if k == 0 else {n: pool[n] for n in seg.input_names}
+        inputs.append(inp)
+        out = seg(inp)
+        if k < len(segments) - 1:
+            pool.update(out)
+    return inputs, out
+
+
+def _timed_segments(segments: Sequence[nn.Module], x: Inputs) -> list[float]:
+    """Milliseconds of each segment in one pass of ``x`` through all of them, one after another.
+
+    Timed in the chain rather than one block at a time on a cached input: a block then finds the
+    caches as the blocks before it left them, as it does when the model runs whole.
+    """
+    pool: dict[str, torch.Tensor] = {}
+    times = []
+    for k, seg in enumerate(segments):
+        inp = x if k == 0 else {n: pool[n] for n in seg.input_names}
+        t0 = time.perf_counter_ns()
+        out = seg(inp)
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+        if k < len(segments) - 1:
+            pool.update(out)
+    return times
+
+
+def profile_graph_model(
+    model: nn.Module,
+    make_batch: Callable[[int], Inputs],
+    cuts: Sequence[str],
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    repeats: int = 15,
+    threads: int = 1,
+    warmup: int = 3,
+    *,
+    dynamic: Mapping[str, Mapping[int, str]] | None = None,
+    bounds: Mapping[str, tuple[int, int]] | None = None,
+    head: str = "head",
+    input_bytes: int | None = None,
+    notes: Mapping[str, Any] | None = None,
+    statistic: str = "median",
+) -> ModelProfile:
+    """Measure a model that is split by its traced graph, block by block, on this machine (CPU).
+
+    The model is traced once (:func:`fsl.graphsplit.trace`) and split at every path of ``cuts``
+    at once; block ``cuts[i]`` is the segment that ends with that module, and ``head`` is the
+    rest of the model after the last cut. Per block: the forward latency of its segment (eval
+    mode, ``no_grad``; ``statistic`` of the repeats) at each batch size, timed as the segments run
+    one after another; FLOPs from the traced graph's per-operation count (the client's FLOPs share
+    at each cut, :func:`fsl.graphsplit.cut_table`, times the model's FLOPs); the bytes one sample sends when the model is cut there alone (every value
+    crossing the cut, at its dtype); its parameters; and an activation estimate (the values it
+    receives plus the largest operation's inputs and outputs, parameters excluded).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (its training mode is restored afterwards).
+    make_batch : callable
+        ``make_batch(b)``: inputs of batch ``b`` (a tensor, or a dict by argument name, as the
+        model takes them). The trace and the bytes per cut use ``make_batch(2)``.
+    cuts : sequence of str
+        Module paths in forward order; each must be a legal cut of the model.
+    batch_sizes, repeats, threads, warmup
+        As for :func:`profile_model`.
+    dynamic, bounds
+        The inputs' varying dimensions and their bounds, as for :func:`fsl.graphsplit.trace`.
+    head : str
+        Name of the block after the last cut (the all-on-device cut).
+    input_bytes : int, optional
+        Bytes of one raw input sample as a device would send it for the ``"input"`` cut; by
+        default the model's input tensors at their dtypes.
+    notes : mapping, optional
+        Saved with the profile (what the model is, why ``input_bytes`` is what it is).
+    statistic : str
+        ``"median"`` of the timed repeats, or ``"min"``: on a host shared with other jobs every
+        interruption only adds time, so the fastest repeat is the closest to the model's own cost.
+    """
+    from fsl.graphsplit import cut_table, split_traced, trace
+    from fsl.models import logits_of, run_model
+
+    if repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError("repeats must be >= 1 and batch_sizes a non-empty list of positive sizes")
+    if not cuts:
+        raise ValueError("give at least one cut")
+    if head in cuts:
+        raise ValueError(f"the head block's name {head!r} is also a cut")
+    stats = {"median": statistics.median, "min": min}
+    if statistic not in stats:
+        raise ValueError(f"statistic must be one of {list(stats)}, not {statistic!r}")
+    stat = stats[statistic]
+    known = {name for name, _ in model.named_modules() if name}
+    unknown = [c for c in cuts if c not in known]
+    if unknown:
+        raise ValueError(f"not module paths of {type(model).__name__}: {unknown}")
+    modes = {m: m.training for m in model.modules()}
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    try:
+        model.eval()
+        example = make_batch(2)  # the trace needs a batch of 2 or more (a batch of 1 is specialised)
+        with torch.no_grad():
+            traced = trace(model, example, dynamic, bounds)
+            rows, refused = cut_table(traced, example, list(cuts))
+            by_cut = {r.cut: r for r in rows}
+            bad = {c: refused[c] for c in cuts if c not in by_cut}
+            if bad:
+                raise ValueError(f"not legal cuts: {bad}")
+            shares = [by_cut[c].client_flops for c in cuts]
+            if any(b < a - 1e-9 for a, b in zip(shares, shares[1:], strict=False)):
+                raise ValueError(f"cuts must be in forward order: the client's FLOPs share goes {shares}")
+            one = make_batch(1)
+            total_flops = float(count_flops(lambda: run_model(model, one)))
+            split = split_traced(traced, list(cuts))
+            segments = split.segments
+            for seg in segments:
+                seg.eval()
+            names = [*cuts, head]
+            cum = [0.0, *shares, 1.0]
+            flops = {n: float(round(max(0.0, cum[i + 1] - cum[i]) * total_flops)) for i, n in enumerate(names)}
+            seg_inputs, logits = _run_segments(segments, one)
+            out_bytes = {c: by_cut[c].bytes_per_sample for c in cuts}
+            out_bytes[head] = logits_of(logits)[0].numel() * _FLOAT32
+            params: dict[str, int] = {}
+            act: dict[str, int] = {}
+            for name, seg, inp in zip(names, segments, seg_inputs, strict=True):
+                own = [*seg.parameters(), *seg.buffers()]
+                params[name] = sum(_tensor_bytes(t) for t in own)
+                storages = {t.untyped_storage().data_ptr() for t in own}
+                act[name] = _sample_bytes(inp) + _peak_op_bytes(lambda s=seg, i=inp: s(i), storages)
+            sizes = sorted(set(int(b) for b in batch_sizes))
+            block_ms: dict[str, list[float]] = {n: [] for n in names}
+            total_ms: list[float] = []
+            for b in sizes:
+                x = make_batch(b)
+                for _ in range(warmup):
+                    _run_segments(segments, x)
+                runs = [_timed_segments(segments, x) for _ in range(repeats)]
+                for i, name in enumerate(names):
+                    block_ms[name].append(float(stat([r[i] for r in runs])))
+                total_ms.append(_time_ms(lambda v: run_model(model, v), x, repeats, warmup, lambda: None, stat))
+    finally:
+        torch.set_num_threads(old_threads)
+        for m, mode in modes.items():
+            m.training = mode
+    first = next(iter(one.values())) if isinstance(one, Mapping) else one
+    host = f"{platform.machine()} {platform.processor() or platform.node()} torch {torch.__version__} cpu"
+    return ModelProfile(
+        blocks=names,
+        input_shape=tuple(int(s) for s in first.shape[1:]),
+        batch_sizes=sizes,
+        block_ms=block_ms,
+        total_ms=total_ms,
+        block_flops=flops,
+        input_bytes=_sample_bytes(one) if input_bytes is None else int(input_bytes),
+        out_bytes=out_bytes,
+        param_bytes=params,
+        act_bytes=act,
+        threads=threads,
+        repeats=repeats,
+        host=host.strip(),
+        notes={**dict(notes or {}), "statistic": statistic, "cpu": _cpu_name(), "load_avg_1m_before": load},
     )
 
 

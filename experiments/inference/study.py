@@ -3,14 +3,18 @@
 One run directory, five parts, each a JSON file (``inference.json`` has the headline figures and the
 per-baseline rows, ``summary.json`` a longer digest):
 
-1. ``profiles.json`` — measured per-block latency/FLOPs/bytes of ``cnn`` and ``resnet`` on this
-   host (1 thread), the declared device and network profiles used below.
+1. ``profiles.json`` — measured per-block latency/FLOPs/bytes of ``cnn``, ``resnet`` and a real
+   RegNetX-400MF (``regnet``, :mod:`experiments.inference.real_profiles`) on this host (1 thread),
+   the declared device and network profiles used below.
 2. ``scheduler.json`` — a fleet of Raspberry Pi 4/5, phones and laptops on 3G/4G/Wi-Fi sending
-   ResNet-8 requests with a latency target, simulated (discrete events, batching server) under
-   all-cloud inference, the best fixed cut and the latency-aware scheduler (re-planning from
-   measured latencies, a Pi slowed down 3x half-way): target attainment, latency percentiles per
-   device type, server compute. ``latency_cdf.png`` draws them. ``sensitivity.json`` (+
-   ``decisions.png``): the cut the scheduler picks as a device gets faster or its uplink slower.
+   RegNetX-400MF requests (224x224 images) with a latency target, simulated (discrete events,
+   batching server) under all-cloud inference, every fixed cut and the latency-aware scheduler
+   (re-planning from measured latencies, a Pi slowed down 3x half-way): target attainment,
+   latency percentiles per device type, server compute. ``latency_cdf.png`` draws them.
+   ``sensitivity.json`` (+ ``decisions.png``): the cut the scheduler picks as a device gets
+   faster or its uplink slower. The model's profile is measured, not scaled: the override
+   ``profile=FILE`` (``fsl run inference profile=experiments/results/transformers/profiles-regnet.json``)
+   reads one measured earlier instead of timing it again on this host.
 3. ``validation.json`` — the simulator against real split inference on loopback (real gRPC, real
    compute, batching under budgets; device speed and links emulated): a calibration run fixes
    the per-request software overhead the simulator does not model, a second run with other
@@ -36,28 +40,22 @@ from typing import Any
 
 __all__ = ["main"]
 
-# The zoo's ResNet-8 takes ~0.5-1 ms per image on one core here, so even a Pi 4 (declared 0.2x this
-# host) runs it whole within any target and offloading has nothing to decide. The scheduler study
-# therefore uses the measured per-block profile *scaled* so that the whole model takes HEAVY_MS per
-# image at batch 1 on the reference host: the measured shape (relative block costs, how each block
-# scales with the batch, bytes per cut) with the compute of a ResNet-18/50-class network. Fixing the
-# total, instead of multiplying by a constant, keeps the study from moving with this host's load
-# (on a loaded host every block times slower, and a constant factor would make the fleet's devices
-# slower with it). The loopback validation uses the real, unscaled cnn.
-HEAVY_MS = 30.0
-# Fraction of the latency target the fleet's scheduler keeps free for what its model does not
-# predict: the simulation draws every compute and transfer time with 10% log-normal jitter.
+# The latency target of the fleet, and the fraction of it the fleet's scheduler keeps free for
+# what its model does not predict: the simulation draws every compute and transfer time with 10%
+# log-normal jitter.
+TARGET_MS = 150.0
 HEADROOM = 0.1
+# Stage provisioning sizes servers for the multi-exit cnn's stages; the cnn takes well under a
+# millisecond per image here, so its measured per-stage profile is scaled to a whole model of
+# STAGE_MS per image (the shape measured, the total declared): what a stage costs only scales
+# every policy's bill alike, and the comparison is between policies.
+STAGE_MS = 30.0
 
 
-def _heavy(profile: Any) -> Any:
-    """``profile`` scaled so that all its blocks take ``HEAVY_MS`` at batch 1."""
-    return profile.scaled(HEAVY_MS / profile.blocks_ms(profile.blocks, 1))
-
-
-def _profiles(out: Path, quick: bool) -> dict[str, Any]:
+def _profiles(out: Path, quick: bool, regnet_file: str | None = None) -> dict[str, Any]:
     import torch
 
+    from experiments.inference import real_profiles
     from experiments.inference.profiles import DEVICES, NETWORKS, profile_model
     from fsl.models import build_model
 
@@ -67,14 +65,17 @@ def _profiles(out: Path, quick: bool) -> dict[str, Any]:
     resnet = profile_model(
         build_model("resnet", seed=0, norm="group"), (3, 32, 32), batch_sizes=(1, 8, 32), repeats=reps
     )
+    regnet = real_profiles.load(regnet_file) if regnet_file else real_profiles.measure("regnet", quick=quick)
     doc = {
         "cnn": cnn.to_dict(),
         "resnet": resnet.to_dict(),
+        "regnet": regnet.to_dict(),
+        "regnet_source": f"read from {regnet_file}" if regnet_file else "measured in this run",
         "devices": {k: v.to_dict() for k, v in DEVICES.items()},
         "networks": {k: v.to_dict() for k, v in NETWORKS.items()},
     }
     (out / "profiles.json").write_text(json.dumps(doc, indent=2) + "\n")
-    return {"cnn": cnn, "resnet": resnet}
+    return {"cnn": cnn, "resnet": resnet, "regnet": regnet}
 
 
 def _fleet(target_ms: float, rate_hz: float, slow_from_ms: float | None) -> list[Any]:
@@ -100,7 +101,16 @@ def _fleet(target_ms: float, rate_hz: float, slow_from_ms: float | None) -> list
     return fleet
 
 
-def _scheduler(out: Path, profile: Any, quick: bool) -> dict[str, Any]:
+def scheduler_study(
+    profile: Any, quick: bool, target_ms: float = TARGET_MS, fixed: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fleet's requests for ``profile``'s model, simulated under every policy.
+
+    Policies: all-cloud, each fixed cut (``fixed``), the scheduler and the scheduler without
+    re-planning. Returns the result document (per policy: attainment, latency percentiles per
+    device type, server compute and its reduction against all-cloud) and the raw simulation
+    results by policy. The profile is used as measured.
+    """
     from experiments.inference.profiles import DEVICES
     from experiments.inference.scheduler import Scheduler
     from experiments.inference.simulate import (
@@ -113,13 +123,12 @@ def _scheduler(out: Path, profile: Any, quick: bool) -> dict[str, Any]:
     )
 
     duration = 20_000.0 if quick else 120_000.0
-    target = 150.0
     server = SimServerConfig(device=DEVICES["gpu-server"], workers=1, max_batch=32, max_wait_ms=5.0)
-    fleet = _fleet(target, rate_hz=5.0, slow_from_ms=duration / 2)
+    fleet = _fleet(target_ms, rate_hz=5.0, slow_from_ms=duration / 2)
     runs: dict[str, Any] = {}
     results: dict[str, Any] = {}
     policies: dict[str, Any] = {"all-cloud": all_cloud()}
-    for cut in profile.cuts:
+    for cut in profile.cuts if fixed else ():
         if cut != "input":
             policies[f"fixed-{cut}"] = FixedCut(cut)
     policies["scheduler"] = SchedulerPolicy(Scheduler(profile, server.device, headroom=HEADROOM))
@@ -131,18 +140,38 @@ def _scheduler(out: Path, profile: Any, quick: bool) -> dict[str, Any]:
     cloud = runs["all-cloud"]
     for s in runs.values():
         s["server_compute_reduction_vs_all_cloud"] = 1.0 - s["server_ms_total"] / cloud["server_ms_total"]
+    fixed_runs = {k: v for k, v in runs.items() if k.startswith("fixed-")}
+    best_fixed = max(
+        fixed_runs, key=lambda k: (fixed_runs[k]["attainment"], -fixed_runs[k]["server_ms_total"]), default=None
+    )
     doc = {
-        "model": f"resnet (ResNet-8, GroupNorm, 3x32x32) measured here, scaled to {HEAVY_MS} ms per image (a heavier model)",
+        "model": profile.notes.get("model", "measured profile"),
+        "profile": {
+            "host": profile.host,
+            "threads": profile.threads,
+            "batch_sizes": profile.batch_sizes,
+            "model_ms_batch1": profile.blocks_ms(profile.blocks, 1),
+            "model_flops": profile.flops(profile.blocks),
+            "scaled": False,
+            "input_bytes": profile.input_bytes,
+            "notes": profile.notes,
+        },
         "headroom": HEADROOM,
-        "target_ms": target,
+        "target_ms": target_ms,
         "duration_ms": duration,
         "fleet": [{"name": d.name, "device": d.device.name, "network": d.network.name} for d in fleet],
         "server": {"device": server.device.name, "max_batch": server.max_batch, "max_wait_ms": server.max_wait_ms},
         "slowdown": {"device": fleet[0].name, "factor": 3.0, "from_ms": duration / 2},
+        "best_fixed_cut": best_fixed,
         "policies": runs,
     }
+    return doc, results
+
+
+def _scheduler(out: Path, profile: Any, quick: bool) -> dict[str, Any]:
+    doc, results = scheduler_study(profile, quick)
     (out / "scheduler.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
-    _plot_cdf(out / "latency_cdf.png", {k: results[k] for k in ("all-cloud", "scheduler")}, target)
+    _plot_cdf(out / "latency_cdf.png", {k: results[k] for k in ("all-cloud", "scheduler")}, doc["target_ms"])
     return doc
 
 
@@ -153,7 +182,7 @@ def _sensitivity(out: Path, profile: Any) -> dict[str, Any]:
     from experiments.inference.profiles import DEVICES, NETWORKS
     from experiments.inference.scheduler import Scheduler
 
-    target = 100.0  # tighter than the fleet's 150 ms, so that no device at its declared speed runs all of it
+    target = 100.0  # tighter than the fleet's 150 ms, so that a Pi 4 at its declared speed has a cut to choose
     server = DEVICES["gpu-server"]
     speed_factors = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
     bandwidth_factors = [4.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.02]
@@ -198,6 +227,13 @@ def _sensitivity(out: Path, profile: Any) -> dict[str, Any]:
     return doc
 
 
+def _short(cut: str) -> str:
+    """A module path as a tick label: ``regnet.encoder.stages.2.layers.3`` -> ``s2.l3``."""
+    for prefix in ("regnet.encoder.", "regnet.", "bert.encoder.", "bert."):
+        cut = cut.removeprefix(prefix)
+    return cut.replace("stages.", "s").replace(".layers.", ".l").replace("layer.", "l")
+
+
 def _plot_sensitivity(path: Path, doc: dict[str, Any]) -> None:
     import matplotlib
 
@@ -214,7 +250,7 @@ def _plot_sensitivity(path: Path, doc: dict[str, Any]) -> None:
     axes[1].invert_xaxis()
     axes[0].set_xlabel("device speed (x declared)")
     axes[1].set_xlabel("uplink bandwidth (x declared; slower to the right)")
-    axes[0].set_yticks(range(len(doc["cuts"])), doc["cuts"])
+    axes[0].set_yticks(range(len(doc["cuts"])), [_short(c) for c in doc["cuts"]], fontsize=7)
     axes[0].set_ylabel("cut chosen (blocks on the device)")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -312,8 +348,8 @@ def _provisioning(out: Path, routing: dict[str, Any], profile: Any, quick: bool)
     # first exit sure enough (the exit fractions the tuned confidence exits measured in part 4)
     frac = routing["comparison"]["policies"]["adaptive-exit"]["tier_fractions"]
     fractions = [float(frac[k]) for k in ("device", "edge", "cloud")]
-    heavy = _heavy(profile)
-    service = [heavy.blocks_ms(b, 1) for b in (["conv1"], ["conv2"], ["fc1", "fc2"])]  # ms per request
+    scaled = profile.scaled(STAGE_MS / profile.blocks_ms(profile.blocks, 1))
+    service = [scaled.blocks_ms(b, 1) for b in (["conv1"], ["conv2"], ["fc1", "fc2"])]  # ms per request
     stages = stages_from_exit_fractions(["conv1+exit", "conv2+exit", "fc1+fc2"], service, fractions)
     duration = 3_600_000.0 if not quick else 600_000.0
     trace = bursty_trace(duration, base_rate_hz=50.0, burst_rate_hz=400.0, mean_burst_ms=60_000.0,
@@ -340,14 +376,20 @@ def main(args: argparse.Namespace) -> int:
     from fsl.rundir import RunDir
 
     quick = bool(getattr(args, "quick", False))
+    options = dict(o.split("=", 1) for o in getattr(args, "overrides", None) or [] if "=" in o)
+    unknown = sorted(set(options) - {"profile"})
+    if unknown or len(options) != len(getattr(args, "overrides", None) or []):
+        print(
+            f"error: `fsl run inference` takes only profile=FILE (a measured RegNet profile), not {unknown or args.overrides}"
+        )
+        return 2
     root = RunDir.create("runs", "inference-quick" if quick else "inference").path
     print(f"run directory: {root}")
     t0 = time.perf_counter()
-    prof = _profiles(root, quick)
+    prof = _profiles(root, quick, options.get("profile"))
     print(f"[1/5] profiles ({time.perf_counter() - t0:.0f}s)")
-    heavy = _heavy(prof["resnet"])
-    sched = _scheduler(root, heavy, quick)
-    sens = _sensitivity(root, heavy)
+    sched = _scheduler(root, prof["regnet"], quick)
+    sens = _sensitivity(root, prof["regnet"])
     print(f"[2/5] scheduler ({time.perf_counter() - t0:.0f}s)")
     val = _validation(root, prof["cnn"], quick)
     print(f"[3/5] simulator validation ({time.perf_counter() - t0:.0f}s)")
@@ -394,6 +436,7 @@ def main(args: argparse.Namespace) -> int:
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     carto, cloud = table["cartography"], table["cloud-only"]
     headline = {
+        "scheduler_model": sched["model"],
         "server_compute_reduction_vs_cloud": p["scheduler"]["server_compute_reduction_vs_all_cloud"],
         "sla_attainment": {"scheduler": p["scheduler"]["attainment"], "all_cloud": p["all-cloud"]["attainment"]},
         "latency_p95_ms": {"scheduler": p["scheduler"]["p95_ms"], "all_cloud": p["all-cloud"]["p95_ms"]},
