@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fsl import tasks
 from fsl.config import ExperimentConfig, to_toml
 from fsl.data import cat_inputs, client_partition
 from fsl.experiment import build_model_for, experiment_dataset
@@ -44,6 +45,7 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
     x = cat_inputs(xs)
     y = torch.cat([p.y_train for p in parts])
     model = build_model_for(cfg, ds.input_shape, ds.num_classes)
+    task = model_spec(cfg.model.name).task
     history: list[dict[str, Any]] = []
     start, wall_before = 1, 0.0
     ckpt = run.latest_checkpoint()
@@ -60,7 +62,7 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
         if reporter is not None:
             reporter.round_start(rnd, cfg.train.rounds, 0, lambda: 0)
         stats = train_local(model, x, y, TrainOptions.from_config(cfg, seed=cfg.seed * 100_003 + rnd))
-        ev = evaluate_model(model, ds.x_test, ds.y_test, cfg.train.eval_batch_size, model_spec(cfg.model.name).task)
+        ev = evaluate_model(model, ds.x_test, ds.y_test, cfg.train.eval_batch_size, task)
         row = {
             "round": rnd,
             "mode": "central",
@@ -80,6 +82,8 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
             "train_s": stats.compute_s,
             "seconds": time.perf_counter() - t0,
         }
+        if task == "causal-lm":
+            row["perplexity"] = tasks.perplexity(ev.loss)
         history.append(row)
         run.append_metrics(row)
         run.save_checkpoint(
