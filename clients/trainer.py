@@ -110,7 +110,10 @@ def _train_split(
         m.train()
     step = make_step(options, hooks)
     up0, down0 = channel.bytes_up, channel.bytes_down
-    stats = train_loop(step, [p for m in modules for p in m.parameters()], x, y, options, hooks)
+    # a weight both segments hold (a U-shaped model's tied input embedding and output layer) is one
+    # parameter: listed twice, the optimizer would step it twice, at double the learning rate
+    unique = list({id(p): p for m in modules for p in m.parameters()}.values())
+    stats = train_loop(step, unique, x, y, options, hooks)
     stats.bytes_up = channel.bytes_up - up0
     stats.bytes_down = channel.bytes_down - down0
     return stats

@@ -7,20 +7,23 @@ its raw bytes: only float hidden states of the expected shapes (and the attentio
 derived) may arrive; no token id, no next-token label, no integer tensor, no label-carrying call.
 """
 
+import copy
+
 import pytest
 import torch
 
 from clients.trainer import TrainOptions, evaluate_split_u, train_segment_u
+from fsl import tasks
+from fsl.channel import InMemoryChannel
 from fsl.config import load_experiment
 from fsl.experiment import build_model_for, usplit_for
 from fsl.grpc_channel import GrpcChannel
+from fsl.models import run_model
 from fsl.textdata import next_token_labels
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import frame
 from helpers import RequestRecorder, authority_and_identity, params
 from server.split_server import SplitServer, SplitServerState
-
-pytestmark = pytest.mark.integration
 
 T, H, V = 12, 16, 30522  # tokens per sequence, width, the MiniLM vocabulary the zoo's gpt2 uses
 TINY = [
@@ -60,6 +63,37 @@ def _received(method: str, raw: bytes) -> tuple[str, object, dict[str, torch.Ten
     return call, req.msg, tensors
 
 
+def test_a_ushaped_step_of_the_tied_language_model_is_the_unsplit_models_step():
+    """Through the trainer (routing, the mask both the middle and the top read, the tied embedding and
+    output layer in both client segments, stepped once) one SGD step equals the unsplit model's."""
+    no_dropout = ["model.options.resid_pdrop=0.0", "model.options.embd_pdrop=0.0", "model.options.attn_pdrop=0.0"]
+    cfg = load_experiment("transformers-lm", [*TINY, *no_dropout])
+    model = build_model_for(cfg, (T,), V)
+    ref = copy.deepcopy(model).train()
+    u = usplit_for(cfg, model, (T,))
+    x = _tokens(4)
+    y = next_token_labels(x)
+    lr = 0.5
+    tasks.loss("causal-lm", run_model(ref, x), y).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= lr * p.grad
+    auth, identity = authority_and_identity()
+    state = SplitServerState(
+        u.middle, (), V, signature=u.graph.signature(1), task="causal-lm", lr=lr, momentum=0.0, device="cpu",
+        ushaped=True, authority=auth,
+    )  # fmt: skip
+    ch = InMemoryChannel(server=state, identity=identity)
+    train_segment_u(u.bottom, u.top, x, y, ch, TrainOptions(batch_size=4, lr=lr, momentum=0.0, task="causal-lm"))
+    want = dict(ref.named_parameters(remove_duplicate=False))
+    top, bottom = (dict(m.named_parameters(remove_duplicate=False)) for m in (u.top, u.bottom))
+    assert top["lm_head.weight"] is bottom["transformer.wte.weight"]  # one tied weight in both segments
+    for seg in (u.bottom, u.middle, u.top):
+        for k, v in seg.named_parameters(remove_duplicate=False):
+            torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.integration
 def test_a_ushaped_language_model_sends_only_float_hidden_states():
     cfg = load_experiment("transformers-lm", TINY)
     assert cfg.model.ushaped and cfg.mode == "ushaped"
