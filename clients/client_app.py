@@ -174,6 +174,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             "num-examples": ev.examples,
             "eval_loss": ev.loss,
             "eval_accuracy": ev.accuracy,
+            "eval_targets": ev.targets,  # what the two means are over (tokens for a language model)
             "bytes_up": up,
             "bytes_down": down,
         }

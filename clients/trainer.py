@@ -110,7 +110,10 @@ def _train_split(
         m.train()
     step = make_step(options, hooks)
     up0, down0 = channel.bytes_up, channel.bytes_down
-    stats = train_loop(step, [p for m in modules for p in m.parameters()], x, y, options, hooks)
+    # a weight both segments hold (a U-shaped model's tied input embedding and output layer) is one
+    # parameter: listed twice, the optimizer would step it twice, at double the learning rate
+    unique = list({id(p): p for m in modules for p in m.parameters()}.values())
+    stats = train_loop(step, unique, x, y, options, hooks)
     stats.bytes_up = channel.bytes_up - up0
     stats.bytes_down = channel.bytes_down - down0
     return stats
@@ -205,12 +208,13 @@ def ushaped_step(
 
 def _route(bottom: nn.Module, h1: Activations) -> tuple[Activations, dict[str, torch.Tensor]]:
     """The bottom's output split into what goes to the server's middle and what a traced bottom
-    computed for the top, which stays here (its ``sends`` says where each value goes)."""
+    computed for the top, which stays here (its ``sends`` says which segments read each value; one
+    that both read, such as an attention mask, goes up and stays here too)."""
     sends = getattr(bottom, "sends", None)
     if not sends or not isinstance(h1, dict):
         return h1, {}
-    carry = {k: v for k, v in h1.items() if sends.get(k, 1) != 1}
-    return {k: v for k, v in h1.items() if k not in carry}, carry
+    carry = {k: v for k, v in h1.items() if 2 in sends.get(k, (1,))}
+    return {k: v for k, v in h1.items() if 1 in sends.get(k, (1,))}, carry
 
 
 def _released(h: Activations, release: Callable[[torch.Tensor], torch.Tensor] | None) -> Activations:
@@ -246,11 +250,13 @@ def _named_u_step(
     t1 = time.perf_counter()
     g1 = channel.backward(g2, fwd_step, sent)
     wire_s += time.perf_counter() - t1
-    # the carried values' gradients join the server's in one backward pass through the bottom
+    # the carried values' gradients join the server's in one backward pass through the bottom; a
+    # value that both the middle and the top read gets the sum of the two
     g_kept = {n: t.grad for n, t in kept.items() if t.grad is not None}
     if g_kept:
         h1 = {**as_dict(h1), **{n: (carry or {})[n] for n in g_kept}}
-        g1 = {**as_dict(g1), **g_kept}
+        g_up = as_dict(g1)
+        g1 = {**g_up, **{n: g + g_up[n] if n in g_up else g for n, g in g_kept.items()}}
     _backward(h1, g1, penalty, xb)
     res = head_result(logits, loss, yb, want_confidence, options.task)
     res.wire_s = wire_s

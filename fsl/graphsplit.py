@@ -472,7 +472,9 @@ class GraphSegment(nn.Module):
         super().__init__()
         self.traced = True  # runs a graph of operations, not its submodules (per-layer tools cannot hook it)
         self.index = index
-        self.sends: dict[str, int] = {}  # name of each value this segment returns -> the segment it is for
+        # name of each value this segment returns -> the segments that read it (a value derived from the
+        # inputs, such as an attention mask, may be read by both the server's middle and the client's top)
+        self.sends: dict[str, tuple[int, ...]] = {}
         self.input_names = tuple(input_names)
         for fqn, p in params.items():
             _set(self, fqn, p, param=True)
@@ -653,7 +655,11 @@ def split_traced(traced: Traced, cut_list: Sequence[str]) -> GraphSplit:
         p, b = _owned(model, attrs)
         names = tr.inputs if s == 0 else [c.name for c in tr.crossings if c.target == s]
         seg = GraphSegment(s, names, p, b, (tr.graphs[s], _renamed(ev, tr, s)))
-        seg.sends = {c.name: c.target for c in tr.crossings if c.source == s}
+        targets: dict[str, list[int]] = {}
+        for c in tr.crossings:
+            if c.source == s:
+                targets.setdefault(c.name, []).append(c.target)
+        seg.sends = {name: tuple(ts) for name, ts in targets.items()}
         segments.append(seg)
     return GraphSplit(segments, tuple(cut_list), tr.crossings, tuple(tr.inputs), bnd)
 

@@ -13,10 +13,12 @@ means the same everywhere.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-__all__ = ["IGNORE", "TASKS", "correct", "loss", "targets"]
+__all__ = ["IGNORE", "TASKS", "correct", "loss", "perplexity", "targets", "unigram_perplexity"]
 
 TASKS = ("classify", "causal-lm")
 IGNORE = -100  # a label position without a target (Hugging Face's convention)
@@ -55,3 +57,31 @@ def correct(task: str, logits: torch.Tensor, y: torch.Tensor) -> int:
         keep = tg != IGNORE
         return int((lg.argmax(-1)[keep] == tg[keep]).sum())
     return int((logits.argmax(-1) == y).sum())
+
+
+def perplexity(mean_nll: float) -> float:
+    """A language model's perplexity from its mean negative log-likelihood per target token (nats):
+    ``exp`` of the token-weighted mean, so a caller must average over tokens, not over batches."""
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf  # exp overflows a float past ~709
+
+
+def unigram_perplexity(train: torch.Tensor, test: torch.Tensor, vocab_size: int, alpha: float = 1.0) -> float:
+    """Perplexity on ``test`` of a unigram model counted from ``train``: the baseline a causal language
+    model must beat (one that learnt only how often each token occurs, not from its context).
+
+    ``train`` and ``test`` are next-token labels of any shape; positions holding :data:`IGNORE` are
+    left out of both, exactly as the model's loss leaves them out. Additive (Lidstone) smoothing:
+    ``p(w) = (count(w) + alpha) / (N + alpha * vocab_size)``, so a token never seen in ``train`` keeps
+    a finite probability (``alpha = 1``: add-one, Laplace).
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0 (a token unseen in training would get probability 0), got {alpha}")
+    tr, te = train[train != IGNORE].long(), test[test != IGNORE].long()
+    if not te.numel():
+        raise ValueError("the test labels hold no target token")
+    for name, t in (("train", tr), ("test", te)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+            raise ValueError(f"{name} labels hold ids outside the vocabulary [0, {vocab_size})")
+    counts = torch.bincount(tr, minlength=vocab_size).double()
+    log_p = torch.log(counts + alpha) - math.log(float(counts.sum()) + alpha * vocab_size)
+    return math.exp(-float(log_p[te].mean()))

@@ -170,8 +170,9 @@ class TrainStats:
 @dataclass
 class EvalStats:
     examples: int = 0
-    loss: float = 0.0
+    loss: float = 0.0  # mean over the targets
     accuracy: float = 0.0
+    targets: int = 0  # predictions scored: the samples, or a language model's non-ignored tokens
 
 
 @dataclass
@@ -265,7 +266,9 @@ def evaluate_logits(
         loss_sum += float(tasks.loss(task, logits, yb, reduction="sum"))
         correct += tasks.correct(task, logits, yb)
         targets += tasks.targets(task, yb)
-    return EvalStats(examples=len(y), loss=loss_sum / max(1, targets), accuracy=correct / max(1, targets))
+    return EvalStats(
+        examples=len(y), loss=loss_sum / max(1, targets), accuracy=correct / max(1, targets), targets=targets
+    )
 
 
 def label_log_prior(counts: torch.Tensor) -> torch.Tensor:

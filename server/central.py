@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fsl import tasks
 from fsl.config import ExperimentConfig, to_toml
 from fsl.data import cat_inputs, client_partition
 from fsl.experiment import base_digests, build_model_for, experiment_dataset
@@ -46,6 +47,7 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
     y = torch.cat([p.y_train for p in parts])
     model = build_model_for(cfg, ds.input_shape, ds.num_classes)
     digests = base_digests(model)  # "client": the whole model here
+    task = model_spec(cfg.model.name).task
     history: list[dict[str, Any]] = []
     start, wall_before = 1, 0.0
     ckpt = run.latest_checkpoint()
@@ -63,7 +65,7 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
         if reporter is not None:
             reporter.round_start(rnd, cfg.train.rounds, 0, lambda: 0)
         stats = train_local(model, x, y, TrainOptions.from_config(cfg, seed=cfg.seed * 100_003 + rnd, rnd=rnd))
-        ev = evaluate_model(model, ds.x_test, ds.y_test, cfg.train.eval_batch_size, model_spec(cfg.model.name).task)
+        ev = evaluate_model(model, ds.x_test, ds.y_test, cfg.train.eval_batch_size, task)
         row = {
             "round": rnd,
             "mode": "central",
@@ -83,6 +85,8 @@ def run_central(cfg: ExperimentConfig, run: RunDir, reporter: Reporter | None = 
             "train_s": stats.compute_s,
             "seconds": time.perf_counter() - t0,
         }
+        if task == "causal-lm":
+            row["perplexity"] = tasks.perplexity(ev.loss)
         history.append(row)
         run.append_metrics(row)
         extra: dict[str, Any] = {"wall_s": wall_before + time.perf_counter() - t_start}

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fsl import tasks
 from fsl.config import ExperimentConfig
 from fsl.rundir import RunDir
 
@@ -71,6 +72,7 @@ class RoundNumbers:
     train_s: float
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)  # what round hooks add (e.g. ``privacy``)
+    task: str = "classify"  # fsl.tasks: a language model's rows add its perplexities
 
 
 def _weighted(mets: Sequence[Any], key: str, examples: int) -> float | None:
@@ -83,7 +85,10 @@ def metrics_row(n: RoundNumbers) -> dict[str, Any]:
     """The round's ``metrics.jsonl`` row (keys and meanings as README's "What a run writes")."""
     mets = n.train_metrics
     examples = sum(int(x["num-examples"]) for x in mets)
-    fed_n = sum(r["examples"] for r in n.fed_rows)
+    # each client's loss and accuracy are means over its targets (samples, or tokens), so the
+    # federated means weigh the clients by them: over all tokens, not a mean of per-client means
+    fed_w = [int(r.get("targets", r["examples"])) for r in n.fed_rows]
+    fed_n = sum(fed_w)
     row: dict[str, Any] = {
         "round": n.rnd,
         "mode": n.mode,
@@ -91,8 +96,10 @@ def metrics_row(n: RoundNumbers) -> dict[str, Any]:
         "loss": n.loss,
         "client_accuracies": n.per_client,
         "client_accuracy_std": statistics.pstdev(n.per_client) if len(n.per_client) > 1 else None,
-        "fed_accuracy": sum(r["accuracy"] * r["examples"] for r in n.fed_rows) / fed_n if fed_n else None,
-        "fed_loss": sum(r["loss"] * r["examples"] for r in n.fed_rows) / fed_n if fed_n else None,
+        "fed_accuracy": sum(r["accuracy"] * w for r, w in zip(n.fed_rows, fed_w, strict=True)) / fed_n
+        if fed_n
+        else None,
+        "fed_loss": sum(r["loss"] * w for r, w in zip(n.fed_rows, fed_w, strict=True)) / fed_n if fed_n else None,
         "fed_clients": n.fed_rows,
         "train_loss": _weighted(mets, "train_loss", examples),
         "train_accuracy": _weighted(mets, "train_accuracy", examples),
@@ -116,6 +123,9 @@ def metrics_row(n: RoundNumbers) -> dict[str, Any]:
         "train_s": n.train_s,
         "seconds": n.seconds,
     }
+    if n.task == "causal-lm":  # exp of the mean token negative log-likelihood: test set, clients' held-out text
+        row["perplexity"] = tasks.perplexity(n.loss)
+        row["fed_perplexity"] = tasks.perplexity(row["fed_loss"]) if row["fed_loss"] is not None else None
     row.update(n.extra)
     return row
 

@@ -417,6 +417,8 @@ class RoundRunner:
                     "examples": int(met["num-examples"]),
                     "accuracy": float(met["eval_accuracy"]),
                     "loss": float(met["eval_loss"]),
+                    # the means above are over targets (a language model's tokens), so they weigh by them
+                    "targets": int(met["eval_targets"]) if "eval_targets" in met else int(met["num-examples"]),
                 }
             )
         return rows, failures, self.arrays.count_bytes() * len(msgs)
@@ -465,6 +467,7 @@ class RoundRunner:
             train_s=t_train,
             seconds=time.perf_counter() - t0,
             extra=r.extra,
+            task=self.task,
         )
         row = metrics_row(numbers)
         self.history.append(row)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import grpc
 import torch
 
 from fsl.auth import RoundAuthority
@@ -62,3 +63,27 @@ def authority_and_identity(round_=1, client="7", run_id="run-test"):
 
 def params(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class RequestRecorder(grpc.ServerInterceptor):
+    """Keeps the raw bytes of every request that reaches a gRPC server (what a split server received):
+    ``requests`` is a list of (method path, raw request bytes) in arrival order."""
+
+    def __init__(self):
+        self.requests = []
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method, deserialize = details.method, handler.request_deserializer
+
+        def wrapped_deserialize(raw):
+            self.requests.append((method, raw))
+            return deserialize(raw)
+
+        return grpc.unary_unary_rpc_method_handler(
+            handler.unary_unary,
+            request_deserializer=wrapped_deserialize,
+            response_serializer=handler.response_serializer,
+        )

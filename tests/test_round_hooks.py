@@ -52,6 +52,21 @@ def test_the_metrics_row_has_the_documented_keys_and_weights_by_examples():
     assert empty["train_loss"] is None and empty["fed_accuracy"] is None and empty["max_concurrent_clients"] == 0
 
 
+def test_a_language_models_row_weighs_clients_by_tokens_and_adds_perplexities():
+    import math
+
+    # client 7: 30 sequences, 600 target tokens; client 8: 10 sequences, 50 tokens
+    fed = [
+        {"node_id": 7, "examples": 30, "targets": 600, "accuracy": 0.2, "loss": 4.0},
+        {"node_id": 8, "examples": 10, "targets": 50, "accuracy": 0.1, "loss": 6.0},
+    ]
+    row = metrics_row(_numbers(task="causal-lm", loss=5.0, fed_rows=fed))
+    assert list(row) == [*ROW_KEYS, "perplexity", "fed_perplexity"]
+    assert row["fed_loss"] == (600 * 4.0 + 50 * 6.0) / 650  # over tokens, not a mean of the clients' means
+    assert row["fed_accuracy"] == (600 * 0.2 + 50 * 0.1) / 650
+    assert row["perplexity"] == math.exp(5.0) and row["fed_perplexity"] == math.exp(row["fed_loss"])
+
+
 def test_the_summary_sums_the_rows(tmp_path):
     cfg = load_experiment("quickstart")
     rows = [metrics_row(_numbers(rnd=1, accuracy=0.5)), metrics_row(_numbers(rnd=2, accuracy=0.7))]

@@ -10,33 +10,11 @@ from fsl.grpc_channel import DataPlaneError, GrpcChannel
 from fsl.models import build_model, cut_shape, split_model_u
 from fsl.wire import codec, frame
 from fsl.wire import dataplane_pb2 as pb
+from helpers import RequestRecorder as Recorder
 from helpers import authority_and_identity
 from server.split_server import InvalidRequest, SplitServer, SplitServerState
 
 pytestmark = pytest.mark.integration
-
-
-class Recorder(grpc.ServerInterceptor):
-    """Keeps the raw bytes of every request that reaches the server."""
-
-    def __init__(self):
-        self.requests = []
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method, deserialize = details.method, handler.request_deserializer
-
-        def wrapped_deserialize(raw):
-            self.requests.append((method, raw))
-            return deserialize(raw)
-
-        return grpc.unary_unary_rpc_method_handler(
-            handler.unary_unary,
-            request_deserializer=wrapped_deserialize,
-            response_serializer=handler.response_serializer,
-        )
 
 
 def test_ushaped_training_sends_no_labels():
