@@ -87,7 +87,10 @@ def _digest(cfg: ExperimentConfig) -> str:
     if cfg.mode == "central":  # what central training ignores
         train = dataclasses.replace(cfg.train, logit_adjust=True, server_lr=cfg.train.lr)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cut=""), train=train)
-    return hashlib.sha1(to_toml(dataclasses.replace(cfg, name="")).encode()).hexdigest()[:8]
+    # the gradient bound as this mode resolves it: the same `train.clip_norm` once meant no clipping
+    # in the central baseline, so a run from then is never taken for a clipped one
+    text = to_toml(dataclasses.replace(cfg, name="")) + f"\n# clip_norm = {cfg.clip_norm}\n"
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:

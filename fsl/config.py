@@ -280,6 +280,9 @@ class ServerConfig:
     batching: bool = False
     max_batch_requests: int = 8  # most requests in one batch
     max_batch_wait_ms: float = 20.0  # longest a batch waits for more requests (a lone client never waits)
+    # with batching, requests of different sequence lengths share a batch, padded to the longest with
+    # positions the cut's masks mark absent; off: one batch per length (server/batching.py)
+    pad_lengths: bool = False
     # where clients dial the split server when `address` binds 0.0.0.0 ("gpu-host" or "gpu-host:7800";
     # no port = the bound one), and data-plane TLS (PEM paths on the ServerApp's host; fsl/endpoint.py)
     public_address: str = ""  # deploy
@@ -306,7 +309,10 @@ class ServerConfig:
             "server.endpoints needs server.control_secret_file (the secret the split servers were started with)",
         )
         _check(self.max_batch_requests >= 1, "server.max_batch_requests must be >= 1")
-        _check(self.max_batch_wait_ms >= 0, "server.max_batch_wait_ms must be >= 0")
+        _check(
+            0 <= self.max_batch_wait_ms < math.inf,
+            f"server.max_batch_wait_ms must be finite and >= 0, not {self.max_batch_wait_ms}",
+        )
         _check(":" in self.address, f"server.address must be host:port, got {self.address!r}")
         _check(self.request_timeout_s > 0, f"server.request_timeout_s must be > 0, got {self.request_timeout_s}")
         _check(self.request_retries >= 0, f"server.request_retries must be >= 0, got {self.request_retries}")
@@ -413,12 +419,12 @@ class ExperimentConfig:
     @property
     def clip_norm(self) -> float:
         """The gradient-norm bound of every SGD step of a segment (0: none): ``train.clip_norm``, its
-        automatic value resolved for this mode; the whole-model baselines are never clipped."""
-        if self.mode in ("fl", "central"):
-            return 0.0
-        if self.train.clip_norm < 0:
-            return SEQUENTIAL_CLIP_NORM if self.mode in SEQUENTIAL_MODES else 0.0
-        return float(self.train.clip_norm)
+        automatic value resolved for this mode. A bound the config sets holds in every mode, the
+        whole-model baselines (``fl``, ``central``) included, so that a split run and its baseline
+        differ only in the mode; the automatic bound clips the sequential modes only."""
+        if self.train.clip_norm >= 0:
+            return float(self.train.clip_norm)
+        return SEQUENTIAL_CLIP_NORM if self.mode in SEQUENTIAL_MODES else 0.0
 
     @property
     def architecture(self) -> str:

@@ -40,9 +40,14 @@ __all__ = [
     "like",
     "map_floats",
     "nbytes",
+    "pad_key",
+    "pad_to",
+    "pad_value",
     "sample_key",
     "select_rows",
     "split",
+    "symbol_sizes",
+    "trim_to",
     "wire_dtype_name",
 ]
 
@@ -263,6 +268,73 @@ def sample_key(values: Activations) -> tuple[tuple[str, tuple[int, ...]], ...] |
     if isinstance(values, torch.Tensor):
         return None
     return tuple((n, tuple(t.shape[1:])) for n, t in values.items())
+
+
+# ---------------------------------------------------------------- padding to a common length
+# Requests whose symbolic sizes differ (sequences of different lengths) can share one server step
+# when each is padded to the longest: positions appended at the end that every mask that crosses
+# the cut marks as absent. That is exact for a segment that mixes positions only through attention
+# under those masks and reads out per position or at a real one (BERT's [CLS], a causal LM's
+# tokens): padded keys get no attention weight, so real positions compute what they did alone.
+def pad_value(spec: TensorSpec) -> float | int | bool:
+    """What fills the padded positions of ``spec``'s tensor: "absent" for a mask, zero otherwise.
+
+    A float tensor without a gradient whose last dim is symbolic is taken for an additive
+    attention mask over keys (HF's ``(B, 1, T, T)`` or ``(B, 1, 1, T)``): the most negative
+    float32, so that a padded key gets zero weight and a padded query row stays finite. A bool or
+    integer tensor (a 0/1 mask, position ids) is padded with 0 / False; hidden states (the float
+    tensors that take gradients) with 0.0, which keeps every value finite.
+    """
+    if spec.floating and not spec.grad and spec.dims and isinstance(spec.dims[-1], str):
+        return float(torch.finfo(torch.float32).min)
+    return False if spec.dtype == "bool" else 0
+
+
+def symbol_sizes(values: Activations, sig: Signature) -> dict[str, int]:
+    """The value of every symbolic size in ``values`` (admission checked that tensors agree)."""
+    d = as_dict(values)
+    out: dict[str, int] = {}
+    for spec in sig.tensors:
+        for i, dim in enumerate(spec.dims):
+            if isinstance(dim, str):
+                out.setdefault(dim, int(d[spec.name].shape[i + 1]))
+    return out
+
+
+def pad_key(values: Activations, sig: Signature) -> tuple[tuple[str, tuple[int | str, ...]], ...] | None:
+    """:func:`sample_key` with every symbolic size left a symbol: requests that differ only in
+    their lengths share it (and may share a padded step)."""
+    if isinstance(values, torch.Tensor):
+        return None
+    return tuple(
+        (n, tuple(d if isinstance(d, str) else int(t.shape[i + 1]) for i, d in enumerate(sig.spec(n).dims)))
+        for n, t in values.items()
+    )
+
+
+def pad_to(values: Activations, sig: Signature, sizes: Mapping[str, int]) -> Activations:
+    """``values`` with every symbolic dim grown to ``sizes[symbol]`` at its end, filled with
+    :func:`pad_value` (``values`` itself where nothing grows)."""
+    d = as_dict(values)
+    out: dict[str, torch.Tensor] = {}
+    for spec in sig.tensors:
+        t = d[spec.name]
+        target = [t.shape[0], *(sizes[x] if isinstance(x, str) else t.shape[i + 1] for i, x in enumerate(spec.dims))]
+        if list(t.shape) == target:
+            out[spec.name] = t
+            continue
+        grown = torch.full(target, pad_value(spec), dtype=t.dtype, device=t.device)
+        grown[tuple(slice(0, n) for n in t.shape)] = t
+        out[spec.name] = grown
+    return like(values, out)
+
+
+def trim_to(t: torch.Tensor, spec: TensorSpec, sizes: Mapping[str, int]) -> torch.Tensor:
+    """:func:`pad_to` undone for one tensor (a gradient): its symbolic dims cut back to ``sizes``."""
+    for i, x in enumerate(spec.dims):
+        if isinstance(x, str):
+            t = t.narrow(i + 1, 0, sizes[x])
+    return t
 
 
 def concat(items: Sequence[Activations]) -> Activations:

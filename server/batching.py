@@ -28,6 +28,11 @@ For a batch of requests ``i = 1..K`` with ``B_i`` samples each, all from the sam
   and weight decay is applied once per batch (``lr * wd * w`` instead of K times).
 * Only requests whose cut values have the same per-sample shapes share a batch (a cut of named
   tensors with a symbolic sequence length: one batch per length); the others wait for the next.
+  With ``pad_lengths`` (``server.pad_lengths``) requests of different lengths share one: each is
+  padded to the longest with positions its masks mark absent (:func:`fsl.cutvalues.pad_value`)
+  and gets its gradients back at its own length. Exact for segments that mix positions only
+  through attention under the masks that cross the cut (BERT, GPT-2); costlier in compute by the
+  padding, cheaper in steps when lengths vary from request to request.
 * Exactness needs samples that do not interact inside the server segment. BatchNorm in
   training mode mixes the statistics of all clients in the batch, so a segment with BatchNorm
   is refused (use ``norm = "group"``, per-sample GroupNorm, or serve it unbatched). Dropout
@@ -58,12 +63,14 @@ batch (:class:`server.step.Staging`).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from fsl.cutvalues import pad_key
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire.frame import Framed
@@ -153,11 +160,12 @@ class RequestBatcher:
         active_window_s: float = 0.25,
         adaptive: bool = True,
         timeline: Timeline = Timeline(),  # noqa: B008 - frozen, so one default is safely shared
+        pad_lengths: bool = False,
     ) -> None:
         if max_requests < 1:
             raise BatchingError(f"max_requests must be >= 1, got {max_requests}")
-        if max_wait_ms < 0:
-            raise BatchingError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if not 0 <= max_wait_ms < math.inf:  # an endless wait would leave the leader's condition wait failing
+            raise BatchingError(f"max_wait_ms must be finite and >= 0, got {max_wait_ms}")
         problem = batchnorm_problem(state.segment)
         if problem is not None:
             raise BatchingError(problem)
@@ -168,6 +176,9 @@ class RequestBatcher:
         self.active_window_s = active_window_s
         self.adaptive = adaptive
         self.timeline = timeline
+        # requests of different sequence lengths share a batch, padded to the longest (exact for
+        # segments that honour the masks crossing the cut; fsl.cutvalues.pad_value)
+        self.pad_lengths = pad_lengths and not state.sig.positional
         # one lane per segment copy; a past round's copies drop out with their last job
         self._lanes: weakref.WeakKeyDictionary[Replica, _Lane] = weakref.WeakKeyDictionary()
         self._lanes_lock = threading.Lock()
@@ -265,9 +276,9 @@ class RequestBatcher:
             self.timeline.hold(lane.cond, deadline, now)
         batch: list[_Entry] = []
         samples = 0
-        key = lane.entries[0].job.shape_key
+        key = self._key(lane.entries[0].job)
         for entry in lane.entries:
-            if entry.job.shape_key != key:  # other per-sample shapes (another sequence length): a later batch
+            if self._key(entry.job) != key:  # other per-sample shapes (another sequence length): a later batch
                 continue
             n = entry.job.samples
             if len(batch) == self.max_requests or (batch and samples + n > self.max_samples):
@@ -281,13 +292,20 @@ class RequestBatcher:
             lane.entries[:] = [e for e in lane.entries if id(e) not in taken]
         return batch
 
+    def _key(self, job: TrainJob) -> object:
+        """What requests must share to run in one batch: their per-sample shapes, or with
+        ``pad_lengths`` those shapes up to the sequence lengths, and the kind of targets."""
+        if not self.pad_lengths:
+            return job.shape_key
+        return (pad_key(job.h, self.state.sig), job.y.ndim)
+
     def _lead(self, lane: _Lane) -> None:
         st = self.state
         with lane.cond:
             batch = self._take(lane)
         jobs = [e.job for e in batch]
         try:
-            trained = st.run_train(jobs, staging=lane.staging)
+            trained = st.run_train(jobs, staging=lane.staging, pad=self.pad_lengths)
             if trained:
                 self.batches += 1
                 self.batched_requests += len(trained)

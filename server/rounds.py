@@ -496,7 +496,12 @@ class RoundRunner:
         if sc.batching:  # concurrent Train requests share one forward/backward
             from server.batching import RequestBatcher
 
-            batcher = RequestBatcher(self.state, max_requests=sc.max_batch_requests, max_wait_ms=sc.max_batch_wait_ms)
+            batcher = RequestBatcher(
+                self.state,
+                max_requests=sc.max_batch_requests,
+                max_wait_ms=sc.max_batch_wait_ms,
+                pad_lengths=sc.pad_lengths,
+            )
         return SplitServer(self.state, sc.address, batcher=batcher, **tls).start()
 
     def run_all(self) -> dict[str, Any]:

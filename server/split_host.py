@@ -144,7 +144,10 @@ class SplitHost:
             from server.batching import RequestBatcher
 
             self.batcher = RequestBatcher(
-                self.state, max_requests=cfg.server.max_batch_requests, max_wait_ms=cfg.server.max_batch_wait_ms
+                self.state,
+                max_requests=cfg.server.max_batch_requests,
+                max_wait_ms=cfg.server.max_batch_wait_ms,
+                pad_lengths=cfg.server.pad_lengths,
             )
         self._built_for = (experiment, input_shape, num_classes)
         log.info("split server built %s cut at %s on %s", cfg.model.name, cfg.model.cut, self.state.torch_device)

@@ -343,9 +343,12 @@ class SplitServerState:
         return job
 
     # ------------------------------------------------------------- steps
-    def run_train(self, jobs: Sequence[TrainJob], staging: Staging | None = None) -> list[TrainJob]:
+    def run_train(self, jobs: Sequence[TrainJob], staging: Staging | None = None, pad: bool = False) -> list[TrainJob]:
         """The training step for admitted ``jobs`` that share one segment copy: one forward and
         backward over all their samples and one optimizer step (server.step.train_step).
+
+        ``pad``: jobs of different sequence lengths share the step, padded to the longest
+        (:func:`server.step.train_step`).
 
         Every job ends with a reply or an error: a retry whose first attempt finished while it
         waited for the copy's lock is answered from the cache, a job the observer refuses fails
@@ -377,6 +380,7 @@ class SplitServerState:
                     staging=staging,
                     grad_names=self.sig.grad_names,
                     loss_fn=self.loss_fn,
+                    pad=self.sig if pad else None,
                 )
                 if not bad:
                     break

@@ -23,7 +23,19 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fsl.cutvalues import SINGLE, Activations, batch_size, concat, gradients, leaves, map_floats
+from fsl.cutvalues import (
+    SINGLE,
+    Activations,
+    Signature,
+    batch_size,
+    concat,
+    gradients,
+    leaves,
+    map_floats,
+    pad_to,
+    symbol_sizes,
+    trim_to,
+)
 from fsl.exits import exit_logits
 from fsl.fastmath import flush_denormals
 from fsl.wire import codec
@@ -117,6 +129,7 @@ def train_step(
     staging: Staging | None = None,
     grad_names: Sequence[str] = (SINGLE,),
     loss_fn: LossFn | None = None,
+    pad: Signature | None = None,
 ) -> list[TrainJob]:
     """One forward, loss, backward and optimizer step of ``replica`` over the samples of ``jobs``.
 
@@ -124,6 +137,11 @@ def train_step(
     tensors of equal per-sample shapes (called with their concatenation, the float tensors named in
     ``grad_names`` as leaves whose gradients go back). ``loss_fn`` is the task's loss of one
     request's logits and labels (None: cross entropy of class indices).
+
+    ``pad``: the cut's signature, when jobs of different sequence lengths may share the step: each
+    job's tensors are padded to the longest (:func:`fsl.cutvalues.pad_to`, masks marking the padded
+    positions absent), token targets with :data:`IGNORE_INDEX`, and each job's gradients are cut
+    back to its own lengths.
 
     The caller holds ``replica.lock``. Returns the jobs whose loss is not finite: then nothing
     was changed (no gradient applied, no step counted) and the caller may run the rest again.
@@ -133,13 +151,26 @@ def train_step(
     one = len(jobs) == 1
     hs = [j.h for j in jobs]
     sizes = [batch_size(h) for h in hs]
+    ys = [j.y for j in jobs]
+    lengths: list[dict[str, int]] | None = None
+    if pad is not None and not one and not isinstance(hs[0], torch.Tensor):
+        lengths = [symbol_sizes(h, pad) for h in hs]
+        longest = {k: max(n[k] for n in lengths) for k in lengths[0]}
+        if any(n != longest for n in lengths):
+            hs = [pad_to(h, pad, longest) for h in hs]
+            width = max(int(y.shape[1]) if y.ndim > 1 else 0 for y in ys)
+            ys = [
+                nn.functional.pad(y, (0, width - int(y.shape[1])), value=IGNORE_INDEX) if y.ndim > 1 else y for y in ys
+            ]
+        else:
+            lengths = None
     inputs: Activations
     if isinstance(hs[0], torch.Tensor):  # one float tensor: gathered (pinned on CUDA) as it always was
         h = _gather(hs, device, staging).requires_grad_(True)  # type: ignore[arg-type]  # (N, ...) smashed
         inputs, leaf = h, {SINGLE: h}
     else:
         inputs, leaf = leaves(concat(hs), grad_names, device=device)
-    y = (jobs[0].y if one else torch.cat([j.y for j in jobs])).to(device, non_blocking=True)
+    y = (ys[0] if one else torch.cat(ys)).to(device, non_blocking=True)
     seg = replica.segment
     seg.train()
     replica.optimizer.zero_grad(set_to_none=True)
@@ -176,21 +207,26 @@ def train_step(
         confidence = true_label_probability(logits.detach(), y).cpu()  # (N,)
     staged = staging is not None and device.type == "cuda" and isinstance(inputs, torch.Tensor)
     grads = {n: staging.to_host(g) if staging is not None and staged else g.cpu() for n, g in gradients(leaf).items()}
-    for job, s, loss, hit in zip(jobs, parts, values, correct, strict=True):
+    for i, (job, s, loss, hit) in enumerate(zip(jobs, parts, values, correct, strict=True)):
         reply = Framed(pb.TrainReply(loss=loss, correct=int(hit)))
+        if lengths is not None:  # padded: each job's gradients at its own lengths
+            assert pad is not None
+            own = {n: trim_to(g[s], pad.spec(n), lengths[i]) for n, g in grads.items()}
+        else:
+            own = {n: g[s] for n, g in grads.items()}
         if job.formats is None:
-            grad, fmt = grads[SINGLE], codec.wire_format(job.wire_format)  # in the sender's format
+            grad, fmt = own[SINGLE], codec.wire_format(job.wire_format)  # in the sender's format
             if job.framed:  # sent from the batch's gradient itself (the pinned staging is reused: a copy)
-                reply.set("grad", grad[s].clone() if staged else grad[s], fmt)
+                reply.set("grad", grad.clone() if staged else grad, fmt)
             else:
-                codec.encode_into(reply.msg.grad, grad[s], fmt)
+                codec.encode_into(reply.msg.grad, grad, fmt)
         else:  # by name, each in its tensor's format; none for integer and bool tensors
-            for n, grad in grads.items():
+            for n, grad in own.items():
                 fmt = codec.wire_format(job.formats[n])
                 if job.framed:
-                    reply.add("grads", n, grad[s].clone() if staged else grad[s], fmt)
+                    reply.add("grads", n, grad.clone() if staged else grad, fmt)
                 else:
-                    codec.encode_into(reply.msg.grads.add(name=n).tensor, grad[s], fmt)
+                    codec.encode_into(reply.msg.grads.add(name=n).tensor, grad, fmt)
         if job.want_confidence:
             assert confidence is not None
             codec.encode_into(reply.msg.confidence, confidence[s])

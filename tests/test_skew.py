@@ -235,7 +235,7 @@ def test_the_automatic_clip_bounds_the_sequential_modes_only():
     assert auto == {"sl": SEQUENTIAL_CLIP_NORM, "sflv2": SEQUENTIAL_CLIP_NORM} | dict.fromkeys(
         ("fsl", "sflv1", "psl", "hybrid", "fl"), 0.0
     )
-    for mode, value, want in (("fsl", 0.5, 0.5), ("sl", 0, 0.0), ("fl", 0.5, 0.0)):
+    for mode, value, want in (("fsl", 0.5, 0.5), ("sl", 0, 0.0), ("fl", 0.5, 0.5), ("central", 1.0, 1.0)):
         cfg = dataclasses.replace(ExperimentConfig(mode=mode), train=TrainConfig(clip_norm=value))
         assert cfg.clip_norm == want
         assert TrainOptions.from_config(cfg, seed=0).clip_norm == want  # what the client loop uses

@@ -1,0 +1,263 @@
+"""``fsl run transformers``: pretrained and from-scratch transformers over the real data plane.
+
+One results file, ``experiments/results/transformers/results.json``, that other tools read, made of
+sections; each section runs (or reuses) its own runs and its keys are merged into the file, so a
+section can be rerun alone and a sweep that stopped keeps what finished:
+
+``lora``
+    split LoRA fine-tuning of pretrained all-MiniLM-L6-v2 by 4 clients over gRPC against the same
+    adapters trained centrally (:func:`experiments.transformers_lora.lora_section`):
+    ``lora_split_accuracy``, ``lora_central_accuracy``, ``adapter_bytes_per_round``,
+    ``full_segment_bytes``.
+``lm``
+    a GPT-2-style decoder trained from scratch on the Debian fortunes, U-shaped (tokens and
+    next-token labels stay on the client), against a unigram model of the same text
+    (:func:`lm_section`): ``lm_perplexity_by_round``, ``lm_unigram_perplexity``.
+``compression``
+    what the hidden states and their gradients travel as on the data plane (float32, float16,
+    bfloat16, int8) and what each costs in accuracy and saves in bytes, on the LoRA fine-tune
+    (:func:`compression_section`): ``compression``.
+``dc``
+    data-cartography routing of a multi-exit MiniLM between device, edge and cloud against the
+    seed's baselines (:mod:`experiments.transformers_routing`): ``dc_cost_reduction_vs_cloud``,
+    ``dc_accuracy_drop_points``.
+``sched``
+    the mobile-cloud scheduler on the measured per-block profiles of RegNetX-400MF and MiniLM
+    (:func:`experiments.transformers_sched.scheduler_section`, on the saved profiles unless
+    ``transformers.measure=true``): ``scheduler_server_compute_reduction_vs_cloud``,
+    ``scheduler_sla_attainment``.
+
+Usage::
+
+    fsl run transformers                                  # every section
+    fsl run transformers transformers.sections=lm,sched   # some of them
+    fsl run transformers --quick                          # every section on a CI-sized slice
+
+Other ``section.key=value`` overrides apply to the LoRA runs (``lora`` and ``compression``), e.g.
+``seed=1``. ``--quick`` writes to ``<output_dir>/transformers-quick/results.json`` and never
+touches the committed results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fsl.config import ExperimentConfig, load_experiment
+
+__all__ = ["RESULTS", "SECTIONS", "compression_section", "falling_rounds", "lm_section", "main", "merge_results"]
+
+RESULTS = Path("experiments/results/transformers")
+LM_EXPERIMENT = "transformers-lm"
+# a CI slice of the language model: 2 clients, 2 rounds on a few hundred texts
+LM_QUICK = ("clients=2", "train.rounds=2", "data.train_limit=200", "data.test_limit=100")
+# the data plane's encodings compared by the compression section, as overrides of the LoRA runs
+CODECS: dict[str, tuple[str, ...]] = {
+    "float32": (),
+    "float16": ("train.wire_dtype=float16",),
+    "bfloat16": ("train.wire_dtype=bfloat16",),
+    "int8": ("privacy.compression=int8",),
+}
+
+
+def merge_results(path: Path, section: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``section``'s keys into the JSON object at ``path`` (created if missing) and return it.
+
+    Written to a temporary file and renamed, so a crash never leaves a torn file and the other
+    sections' keys survive."""
+    doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    doc.update(section)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    tmp.replace(path)
+    return doc
+
+
+def falling_rounds(values: Sequence[float]) -> int:
+    """How many rounds, from the first, each end strictly below the one before (the first counts):
+    ``[5, 4, 3, 3.5]`` -> 3."""
+    n = 1 if values else 0
+    while n < len(values) and values[n] < values[n - 1]:
+        n += 1
+    return n
+
+
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _command(experiment: str, overrides: Sequence[str]) -> str:
+    return " ".join(["fsl run", experiment, *(shlex.quote(o) for o in overrides)])
+
+
+def lm_config(overrides: Sequence[str] = ()) -> ExperimentConfig:
+    return dataclasses.replace(load_experiment(LM_EXPERIMENT, list(overrides)), name="transformers-lm")
+
+
+def lm_section(runs: Path, overrides: Sequence[str] = (), *, quiet: bool = True) -> dict[str, Any]:
+    """Train the U-shaped GPT-2 of ``experiments/transformers-lm.toml`` (or reuse its finished run) and
+    compare its test perplexity per round with a unigram model counted from the same training text.
+
+    The unigram model is fitted on every client's training labels together (the text the federation
+    learnt from) and scored on the same test labels, padding left out as the model's loss leaves it
+    out (:func:`fsl.tasks.unigram_perplexity`, add-one smoothing over the 30,522-token vocabulary).
+    """
+    from experiments.any_model import _digest
+    from experiments.compare import run_in_process
+    from fsl.experiment import experiment_dataset
+    from fsl.tasks import unigram_perplexity
+
+    cfg = lm_config(overrides)
+    run = run_in_process(cfg, runs / f"lm-{_digest(cfg)}", quiet=quiet, label="lm")
+    hist = _history(run)
+    ppl = [float(h["perplexity"]) for h in hist]
+    ds = experiment_dataset(cfg)
+    unigram = unigram_perplexity(ds.y_train, ds.y_test, ds.num_classes)
+    summary = json.loads((run / "summary.json").read_text())
+    return {
+        "lm_dataset": cfg.data.name,
+        "lm_model": (
+            f"GPT-2 ({cfg.model.options.get('num_layers')} blocks, width {cfg.model.options.get('hidden_size')}, "
+            f"{cfg.model.options.get('num_heads')} heads, from a transformers config, random init), "
+            f"U-shaped: client {cfg.model.cut} and below + the blocks after {cfg.model.top_cut}, server between"
+        ),
+        "lm_mode": cfg.mode,
+        "lm_clients": cfg.clients,
+        "lm_rounds": cfg.train.rounds,
+        "lm_perplexity_by_round": ppl,
+        "lm_fed_perplexity_by_round": [h.get("fed_perplexity") for h in hist],
+        "lm_unigram_perplexity": unigram,
+        "lm_rounds_falling": falling_rounds(ppl),
+        "lm_below_unigram": bool(ppl and ppl[-1] < unigram),
+        "lm_train_texts": len(ds.y_train),
+        "lm_test_texts": len(ds.y_test),
+        "lm_test_tokens": int((ds.y_test >= 0).sum()),
+        "lm_wall_s_per_round": summary.get("wall_s_per_round"),
+        "lm_dataplane_bytes_per_round": sum(
+            int(h.get("dataplane_bytes_up") or 0) + int(h.get("dataplane_bytes_down") or 0) for h in hist
+        )
+        / max(1, len(hist)),
+        "lm_command": _command(LM_EXPERIMENT, overrides),
+        "lm_run": str(run),
+    }
+
+
+def compression_section(
+    runs: Path, overrides: Sequence[str] = (), *, codecs: Sequence[str] = tuple(CODECS), quiet: bool = True
+) -> dict[str, Any]:
+    """The split LoRA fine-tune once per data-plane encoding of the hidden states and their gradients:
+    final and best test accuracy, the data plane's bytes per round, and the accuracy cost against
+    float32 in points (positive: the encoding lost accuracy)."""
+    from experiments.any_model import _digest
+    from experiments.compare import run_in_process
+    from experiments.transformers_lora import EXPERIMENT, lora_configs
+
+    rows: dict[str, dict[str, Any]] = {}
+    for codec in codecs:
+        if codec not in CODECS:
+            raise ValueError(f"unknown encoding {codec!r}; choose from {list(CODECS)}")
+        over = [*overrides, *CODECS[codec]]
+        split, _ = lora_configs(over)
+        run = run_in_process(split, runs / f"lora-split-{_digest(split)}", quiet=quiet, label=f"compression {codec}")
+        summary = json.loads((run / "summary.json").read_text())
+        hist = _history(run)
+        rows[codec] = {
+            "accuracy": summary["final_accuracy"],
+            "best_accuracy": summary["best_accuracy"],
+            "accuracy_per_round": [h["accuracy"] for h in hist],
+            "dataplane_bytes_per_round": sum(
+                int(h.get("dataplane_bytes_up") or 0) + int(h.get("dataplane_bytes_down") or 0) for h in hist
+            )
+            / max(1, len(hist)),
+            "command": _command(EXPERIMENT, over),
+            "run": str(run),
+        }
+    base = rows.get("float32")
+    for r in rows.values():
+        if base is not None:
+            r["accuracy_cost_points"] = 100.0 * (base["accuracy"] - r["accuracy"])
+            r["bytes_ratio_vs_float32"] = r["dataplane_bytes_per_round"] / max(1.0, base["dataplane_bytes_per_round"])
+    return {"compression": rows}
+
+
+def _lora(runs: Path, overrides: Sequence[str], quick: bool, quiet: bool, measure: bool) -> dict[str, Any]:
+    from experiments.transformers_lora import lora_section
+
+    return lora_section(runs, overrides, quick=quick, quiet=quiet)
+
+
+def _lm(runs: Path, overrides: Sequence[str], quick: bool, quiet: bool, measure: bool) -> dict[str, Any]:
+    return lm_section(runs, LM_QUICK if quick else (), quiet=quiet)
+
+
+def _compression(runs: Path, overrides: Sequence[str], quick: bool, quiet: bool, measure: bool) -> dict[str, Any]:
+    from experiments.transformers_lora import QUICK
+
+    return compression_section(runs, [*(QUICK if quick else ()), *overrides], quiet=quiet)
+
+
+def _sched(runs: Path, overrides: Sequence[str], quick: bool, quiet: bool, measure: bool) -> dict[str, Any]:
+    from experiments.transformers_sched import scheduler_section
+
+    out = runs.parent if quick else RESULTS
+    # the committed profiles were measured on a quiet host; timing again is opt-in
+    return scheduler_section(out, quick=quick, reuse=not measure and not quick)
+
+
+def _dc(runs: Path, overrides: Sequence[str], quick: bool, quiet: bool, measure: bool) -> dict[str, Any]:
+    from experiments.transformers_routing import routing_section
+
+    return routing_section(runs.parent if quick else RESULTS, quick=quick)
+
+
+Section = Callable[[Path, Sequence[str], bool, bool, bool], dict[str, Any]]
+SECTIONS: dict[str, Section] = {
+    "lora": _lora,
+    "lm": _lm,
+    "compression": _compression,
+    "dc": _dc,
+    "sched": _sched,
+}
+
+
+def main(args: argparse.Namespace) -> int:
+    opts: dict[str, str] = {}
+    overrides: list[str] = []
+    for o in args.overrides:
+        k, _, v = o.partition("=")
+        if k.startswith("transformers."):
+            opts[k[len("transformers.") :]] = v
+        else:
+            overrides.append(o)
+    unknown = set(opts) - {"sections", "out", "measure"}
+    if unknown:
+        print(f"error: unknown option(s) {sorted('transformers.' + k for k in unknown)}", flush=True)
+        return 2
+    names = [n for n in opts.get("sections", ",".join(SECTIONS)).split(",") if n]
+    bad = [n for n in names if n not in SECTIONS]
+    if bad:
+        print(f"error: unknown section(s) {bad}; choose from {list(SECTIONS)}", flush=True)
+        return 2
+    quick = bool(args.quick)
+    # where quick runs go: the output_dir an override names, else the default one
+    base = load_experiment("quickstart", [o for o in overrides if o.startswith("output_dir=")])
+    root = Path(base.output_dir) / ("transformers-quick" if quick else "transformers")
+    out = Path(opts["out"]) if "out" in opts else (root if quick else RESULTS)
+    runs = root / "runs"
+    measure = opts.get("measure", "false").lower() in ("1", "true", "yes")
+    path = out / "results.json"
+    doc: dict[str, Any] = {}
+    for name in names:
+        print(f"transformers: section {name}", flush=True)
+        section = SECTIONS[name](runs, overrides, quick, bool(args.quiet), measure)
+        doc = merge_results(path, section)
+    shown = {k: v for k, v in doc.items() if not isinstance(v, dict | list) or k == "lm_perplexity_by_round"}
+    print(json.dumps(shown, indent=2, default=float))
+    print(f"results: {path}")
+    return 0
