@@ -204,6 +204,11 @@ class TrainConfig:
     wire_dtype: str = "float32"  # dtype of activations and gradients on the data plane
     round_timeout_s: float = 1800.0  # a client that has not replied by then is dropped from the round
     eval_batch_size: int = 512
+    # token inputs: each epoch's batches are drawn from pools of this many batches whose texts are
+    # sorted by length (a batch then holds texts of about one length and is trimmed to its longest,
+    # so the data plane's bytes and the server's compute follow the real lengths); the order of the
+    # batches stays random. 0: off, every batch a uniform sample (trimmed to its longest text)
+    length_buckets: int = 0
     # split modes: the loss is the cross entropy of logits + log(the client's label prior) (logit
     # adjustment, balanced softmax): the split server counts each client's labels in the round, a
     # U-shaped client its own. A client holding one or two classes then no longer drags the one
@@ -245,6 +250,7 @@ class TrainConfig:
         for k in ("rounds", "local_epochs", "batch_size", "min_clients", "eval_batch_size"):
             _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
         _check(self.lr > 0 and self.server_lr > 0, "train.lr and train.server_lr must be > 0")
+        _check(self.length_buckets >= 0, f"train.length_buckets must be >= 0 (0: off), got {self.length_buckets}")
         _check(0 <= self.momentum < 1, f"train.momentum must lie in [0, 1), got {self.momentum}")
         _check(0 < self.fraction_train <= 1, f"train.fraction_train must lie in (0, 1], got {self.fraction_train}")
         _check(

@@ -50,6 +50,7 @@ __all__ = [
     "TrainStats",
     "evaluate_model",
     "label_log_prior",
+    "lengths",
     "p_true",
     "plus",
     "train_local",
@@ -76,6 +77,7 @@ class TrainOptions:
     logit_adjust: bool = False  # U-shaped: the loss on logits + log(the local label prior) (train.logit_adjust)
     clip_norm: float = 0.0  # each step's gradient norm bound on the client's parameters (0: none): cfg.clip_norm
     task: str = "classify"  # what the labels are and how the loss reads them (fsl.tasks)
+    length_buckets: int = 0  # token inputs: batches from pools of this many batches sorted by length (0: off)
 
     @classmethod
     def from_config(cls, cfg: Any, *, seed: int, rnd: int = 1, proximal_mu: float = 0.0) -> TrainOptions:
@@ -94,6 +96,7 @@ class TrainOptions:
             logit_adjust=cfg.train.logit_adjust,
             clip_norm=cfg.clip_norm,
             task=model_spec(cfg.model.name).task,
+            length_buckets=t.length_buckets,
         )
 
 
@@ -209,7 +212,13 @@ def train_loop(
     stats = TrainStats()
     loss_sum, correct, targets = 0.0, 0, 0
     for epoch in range(o.epochs):
-        for idx in hooks.batches() if hooks.batches is not None else _shuffled(len(y), o.batch_size, gen):
+        if hooks.batches is not None:
+            batches: Iterable[torch.Tensor] = hooks.batches()
+        elif o.length_buckets > 0 and lengths(x) is not None:
+            batches = _bucketed(lengths(x), o.batch_size, o.length_buckets, gen)  # type: ignore[arg-type]
+        else:
+            batches = _shuffled(len(y), o.batch_size, gen)
+        for idx in batches:
             t0 = time.perf_counter()
             xb, yb = trim_padding(take(x, idx), y.index_select(0, idx))
             if hooks.inputs is not None and len(idx):
@@ -245,6 +254,30 @@ def _shuffled(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.T
         yield perm[i : i + batch_size]
 
 
+def lengths(x: Inputs) -> torch.Tensor | None:
+    """(N,) the real length of every text of token inputs (their attention mask's sum); None for
+    inputs without a mask (images)."""
+    if isinstance(x, torch.Tensor) or "attention_mask" not in x:
+        return None
+    return x["attention_mask"].sum(1)
+
+
+def _bucketed(lengths: torch.Tensor, batch_size: int, pool: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches, each of texts of about one length: the samples shuffled, cut into pools
+    of ``pool`` batches, each pool sorted by length (ties in shuffled order) and cut into batches,
+    and all the batches shuffled. Every sample is in exactly one batch, as with plain shuffling;
+    a pool spans many batches, so which texts meet in a batch still changes from epoch to epoch."""
+    perm = torch.randperm(len(lengths), generator=gen)
+    size = batch_size * pool
+    out: list[torch.Tensor] = []
+    for i in range(0, len(perm), size):
+        chunk = perm[i : i + size]
+        chunk = chunk[torch.sort(lengths[chunk], stable=True).indices]
+        out.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    order = torch.randperm(len(out), generator=gen).tolist()
+    return [out[k] for k in order]
+
+
 def _add_proximal(params: Iterable[torch.Tensor], start: list[torch.Tensor], mu: float) -> None:
     """FedProx: add ``mu * (w - w_start)`` to each gradient (no-op when ``start`` is empty)."""
     for p, p0 in zip(params, start, strict=False):
@@ -257,11 +290,15 @@ def evaluate_logits(
 ) -> EvalStats:
     """Loss and accuracy of ``logits_of`` over (x, y) in batches; the labels stay here.
 
-    Loss and accuracy are means over the task's targets (samples; tokens for a language model)."""
+    Loss and accuracy are means over the task's targets (samples; tokens for a language model).
+    Texts go in order of length, so that each batch, trimmed to its longest text, carries little
+    padding (sums over samples do not depend on the order)."""
     loss_sum, correct, targets = 0.0, 0, 0
+    n = lengths(x)
+    order = torch.arange(len(y)) if n is None else torch.sort(n, stable=True).indices
     for i in range(0, len(y), batch_size):
-        idx = torch.arange(i, min(i + batch_size, len(y)))
-        xb, yb = trim_padding(take(x, idx), y[i : i + batch_size])
+        idx = order[i : i + batch_size]
+        xb, yb = trim_padding(take(x, idx), y.index_select(0, idx))
         logits = logits_of(xb)  # (B, num_classes), or (B, T, vocab)
         loss_sum += float(tasks.loss(task, logits, yb, reduction="sum"))
         correct += tasks.correct(task, logits, yb)
