@@ -175,6 +175,7 @@ class RemoteSegments:
         root_certificates: bytes | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
         timeout_s: float = 600.0,
+        base_digest: str = "",
     ) -> None:
         if not endpoints:
             raise ValueError("RemoteSegments needs at least one endpoint")
@@ -183,6 +184,7 @@ class RemoteSegments:
         self.input_shape, self.num_classes = tuple(int(d) for d in input_shape), int(num_classes)
         self.timeout_s = timeout_s
         self.root_certificates = root_certificates
+        self.base_digest = base_digest  # the server segment's frozen base (LoRA), which each split server checks
         opts = grpc_options(max_message_bytes)
         creds = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
         self._channels = [
@@ -196,7 +198,14 @@ class RemoteSegments:
 
     @classmethod
     def from_config(
-        cls, server_cfg: Any, *, run_id: str, experiment: str, input_shape: Sequence[int], num_classes: int
+        cls,
+        server_cfg: Any,
+        *,
+        run_id: str,
+        experiment: str,
+        input_shape: Sequence[int],
+        num_classes: int,
+        base_digest: str = "",
     ) -> RemoteSegments:
         """From the ``[server]`` section: ``endpoints``, ``control_secret_file``, and the CA in
         ``tls_ca_certfile`` (or the certificate in ``tls_certfile``) when the split servers serve TLS."""
@@ -211,6 +220,7 @@ class RemoteSegments:
             root_certificates=Path(roots_file).read_bytes() if roots_file else None,
             max_message_bytes=server_cfg.max_message_mb * 1024 * 1024,
             timeout_s=server_cfg.request_timeout_s,
+            base_digest=base_digest,
         )
 
     def client_conf(self) -> dict[str, str]:
@@ -279,6 +289,7 @@ class RemoteSegments:
                 experiment=self.experiment,
                 input_shape=list(self.input_shape),
                 num_classes=self.num_classes,
+                base_digest=self.base_digest,
             )
             pack_state(state, req.state)
             for client, rid in placed[i].items():

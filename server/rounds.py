@@ -133,6 +133,7 @@ class RoundRunner:
                 experiment=config_to_json(cfg),
                 input_shape=self.ds.input_shape,
                 num_classes=self.ds.num_classes,
+                base_digest=self.digests.get("server", ""),
             )
         privacy = ServerPrivacy(cfg)
         privacy.validate(client_part)  # a segment DP-SGD cannot train is refused before any round

@@ -34,6 +34,7 @@ import torch
 from fsl.auth import AuthError, ExpiredCredential, RoundAuthority
 from fsl.config import TrainConfig
 from fsl.grpc_channel import grpc_options
+from fsl.lora import BaseMismatch, check_base
 from fsl.wire import codec
 from fsl.wire import dataplane_pb2 as pb
 from fsl.wire import dataplane_pb2_grpc as pb_grpc
@@ -115,10 +116,12 @@ class SplitHost:
 
     def _build(self, experiment: str, input_shape: tuple[int, ...], num_classes: int) -> None:
         from fsl.experiment import build_model_for, config_from_json, server_side
+        from fsl.lora import base_digest
 
         cfg = config_from_json(experiment)
         self._train_cfg = cfg.train
         _, side = server_side(cfg, build_model_for(cfg, input_shape, num_classes), input_shape)
+        self._base_digest = base_digest(side.segment)  # what a LoRA segment's adapters are checked against
         self.state = SplitServerState(
             side.segment,
             sample_shape=side.sample_shape,
@@ -162,6 +165,14 @@ class SplitHost:
             if self._built_for != (req.experiment, shape, int(req.num_classes)):
                 self._build(req.experiment, shape, int(req.num_classes))
             state = self.current()
+            try:  # adapters trained on another frozen base would mean something else here
+                check_base(
+                    {"server": req.base_digest} if req.base_digest else None,
+                    {"server": self._base_digest},
+                    "split server",
+                )
+            except BaseMismatch as e:
+                raise InvalidRequest(str(e)) from e
             try:
                 state.load_state_tensors(tensors)
             except (KeyError, RuntimeError) as e:

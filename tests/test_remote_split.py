@@ -350,3 +350,48 @@ def test_a_split_server_trains_each_round_at_the_experiments_scheduled_rate():
     assert moved, "the round trained the segment"
     for k in moved:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_split_server_refuses_adapters_for_another_frozen_base():
+    """A LoRA segment is its adapters plus a frozen base every node builds itself: a split server
+    that built another base (other weights, another transformers) refuses the round."""
+    pytest.importorskip("peft")
+    from fsl.experiment import base_digests, server_side
+
+    cfg = load_experiment(
+        "quickstart",
+        [
+            "model.name=bert",
+            "model.cut=bert.encoder.layer.0",
+            "model.options={num_layers=2, hidden_size=32, num_heads=2, max_length=16}",
+            "model.lora.r=2",
+        ],
+    )
+    shape, classes = (16,), 10
+    model = build_model_for(cfg, shape, classes)
+    client, side = server_side(cfg, model, shape)
+    digest = base_digests(client, side.segment)["server"]
+    assert digest  # the server segment has a frozen base
+    state = {"segment." + k: v for k, v in side.segment.state_dict().items() if ".lora_" in k or "classifier" in k}
+    key, auth = ControlKey(b"k" * 32), RoundAuthority(RUN)
+
+    def remote(addresses, base):
+        return RemoteSegments(
+            addresses,
+            key,
+            run_id=RUN,
+            experiment=config_to_json(cfg),
+            input_shape=shape,
+            num_classes=classes,
+            timeout_s=60,
+            base_digest=base,
+        )
+
+    with _hosts(1, key) as addresses:
+        ok = remote(addresses, digest)
+        ok.open_round(1, {"a": ""}, state, auth)  # the same base: accepted
+        ok.close()
+        forged = remote(addresses, "0" * 64)
+        with pytest.raises(RuntimeError, match="frozen base of the server segment differs"):
+            forged.open_round(2, {"a": ""}, state, auth)
+        forged.close()

@@ -215,20 +215,22 @@ class ClientGrant(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., token: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class LoadSegmentRequest(_message.Message):
-    __slots__ = ("header", "experiment", "input_shape", "num_classes", "state", "clients")
+    __slots__ = ("header", "experiment", "input_shape", "num_classes", "state", "clients", "base_digest")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     header: ControlHeader
     experiment: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     num_classes: int
     state: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     clients: _containers.RepeatedCompositeFieldContainer[ClientGrant]
-    def __init__(self, header: _Optional[_Union[ControlHeader, _Mapping]] = ..., experiment: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., state: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientGrant, _Mapping]]] = ...) -> None: ...
+    base_digest: str
+    def __init__(self, header: _Optional[_Union[ControlHeader, _Mapping]] = ..., experiment: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., state: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientGrant, _Mapping]]] = ..., base_digest: _Optional[str] = ...) -> None: ...
 
 class LoadSegmentReply(_message.Message):
     __slots__ = ("device", "replicas")
