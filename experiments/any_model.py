@@ -82,15 +82,34 @@ def _digest(cfg: ExperimentConfig) -> str:
     """A short digest of what a run computes, for its directory's name: a finished run is reused only
     for the same settings. The central run ignores the cut, the logit adjustment and the server's
     learning rate, so rows that differ only there share it."""
-    from fsl.config import to_toml
+    import json
+
+    from fsl.config import ExperimentConfig, to_dict
 
     if cfg.mode == "central":  # what central training ignores
         train = dataclasses.replace(cfg.train, logit_adjust=True, server_lr=cfg.train.lr)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cut=""), train=train)
+    # only the settings that differ from the defaults: a key added later at a default that keeps
+    # what runs did before leaves the digest of every earlier run as it was
+    settings = _changed(to_dict(dataclasses.replace(cfg, name="")), to_dict(ExperimentConfig()))
     # the gradient bound as this mode resolves it: the same `train.clip_norm` once meant no clipping
     # in the central baseline, so a run from then is never taken for a clipped one
-    text = to_toml(dataclasses.replace(cfg, name="")) + f"\n# clip_norm = {cfg.clip_norm}\n"
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
+    settings["resolved_clip_norm"] = cfg.clip_norm
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _changed(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that differ from ``defaults``, tables compared key by key."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        d = defaults.get(k)
+        if isinstance(v, dict) and isinstance(d, dict):
+            sub = _changed(v, d)
+            if sub:
+                out[k] = sub
+        elif v != d:
+            out[k] = v
+    return out
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:

@@ -17,6 +17,10 @@ section can be rerun alone and a sweep that stopped keeps what finished:
     what the hidden states and their gradients travel as on the data plane (float32, float16,
     bfloat16, int8) and what each costs in accuracy and saves in bytes, on the LoRA fine-tune
     (:func:`compression_section`): ``compression``.
+``lengths``
+    the same fine-tune with batches of uniformly drawn texts (each trimmed to its longest) and of
+    texts of about one length (``train.length_buckets``): accuracy, bytes, seconds
+    (:func:`lengths_section`): ``lengths``, ``lengths_bytes_saved``.
 ``dc``
     data-cartography routing of a multi-exit MiniLM between device, edge and cloud against the
     seed's baselines (:mod:`experiments.transformers_routing`): ``dc_cost_reduction_vs_cloud``,
@@ -50,7 +54,16 @@ from typing import Any
 
 from fsl.config import ExperimentConfig, load_experiment
 
-__all__ = ["RESULTS", "SECTIONS", "compression_section", "falling_rounds", "lm_section", "main", "merge_results"]
+__all__ = [
+    "RESULTS",
+    "SECTIONS",
+    "compression_section",
+    "falling_rounds",
+    "lengths_section",
+    "lm_section",
+    "main",
+    "merge_results",
+]
 
 RESULTS = Path("experiments/results/transformers")
 LM_EXPERIMENT = "transformers-lm"
@@ -186,10 +199,72 @@ def compression_section(
     return {"compression": rows}
 
 
+def lengths_section(
+    runs: Path, overrides: Sequence[str] = (), *, buckets: int = 16, quiet: bool = True
+) -> dict[str, Any]:
+    """The split LoRA fine-tune with batches drawn uniformly (each trimmed to its longest text) and
+    from pools sorted by length (``train.length_buckets``): accuracy, the data plane's bytes and
+    the seconds per round of each. Both runs are made here, with the same code, in directories of
+    their own."""
+    from experiments.any_model import _digest
+    from experiments.compare import run_in_process
+    from experiments.transformers_lora import EXPERIMENT, lora_configs
+
+    rows: dict[str, dict[str, Any]] = {}
+    for tag, extra in (("uniform", ()), ("bucketed", (f"train.length_buckets={buckets}",))):
+        over = [*overrides, *extra]
+        split, _ = lora_configs(over)
+        run = run_in_process(split, runs / f"lengths-{tag}-{_digest(split)}", quiet=quiet, label=f"lengths {tag}")
+        summary = json.loads((run / "summary.json").read_text())
+        hist = _history(run)
+        rows[tag] = {
+            "length_buckets": split.train.length_buckets,
+            "accuracy": summary["final_accuracy"],
+            "accuracy_per_round": [h["accuracy"] for h in hist],
+            "dataplane_bytes_per_round": sum(
+                int(h.get("dataplane_bytes_up") or 0) + int(h.get("dataplane_bytes_down") or 0) for h in hist
+            )
+            / max(1, len(hist)),
+            # the first round also starts Flower's engine and builds the segments
+            "seconds_per_round_after_first": sum(float(h["seconds"]) for h in hist[1:]) / max(1, len(hist) - 1),
+            "command": _command(EXPERIMENT, over),
+            "run": str(run),
+        }
+    u, b = rows["uniform"], rows["bucketed"]
+    return {
+        "lengths": rows,
+        "lengths_bytes_saved": 1.0 - b["dataplane_bytes_per_round"] / max(1.0, u["dataplane_bytes_per_round"]),
+        "lengths_accuracy_change_points": 100.0 * (b["accuracy"] - u["accuracy"]),
+    }
+
+
+LORA_SEEDS = (0, 1)
+
+
 def _lora(runs: Path, overrides: Sequence[str], quick: bool, quiet: bool, measure: bool) -> dict[str, Any]:
+    """The LoRA section once per seed (one seed if the overrides name one): the headline keys are
+    the means over the seeds, ``lora_by_seed`` holds each seed's whole section."""
     from experiments.transformers_lora import lora_section
 
-    return lora_section(runs, overrides, quick=quick, quiet=quiet)
+    seeds = [None] if quick or any(o.startswith("seed=") for o in overrides) else list(LORA_SEEDS)
+    per = {
+        str(seed if seed is not None else "given"): lora_section(
+            runs, [*overrides, *([f"seed={seed}"] if seed is not None else [])], quick=quick, quiet=quiet
+        )
+        for seed in seeds
+    }
+    first = next(iter(per.values()))
+    mean = {
+        k: sum(float(p[k]) for p in per.values()) / len(per)
+        for k in ("lora_split_accuracy", "lora_central_accuracy", "lora_accuracy_gap_points")
+    }
+    return {
+        **{k: v for k, v in first.items() if not k.startswith(("lora_split", "lora_central", "lora_accuracy"))},
+        **mean,
+        "lora_accuracy_gap_points_max": max(float(p["lora_accuracy_gap_points"]) for p in per.values()),
+        "lora_seeds": [int(k) for k in per if k != "given"],
+        "lora_by_seed": per,
+    }
 
 
 def _lm(runs: Path, overrides: Sequence[str], quick: bool, quiet: bool, measure: bool) -> dict[str, Any]:
@@ -200,6 +275,12 @@ def _compression(runs: Path, overrides: Sequence[str], quick: bool, quiet: bool,
     from experiments.transformers_lora import QUICK
 
     return compression_section(runs, [*(QUICK if quick else ()), *overrides], quiet=quiet)
+
+
+def _lengths(runs: Path, overrides: Sequence[str], quick: bool, quiet: bool, measure: bool) -> dict[str, Any]:
+    from experiments.transformers_lora import QUICK
+
+    return lengths_section(runs, [*(QUICK if quick else ()), *overrides], quiet=quiet)
 
 
 def _sched(runs: Path, overrides: Sequence[str], quick: bool, quiet: bool, measure: bool) -> dict[str, Any]:
@@ -221,6 +302,7 @@ SECTIONS: dict[str, Section] = {
     "lora": _lora,
     "lm": _lm,
     "compression": _compression,
+    "lengths": _lengths,
     "dc": _dc,
     "sched": _sched,
 }
