@@ -75,6 +75,9 @@ class HijackingServer:
     eval_every: int = 50
     reconstructions: dict[int, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
+    # what a gRPC SplitServer reads of the state it serves: the attacker answers on the real data plane
+    max_message_bytes: int = 64 * 1024 * 1024
+    torch_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self) -> None:
         with torch.random.fork_rng(devices=[]):

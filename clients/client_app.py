@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.resources import client_memory_check, node_batch_size, peak_rss_mb
+from clients.splitguard import HijackingDetected, SplitGuard
 from clients.trainer import evaluate_split, evaluate_split_u, train_segment, train_segment_u
 from fsl.channel import ChannelIdentity
 from fsl.config import ExperimentConfig
@@ -109,6 +110,39 @@ class _Round:
         return hooks
 
 
+GUARD_TENSORS, GUARD_NUMBERS, GUARD_VERDICT = "splitguard-tensors", "splitguard-numbers", "splitguard-verdict"
+
+
+def _guard(cfg: ExperimentConfig, context: Context, num_classes: int) -> SplitGuard | None:
+    """This node's SplitGuard as the experiment sets it, with what it learnt in earlier rounds; raises
+    :class:`HijackingDetected` at once when it fired in an earlier round of the run: the client
+    never trains with that server again."""
+    if not cfg.privacy.splitguard:
+        return None
+    if GUARD_VERDICT in context.state:
+        verdict: ConfigRecord = context.state[GUARD_VERDICT]  # type: ignore[assignment]
+        raise HijackingDetected(f"refusing to train: in round {verdict['round']!s} {verdict['reason']!s}")
+    p = cfg.privacy
+    guard = SplitGuard(
+        num_classes=num_classes,
+        p_fake=p.splitguard_p_fake,
+        window=p.splitguard_window,
+        threshold=p.splitguard_threshold,
+        seed=cfg.seed * 100_003 + int(context.node_config.get("partition-id", 0)),
+    )
+    if GUARD_NUMBERS in context.state:
+        tensors: ArrayRecord = context.state[GUARD_TENSORS]  # type: ignore[assignment]
+        numbers: ConfigRecord = context.state[GUARD_NUMBERS]  # type: ignore[assignment]
+        guard.restore(tensors.to_torch_state_dict(), dict(numbers))
+    return guard
+
+
+def _keep_guard(guard: SplitGuard, context: Context) -> None:
+    tensors, numbers = guard.state()
+    context.state[GUARD_TENSORS] = ArrayRecord(tensors)
+    context.state[GUARD_NUMBERS] = ConfigRecord(numbers)  # type: ignore[arg-type]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
@@ -122,6 +156,8 @@ def train(msg: Message, context: Context) -> Message:
     options, hooks = privacy.options, privacy.hooks.merged(r.plugin_hooks())
     stats: TrainStats
     x_train = part.x_train
+    # before any connection: a node whose detector fired in an earlier round does not dial the server
+    guard = _guard(cfg, context, r.ds.num_classes)
     if cfg.mode == "fl":
         stats = train_local(r.module, x_train, part.y_train, options, hooks)
     else:
@@ -130,7 +166,14 @@ def train(msg: Message, context: Context) -> Message:
                 d = r.detail
                 stats = train_segment_u(d.bottom, d.top, x_train, part.y_train, channel, options, hooks)
             else:
-                stats = train_segment(r.module, x_train, part.y_train, channel, options, hooks)
+                try:
+                    stats = train_segment(r.module, x_train, part.y_train, channel, options, hooks, guard=guard)
+                except HijackingDetected as e:  # this round fails with the reason, and every later one
+                    context.state[GUARD_VERDICT] = ConfigRecord({"round": r.round, "reason": str(e)})
+                    raise
+                finally:
+                    if guard is not None:
+                        _keep_guard(guard, context)
     metrics = MetricRecord(
         {
             "num-examples": stats.examples,

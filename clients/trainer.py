@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,6 +39,9 @@ from fsl.training import (
     train_loop,
 )
 
+if TYPE_CHECKING:
+    from clients.splitguard import SplitGuard
+
 __all__ = [
     "EvalStats",
     "TrainHooks",
@@ -61,15 +65,24 @@ def train_segment(
     channel: SplitChannel,
     options: TrainOptions | None = None,
     hooks: TrainHooks | None = None,
+    guard: SplitGuard | None = None,
 ) -> TrainStats:
     """Train the client segment on (x, y) through the split server (:func:`fsl.training.train_loop`).
 
     The server computes the loss and returns the gradient at the cut; the client finishes backprop.
+    ``guard``: SplitGuard's fake batches among the regular ones (:mod:`clients.splitguard`); raises
+    :class:`clients.splitguard.HijackingDetected` when the server looks like it hijacks training.
     """
     # a logit-adjusting server gets this client's exact label prior with every request
     adjust = options is not None and options.logit_adjust and options.task == "classify" and len(y)
     counts = torch.bincount(y).tolist() if adjust else None
-    step = partial(split_step, segment, channel, label_counts=counts)
+    step: Callable[[TrainOptions, TrainHooks], Step] = partial(split_step, segment, channel, label_counts=counts)
+    if guard is not None:
+        from clients.splitguard import guarded  # it builds on this module's split step
+
+        if hooks is not None and hooks.optimizer is not None:
+            raise ValueError("SplitGuard observes plain gradients; it does not run under DP-SGD's optimizer")
+        step = guarded(step, segment, guard)
     return _train_split([segment], step, channel, x, y, options, hooks)
 
 

@@ -1,10 +1,10 @@
 """SplitGuard against honest and hijacking split servers: detection and false-alarm rates.
 
 Each run is one client training its ``cnn`` segment (cut ``conv1``) over the real data plane
-codec (:class:`fsl.channel.InMemoryChannel`) under :class:`attacks.splitguard.SplitGuard`, against
+codec (:class:`fsl.channel.InMemoryChannel`) under :class:`clients.splitguard.SplitGuard`, against
 either the honest split server (:class:`server.split_server.SplitServerState`) or the
 feature-space hijacking server (:class:`attacks.fsha.HijackingServer`, public data: the test
-split). A run is *flagged* when the detector stops training (:class:`attacks.splitguard.HijackingDetected`).
+split). A run is *flagged* when the detector stops training (:class:`clients.splitguard.HijackingDetected`).
 
 ``python -m experiments.detector [--seeds 4] [--steps 300] [--quick]`` writes
 ``experiments/results/leakage/detector.json``: ``detector``, ``detection_rate`` (hijacked runs
@@ -42,7 +42,7 @@ def run_one(
     """One client run of at most ``steps`` batches under SplitGuard against ``server_kind`` (``honest`` | ``fsha``)."""
     from attacks.fsha import HijackingServer
     from attacks.models import segments
-    from attacks.splitguard import HijackingDetected, SplitGuard, train_segment_guarded
+    from clients.splitguard import HijackingDetected, SplitGuard, train_segment_guarded
     from fsl.channel import ChannelIdentity, InMemoryChannel
     from fsl.models import cut_shape
     from fsl.training import TrainOptions

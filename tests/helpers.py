@@ -87,3 +87,14 @@ class RequestRecorder(grpc.ServerInterceptor):
             request_deserializer=wrapped_deserialize,
             response_serializer=handler.response_serializer,
         )
+
+
+def flower_message(conf, arrays, node_id=5):
+    """A train message as the ServerApp sends it: the client's arrays and the round's config."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    return Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}),
+        dst_node_id=node_id,
+        message_type=MessageType.TRAIN,
+    )

@@ -13,6 +13,7 @@ import torch
 
 from fsl.config import ConfigError, LoraConfig, load_experiment
 from fsl.textdata import FORTUNES_DIR
+from helpers import flower_message
 
 pytest.importorskip("peft")
 
@@ -99,26 +100,6 @@ def test_a_head_that_is_not_there_is_refused():
         build_model_for(_tiny("model.lora.targets=nosuch"), (16,), 5)
 
 
-def _message(conf, arrays):
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
-    return Message(
-        RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}), dst_node_id=5, message_type=MessageType.TRAIN
-    )
-
-
-@pytest.fixture
-def flower_task():
-    """Flower stamps messages with the identity of the task running in the process (set by its
-    engines); a ClientApp called directly runs as task 1."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 @pytest.mark.integration
 @needs_fortunes
 def test_a_split_round_trains_only_adapters_and_flower_carries_only_them(flower_task):
@@ -167,7 +148,7 @@ def test_a_split_round_trains_only_adapters_and_flower_carries_only_them(flower_
         ctx = Context(
             run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={}
         )
-        reply = client_app.train(_message(conf, sent), ctx)
+        reply = client_app.train(flower_message(conf, sent), ctx)
         back = reply.content["arrays"].to_torch_state_dict()
         assert set(back) == client_adapters  # the control plane carries the adapters and nothing else
         assert reply.content["arrays"].count_bytes() < 0.01 * sum(v.nbytes for v in client.state_dict().values())
@@ -191,7 +172,7 @@ def test_a_split_round_trains_only_adapters_and_flower_carries_only_them(flower_
         assert any(not torch.equal(before[k], after[k]) for k in client_adapters)
 
         with pytest.raises(BaseMismatch, match="frozen base of the client segment differs"):
-            client_app.train(_message({**conf, "base-digest": "0" * 64}, sent), ctx)
+            client_app.train(flower_message({**conf, "base-digest": "0" * 64}, sent), ctx)
     finally:
         server.stop(grace=None)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attacks.splitguard import HijackingDetected, SplitGuard, sg_score, train_segment_guarded
+from clients.splitguard import HijackingDetected, SplitGuard, sg_score, train_segment_guarded
 from experiments.detector import run_one
 from fsl.channel import ChannelIdentity, InMemoryChannel
 from fsl.data import load_dataset
@@ -47,3 +47,96 @@ def test_detection_stops_local_training(mnist):
         train_segment_guarded(split.client, x, y, channel, guard)
     assert guard.flagged_at is not None and guard.flagged_at == guard.batches
     assert state.steps == guard.batches  # every batch sent, fakes included; none after the verdict
+
+
+def _guarded_rounds(server_state, cfg, rounds, auth=None):
+    """The real ClientApp's train, round after round, over real gRPC to ``server_state``, one node
+    whose context (where the detector keeps what it learnt) lives on between rounds. Returns each
+    round's outcome (the reply, or the exception it failed with), the node's context and the
+    server's step count after each round."""
+    from flwr.app import ArrayRecord, Context, RecordDict
+
+    import clients.client_app as client_app
+    from fsl.experiment import client_part, config_to_json
+    from helpers import flower_message
+    from server.split_server import SplitServer
+
+    module, _ = client_part(cfg, (1, 28, 28), 10)
+    arrays = ArrayRecord(module.state_dict())
+    ctx = Context(
+        run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(), run_config={}
+    )
+    server = SplitServer(server_state, "127.0.0.1:0").start()
+    outcomes, steps = [], []
+    try:
+        for rnd in range(1, rounds + 1):
+            token = ""
+            if auth is not None:
+                auth.open_round(rnd)
+                token = auth.issue(rnd, "5")
+            conf = {
+                "experiment": config_to_json(cfg),
+                "run-id": "run-guard",
+                "dataplane-address": server.address,
+                "server-round": rnd,
+                "dataplane-token": token,
+            }
+            try:
+                reply = client_app.train(flower_message(conf, arrays), ctx)
+                arrays = reply.content["arrays"]
+                outcomes.append(reply)
+            except HijackingDetected as e:
+                outcomes.append(e)
+            steps.append(server_state.steps)
+    finally:
+        server.stop(grace=None)
+    return outcomes, ctx, steps
+
+
+GUARDED = ["privacy.splitguard=true", "privacy.splitguard_p_fake=0.2", "privacy.splitguard_window=3"]
+
+
+@pytest.mark.slow
+def test_the_client_app_trains_on_with_an_honest_server(mnist, flower_task):
+    from fsl.auth import RoundAuthority
+    from fsl.config import load_experiment
+
+    cfg = load_experiment("quickstart", GUARDED)
+    torch.set_num_threads(1)
+    split = split_model(build_model("cnn", (1, 28, 28), 10, seed=0), "conv1")
+    auth = RoundAuthority("run-guard")
+    state = SplitServerState(split.server, cut_shape(split.client, (1, 28, 28)), 10, device="cpu", authority=auth)
+    outcomes, ctx, _ = _guarded_rounds(state, cfg, 4, auth)
+    assert all(not isinstance(o, Exception) for o in outcomes)
+    numbers = ctx.state["splitguard-numbers"]
+    assert numbers["batches"] > 100 and numbers["fake.n"] >= 5  # the detector saw every round's batches
+    scores = ctx.state["splitguard-tensors"].to_torch_state_dict()["scores"]
+    assert len(scores) >= 3 and float(scores[-3:].mean()) > 0.9
+
+
+@pytest.mark.slow
+def test_the_client_app_stops_for_good_once_a_hijacking_server_is_noticed(mnist, flower_task):
+    from attacks.fsha import HijackingServer
+    from fsl.config import load_experiment
+
+    cfg = load_experiment("quickstart", GUARDED)
+    torch.set_num_threads(1)
+    hijacker = HijackingServer(model="cnn", cut="conv1", input_shape=(1, 28, 28), public=mnist[2], seed=0)
+    outcomes, ctx, steps = _guarded_rounds(hijacker, cfg, 6)
+    failed = [i for i, o in enumerate(outcomes) if isinstance(o, Exception)]
+    assert failed, "SplitGuard never noticed the hijacking server"
+    first = failed[0]
+    assert "hijacking" in str(outcomes[first]) and ctx.state["splitguard-verdict"]["round"] == first + 1
+    # every later round is refused before the client sends the server anything
+    assert failed == list(range(first, 6)) and first < 5
+    assert all("refusing to train" in str(o) for o in outcomes[first + 1 :])
+    assert len(set(steps[first:])) == 1
+
+
+def test_splitguard_needs_a_server_that_computes_the_loss():
+    from fsl.config import ConfigError, load_experiment
+
+    assert load_experiment("quickstart", ["privacy.splitguard=true"]).privacy.splitguard
+    for bad in (["mode=fl"], ["mode=ushaped"], ["privacy.dp.enabled=true"]):
+        with pytest.raises(ConfigError, match="splitguard"):
+            load_experiment("quickstart", ["privacy.splitguard=true", *bad])

@@ -61,6 +61,14 @@ class PrivacyConfig:
     # itself sees every individual update (so it cannot be combined with secure_aggregation).
     central_dp_noise: float = 0.0  # noise multiplier (0 with central_dp_clip = 0: off)
     central_dp_clip: float = 0.0  # L2 bound of each client's update (0 = off)
+    # SplitGuard on every client (clients/splitguard.py): fake batches with shifted labels now and then;
+    # when the split server's gradients stop following the labels (a hijacking server) the client
+    # fails the round with the reason and refuses every later round of the run. Protects a client's
+    # inputs against a server that steers its segment to invert them (feature-space hijacking).
+    splitguard: bool = False
+    splitguard_p_fake: float = 0.1  # share of batches sent fake (after 20 regular ones)
+    splitguard_window: int = 5  # the verdict reads the mean of the last this many scores
+    splitguard_threshold: float = 0.5  # ... and fires below this
 
     def __post_init__(self) -> None:
         _check(self.nopeek_weight >= 0, f"privacy.nopeek_weight must be >= 0, got {self.nopeek_weight}")
@@ -69,6 +77,11 @@ class PrivacyConfig:
             f"privacy.compression must be one of {list(COMPRESSIONS)}, not {self.compression!r}",
         )
         _check(0 < self.topk_ratio <= 1, f"privacy.topk_ratio must lie in (0, 1], got {self.topk_ratio}")
+        _check(
+            0 < self.splitguard_p_fake < 1,
+            f"privacy.splitguard_p_fake must lie in (0, 1), got {self.splitguard_p_fake}",
+        )
+        _check(self.splitguard_window >= 1, f"privacy.splitguard_window must be >= 1, got {self.splitguard_window}")
         _check(self.central_dp_noise >= 0, f"privacy.central_dp_noise must be >= 0, got {self.central_dp_noise}")
         _check(self.central_dp_clip >= 0, f"privacy.central_dp_clip must be >= 0, got {self.central_dp_clip}")
         _check(
@@ -106,6 +119,11 @@ def check_privacy(cfg: Any, error: type[Exception] = ValueError) -> None:
                 "privacy.dp with train.strategy = 'fedprox': the proximal term is added to the summed gradient after "
                 "Opacus clipped and noised the per-sample ones, which Opacus ignores; use another strategy"
             )
+    if p.splitguard and (cfg.mode in ("fl", "central") or cfg.model.ushaped or p.dp.enabled):
+        raise error(
+            "privacy.splitguard reads the gradients a split server returns for labels the client sent: it needs a "
+            f"split mode whose server computes the loss (not {cfg.mode!r}, not U-shaped) and plain SGD (not privacy.dp)"
+        )
     if (p.nopeek_weight > 0 or p.compression != "none") and cfg.mode in ("fl", "central"):
         raise error(f"privacy.nopeek_weight and privacy.compression act at the cut; mode {cfg.mode!r} has none")
     if p.central_dp and p.secure_aggregation:

@@ -24,26 +24,29 @@ applying fake gradients follow the authors' public implementation. The decision 
 the last ``window`` scores below ``threshold``, is ours: the paper leaves the policy to the client
 and we could not read its exact choice.
 
-:func:`train_segment_guarded` is the framework's client loop (:func:`fsl.training.train_loop`)
-with :func:`guarded_step` in place of the plain split step; when the detector fires it raises
-:class:`HijackingDetected`, which stops local training (a ClientApp that lets it propagate fails
-its fit with the reason as the message).
+:func:`train_segment_guarded` is the framework's client loop (:func:`clients.trainer.train_segment`)
+with :func:`guarded` around the split step; when the detector fires it raises
+:class:`HijackingDetected`, which stops local training. The ClientApp runs it when the experiment
+sets ``privacy.splitguard``, keeps the detector's state in the node's context from round to
+round (:meth:`SplitGuard.state` / :meth:`SplitGuard.restore`), fails the round with the reason
+when it fires, and refuses every later round of the run without contacting the server again.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from clients.trainer import split_step
 from fsl.channel import SplitChannel
-from fsl.training import BatchResult, Step, TrainHooks, TrainOptions, TrainStats, train_loop
+from fsl.training import BatchResult, Step, TrainHooks, TrainOptions, TrainStats
 
-__all__ = ["HijackingDetected", "SplitGuard", "guarded_step", "sg_score", "train_segment_guarded"]
+__all__ = ["HijackingDetected", "SplitGuard", "guarded", "sg_score", "train_segment_guarded"]
 
 
 class HijackingDetected(RuntimeError):
@@ -158,6 +161,35 @@ class SplitGuard:
             f"last {self.window} fake batches < {self.threshold}; labels do not steer its gradients)"
         )
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int | float]]:
+        """What the detector has learnt, to keep from one round to the next: tensors (the three
+        sets' gradient sums, the scores) and numbers (counts, norm sums, batches, the batch it fired
+        on or -1). A node's ClientApp keeps them in its context."""
+        tensors: dict[str, torch.Tensor] = {"scores": torch.tensor(self.scores, dtype=torch.float64)}
+        numbers: dict[str, int | float] = {
+            "batches": self.batches,
+            "flagged_at": -1 if self.flagged_at is None else self.flagged_at,
+        }
+        for name, gs in self._sets().items():
+            if gs.total is not None:
+                tensors[f"{name}.total"] = gs.total
+            numbers[f"{name}.n"], numbers[f"{name}.norm_sum"] = gs.n, gs.norm_sum
+        return tensors, numbers
+
+    def restore(self, tensors: dict[str, torch.Tensor], numbers: dict[str, Any]) -> SplitGuard:
+        """Take back what :meth:`state` gave; the fake batches' draws go on from a seed of their own."""
+        self.batches = int(numbers["batches"])
+        self.flagged_at = None if int(numbers["flagged_at"]) < 0 else int(numbers["flagged_at"])
+        self.scores = [float(v) for v in tensors["scores"].tolist()]
+        for name, gs in self._sets().items():
+            gs.total = tensors[f"{name}.total"].double() if f"{name}.total" in tensors else None
+            gs.n, gs.norm_sum = int(numbers[f"{name}.n"]), float(numbers[f"{name}.norm_sum"])
+        self._rng = random.Random(self.seed * 1_000_003 + self.batches)
+        return self
+
+    def _sets(self) -> dict[str, _GradSet]:
+        return {"fake": self._f, "r1": self._r1, "r2": self._r2}
+
     def check(self) -> None:
         """Raise :class:`HijackingDetected` when the verdict is in."""
         reason = self.verdict()
@@ -174,27 +206,32 @@ def _first_weight(segment: nn.Module) -> torch.Tensor:
     raise ValueError("SplitGuard needs a client segment with trainable parameters")
 
 
-def guarded_step(
-    segment: nn.Module, channel: SplitChannel, options: TrainOptions, hooks: TrainHooks, guard: SplitGuard
-) -> Step:
-    """The split step (:func:`clients.trainer.split_step`) with SplitGuard's fake batches.
+def guarded(
+    make_step: Callable[[TrainOptions, TrainHooks], Step], segment: nn.Module, guard: SplitGuard
+) -> Callable[[TrainOptions, TrainHooks], Step]:
+    """``make_step`` (the split step's maker, :func:`clients.trainer.split_step` bound to a segment
+    and a channel) with SplitGuard's fake batches.
 
     A fake batch goes through the same step with shifted labels; its gradient is observed and then
     dropped (the step returns None, so the loop takes no optimizer step on it)."""
-    inner = split_step(segment, channel, options, hooks)
     first = _first_weight(segment)
 
-    def step(xb: torch.Tensor, yb: torch.Tensor) -> BatchResult | None:
-        fake, sent = guard.plan(yb)
-        res = inner(xb, sent)
-        g = first.grad if first.grad is not None else torch.zeros_like(first)
-        guard.observe(g, fake)
-        if fake:
-            guard.check()
-            return None
-        return res
+    def make(options: TrainOptions, hooks: TrainHooks) -> Step:
+        inner = make_step(options, hooks)
 
-    return step
+        def step(xb: torch.Tensor, yb: torch.Tensor) -> BatchResult | None:
+            fake, sent = guard.plan(yb)
+            res = inner(xb, sent)
+            g = first.grad if first.grad is not None else torch.zeros_like(first)
+            guard.observe(g, fake)
+            if fake:
+                guard.check()
+                return None
+            return res
+
+        return step
+
+    return make
 
 
 def train_segment_guarded(
@@ -207,10 +244,6 @@ def train_segment_guarded(
     hooks: TrainHooks | None = None,
 ) -> TrainStats:
     """:func:`clients.trainer.train_segment` under SplitGuard; raises :class:`HijackingDetected` when it fires."""
-    options = options or TrainOptions()
-    hooks = hooks or TrainHooks()
-    if hooks.optimizer is not None:
-        raise ValueError("SplitGuard observes plain gradients; it does not run under DP-SGD's optimizer")
-    segment.train()
-    step = guarded_step(segment, channel, options, hooks, guard)
-    return train_loop(step, segment.parameters(), x, y, options, hooks)
+    from clients.trainer import train_segment
+
+    return train_segment(segment, x, y, channel, options, hooks, guard=guard)
