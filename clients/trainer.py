@@ -20,7 +20,7 @@ from torch import nn
 
 from fsl import tasks
 from fsl.channel import SplitChannel, StepResult
-from fsl.cutvalues import Activations, as_dict, detached, map_floats
+from fsl.cutvalues import Activations, as_dict, detached, map_floats, map_hidden
 from fsl.data import Inputs
 from fsl.exits import exit_loss
 from fsl.training import (
@@ -50,6 +50,8 @@ __all__ = [
     "evaluate_model",
     "evaluate_split",
     "evaluate_split_u",
+    "hidden_names",
+    "released",
     "split_step",
     "train_local",
     "train_segment",
@@ -145,17 +147,18 @@ def split_step(
     logit adjustment."""
     release, penalty = hooks.release, hooks.penalty
     want_confidence = hooks.cartography is not None  # the server computes confidences only when asked
+    hidden = hidden_names(segment)
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> BatchResult:
         h = segment(xb)  # (B, ...) smashed activations at the cut, or the cut's named tensors
-        sent = _released(h, release)
+        sent = released(h, release, hidden)
         t0 = time.perf_counter()
         if len(yb):
             res = channel.train_step(sent, yb, want_confidence=want_confidence, label_counts=label_counts)
         else:  # an empty Poisson batch: nothing travels, DP-SGD still takes its noise-only step
             res = StepResult(map_floats(h, torch.zeros_like), 0.0, 0)
         wire_s = time.perf_counter() - t0
-        _backward(h, res.grad, penalty, xb, exit_loss(segment, yb, options.exit_weight))
+        _backward(h, res.grad, penalty, xb, exit_loss(segment, yb, options.exit_weight), hidden)
         return BatchResult(res.loss, res.correct, res.confidence, wire_s)
 
     return step
@@ -176,6 +179,7 @@ def ushaped_step(
     label prior (logit adjustment): the label-private counterpart of the split server's adjustment."""
     release, penalty = hooks.release, hooks.penalty
     want_confidence = hooks.cartography is not None
+    hidden = hidden_names(bottom)
     mid: list[tuple[int, ...]] = []  # the middle's output shape per sample, known after the first batch
     prior: list[torch.Tensor] = []  # (num_classes,) log label prior, once the number of classes is known
 
@@ -189,12 +193,12 @@ def ushaped_step(
             return BatchResult(0.0, 0)
         h1, carry = _route(bottom, bottom(xb))  # (B, ...) at the first cut
         t0 = time.perf_counter()
-        sent = _released(h1, release)
+        sent = released(h1, release, hidden)
         h2, fwd_step = channel.forward(sent)
         wire_s = time.perf_counter() - t0
         if not isinstance(h2, torch.Tensor):  # named tensors at the second cut: the floats take gradients
             return _named_u_step(
-                top, channel, h1, sent, h2, fwd_step, xb, yb, options, penalty, want_confidence, wire_s, carry
+                top, channel, h1, sent, h2, fwd_step, xb, yb, options, penalty, want_confidence, wire_s, carry, hidden
             )
         h2 = h2.detach().requires_grad_(True)  # (B, ...) at the second cut
         mid[:] = [tuple(h2.shape[1:])]
@@ -211,7 +215,7 @@ def ushaped_step(
         t1 = time.perf_counter()
         g1 = channel.backward(h2.grad, fwd_step, sent)  # dL/dh1 from the server
         wire_s += time.perf_counter() - t1
-        _backward(h1, g1, penalty, xb, exit_loss(bottom, yb, options.exit_weight))
+        _backward(h1, g1, penalty, xb, exit_loss(bottom, yb, options.exit_weight), hidden)
         res = head_result(logits, loss, yb, want_confidence, options.task)
         res.wire_s = wire_s
         return res
@@ -230,10 +234,22 @@ def _route(bottom: nn.Module, h1: Activations) -> tuple[Activations, dict[str, t
     return {k: v for k, v in h1.items() if 1 in sends.get(k, (1,))}, carry
 
 
-def _released(h: Activations, release: Callable[[torch.Tensor], torch.Tensor] | None) -> Activations:
-    """What leaves the client: ``h`` detached, each float tensor through ``release`` (activation noise)."""
+def hidden_names(segment: nn.Module) -> tuple[str, ...] | None:
+    """The names of the hidden states a client segment sends (a traced segment's ``hidden``); ``None``
+    for a segment that sends one tensor, which is its hidden state."""
+    names = getattr(segment, "hidden", None)
+    return tuple(names) if names is not None else None
+
+
+def released(
+    h: Activations, release: Callable[[torch.Tensor], torch.Tensor] | None, hidden: tuple[str, ...] | None = None
+) -> Activations:
+    """What leaves the client: ``h`` detached, each hidden state through ``release`` (activation noise).
+
+    ``hidden``: :func:`hidden_names` of the segment that computed ``h``. Attention masks and other
+    values derived from the raw inputs travel as they are (:func:`fsl.cutvalues.map_hidden`)."""
     sent = detached(h)
-    return sent if release is None else map_floats(sent, release)
+    return sent if release is None else map_hidden(sent, release, hidden)
 
 
 def _named_u_step(
@@ -250,6 +266,7 @@ def _named_u_step(
     want_confidence: bool,
     wire_s: float,
     carry: dict[str, torch.Tensor] | None = None,
+    hidden: tuple[str, ...] | None = None,
 ) -> BatchResult:
     """The rest of a U-shaped step whose middle returns named tensors: the top on their dict (and on
     the values the bottom computed for it, ``carry``), the loss, their float tensors' gradients up,
@@ -270,7 +287,7 @@ def _named_u_step(
         h1 = {**as_dict(h1), **{n: (carry or {})[n] for n in g_kept}}
         g_up = as_dict(g1)
         g1 = {**g_up, **{n: g + g_up[n] if n in g_up else g for n, g in g_kept.items()}}
-    _backward(h1, g1, penalty, xb)
+    _backward(h1, g1, penalty, xb, hidden=hidden)
     res = head_result(logits, loss, yb, want_confidence, options.task)
     res.wire_s = wire_s
     return res
@@ -282,10 +299,12 @@ def _backward(
     penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     xb: torch.Tensor,
     local_loss: torch.Tensor | None = None,
+    hidden: tuple[str, ...] | None = None,
 ) -> None:
     """Backprop the server's gradients into every tensor at the cut that has one, plus the gradients
-    of client-side losses: a ``penalty(x, h)`` (NoPeek, on the float tensors flattened side by side)
-    and ``local_loss`` (the exits of a multi-exit client segment).
+    of client-side losses: a ``penalty(x, h)`` (NoPeek, on the hidden states flattened side by side:
+    ``hidden`` names them, ``None`` means every float tensor) and ``local_loss`` (the exits of a
+    multi-exit client segment).
 
     The server's gradients enter through the scalar ``sum_n sum(h_n * grad_n)``, whose gradient at
     each ``h_n`` is exactly ``grad_n`` (``1 * grad``, no rounding) — the same as
@@ -297,7 +316,8 @@ def _backward(
     else:
         hd, gd = as_dict(h), as_dict(grad)
         terms = [(hd[n] * g.to(hd[n].dtype)).sum() for n, g in gd.items() if hd[n].requires_grad]
-        floats = [t.flatten(1) for t in hd.values() if t.is_floating_point()]
+        # not the attention mask: its float32 minimum makes every distance between samples overflow
+        floats = [t.flatten(1) for n, t in hd.items() if t.is_floating_point() and (hidden is None or n in hidden)]
         flat = torch.cat(floats, 1) if floats else next(iter(hd.values()))
         if not terms:  # nothing at the cut depends on the client's parameters
             terms = [flat.sum() * 0] if flat.requires_grad else []
@@ -326,10 +346,11 @@ def evaluate_split(
     computed here.
     """
     segment.eval()
+    hidden = hidden_names(segment)
 
     def logits_of(xb: Inputs) -> torch.Tensor:
         h = segment(xb)
-        out = channel.infer(h if release is None else map_floats(h, release))
+        out = channel.infer(h if release is None else map_hidden(h, release, hidden))
         assert isinstance(out, torch.Tensor), "the server segment returns logits"
         return out
 

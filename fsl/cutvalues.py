@@ -19,7 +19,7 @@ gradients collected from them, bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +39,7 @@ __all__ = [
     "leaves",
     "like",
     "map_floats",
+    "map_hidden",
     "nbytes",
     "pad_key",
     "pad_to",
@@ -370,6 +371,24 @@ def map_floats(values: Activations, fn: Callable[[torch.Tensor], torch.Tensor]) 
     if isinstance(values, torch.Tensor):
         return fn(values) if values.is_floating_point() else values
     return {n: fn(t) if t.is_floating_point() else t for n, t in values.items()}
+
+
+def map_hidden(
+    values: Activations, fn: Callable[[torch.Tensor], torch.Tensor], hidden: Collection[str] | None
+) -> Activations:
+    """``fn`` applied to the hidden states among ``values``, the others as they are.
+
+    ``hidden`` names them (a traced client segment's ``hidden``: the values its parameters
+    computed); ``None`` means every float tensor, right for a cut of one tensor. A release
+    mechanism (clipping, noise) must not touch the rest: an additive attention mask holds the
+    float32 minimum, whose per-sample norm overflows, so clipping it would zero the mask and let
+    every position attend to the padding.
+    """
+    if hidden is None:
+        return map_floats(values, fn)
+    if isinstance(values, torch.Tensor):
+        return fn(values) if SINGLE in hidden and values.is_floating_point() else values
+    return {n: fn(t) if n in hidden and t.is_floating_point() else t for n, t in values.items()}
 
 
 def leaves(

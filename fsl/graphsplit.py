@@ -475,6 +475,9 @@ class GraphSegment(nn.Module):
         # name of each value this segment returns -> the segments that read it (a value derived from the
         # inputs, such as an attention mask, may be read by both the server's middle and the client's top)
         self.sends: dict[str, tuple[int, ...]] = {}
+        # the values it sends that its parameters computed (hidden states, which take a gradient back):
+        # what a release mechanism acts on; the rest (masks, position ids) derive from the raw inputs
+        self.hidden: tuple[str, ...] = ()
         self.input_names = tuple(input_names)
         for fqn, p in params.items():
             _set(self, fqn, p, param=True)
@@ -660,6 +663,7 @@ def split_traced(traced: Traced, cut_list: Sequence[str]) -> GraphSplit:
             if c.source == s:
                 targets.setdefault(c.name, []).append(c.target)
         seg.sends = {name: tuple(ts) for name, ts in targets.items()}
+        seg.hidden = tuple(dict.fromkeys(c.name for c in tr.crossings if c.source == s and c.grad))
         segments.append(seg)
     return GraphSplit(segments, tuple(cut_list), tr.crossings, tuple(tr.inputs), bnd)
 

@@ -106,7 +106,8 @@ class TrainHooks:
 
     ``optimizer`` and ``batches`` replace plain SGD over shuffled batches (DP-SGD's optimizer and
     Poisson sampling, :mod:`fsl.privacy.dp`; a Poisson batch may be empty). ``release`` transforms
-    the activations just before they leave the client (clipping, noise: :mod:`fsl.privacy.activation`);
+    the activations just before they leave the client (clipping, noise: :mod:`fsl.privacy.activation`),
+    each hidden state at a traced cut on its own and never an attention mask that travels beside it;
     the returned gradient is applied to the untransformed activations. ``penalty(x, h)`` is a
     client-side loss term on the inputs and the activations at the cut (NoPeek). ``release`` and
     ``penalty`` need a cut, so whole-model training refuses them. The rest only observe:

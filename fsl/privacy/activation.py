@@ -2,7 +2,10 @@
 
 What it protects
 ----------------
-The activations a client sends every batch (``release``), one sample at a time.
+The activations a client sends every batch (``release``), one sample at a time. At a traced cut
+that sends several tensors, each hidden state is released on its own (its own clipping and noise);
+values derived from the raw inputs alone, such as an additive attention mask, travel unchanged
+(:func:`fsl.cutvalues.map_hidden`).
 Each sample's activation ``h = f(x)`` is clipped to norm ``clip_norm`` (L2 for the
 Gaussian mechanism, L1 for Laplace) and noise is added before it leaves the
 client. Two inputs ``x, x'`` then give clipped activations at most ``2 * clip_norm``
@@ -16,6 +19,9 @@ What it does not protect
   guarantee composes (the per-release figure here is the building block an
   accountant multiplies out; it is not a whole-training guarantee).
 * Labels, when the split sends them.
+* What travels beside the hidden states: an attention mask tells the server each text's length.
+* Several hidden states at one cut: each is clipped and noised on its own, and the per-release
+  guarantees of the tensors add up.
 
 The gradient the server returns is applied to the *unclipped, noiseless*
 activations on the client (see ``fsl.training.TrainHooks.release``),

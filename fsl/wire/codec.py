@@ -54,6 +54,7 @@ DTYPES: dict[str, torch.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
 _MAX_DIMS = 8
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class WireError(ValueError):
@@ -112,6 +113,8 @@ def encode_payload(out: pb.Tensor, x: torch.Tensor, dtype: torch.dtype | Any = N
             if math.isfinite(amax) and amax > 0:
                 scale = 2.0 ** (math.ceil(math.log2(amax)) - 15)
                 x = x / scale
+    if dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.float64):
+        x = _saturated(x, torch.bfloat16)
     if dtype is not None and x.dtype != dtype:
         x = x.to(dtype)
     if x.dtype not in _NAMES:
@@ -171,13 +174,46 @@ def decode(
     if t.scale not in (0.0, 1.0):
         if not math.isfinite(t.scale) or t.scale < 0:
             raise WireError(f"{name}: invalid scale {t.scale}")
-        if t.dtype == "float16" and t.scale >= 2.0**-126:  # perf: numpy; the scale is a normal float32
+        if t.scale * _largest(t.dtype) >= 0.5 * _F32_MAX:  # rare: only tensors near float32's range
+            out = _scaled_saturating(out, t.scale)
+        elif t.dtype == "float16" and t.scale >= 2.0**-126:  # perf: numpy; the scale is a normal float32
             arr = out.numpy().astype(np.float32)
             arr *= np.float32(t.scale)
             out = torch.from_numpy(arr)
         else:
             out = out.float() * t.scale  # a scaled float16 payload decodes to float32
     return out
+
+
+def _largest(dtype: str) -> float:
+    """The largest magnitude a payload of wire dtype ``dtype`` holds."""
+    torch_dtype = DTYPES[dtype]
+    if torch_dtype.is_floating_point:
+        return float(torch.finfo(torch_dtype).max)
+    return float(torch.iinfo(torch_dtype).max) if torch_dtype != torch.bool else 1.0
+
+
+def _scaled_saturating(payload: torch.Tensor, scale: float) -> torch.Tensor:
+    """``payload * scale`` in float32, its finite values kept finite.
+
+    A sender scales (float16) or quantizes (int8) only tensors whose values are all finite; values
+    near float32's extremes (an attention mask's minimum, -3.4e38) round up on the way and their
+    product would overflow to infinity, which the split server refuses. They saturate instead."""
+    out = payload.float() * scale
+    return torch.where(torch.isinf(payload), out, out.clamp(-_F32_MAX, _F32_MAX))
+
+
+def _saturated(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` with its finite values clamped to ``dtype``'s range before a cast: rounding would turn
+    float32's extremes (an attention mask's minimum) into infinities. Infinities and NaN stay."""
+    big = float(torch.finfo(dtype).max)
+    if not x.numel():
+        return x
+    if x.device.type == "cpu" and x.dtype == torch.float32:  # perf: numpy reductions, no thread-pool dispatch
+        arr = x.detach().contiguous().numpy()
+        if -big <= float(arr.min()) and float(arr.max()) <= big:  # also False for NaN: clamped below, unchanged
+            return x
+    return torch.where(torch.isinf(x), x, x.clamp(-big, big))
 
 
 def encode_named(out: Any, values: dict[str, torch.Tensor], dtype: torch.dtype | Any = None) -> Any:
