@@ -134,14 +134,17 @@ def run(*, seeds: int, steps: int, dataset: str = "mnist5k", **kw: Any) -> dict[
     }
 
 
-def main() -> int:
+def main(args: argparse.Namespace | None = None) -> int:
+    """``python -m experiments.detector [flags]``, or ``fsl run detector [--quick] detector.KEY=VALUE ...``."""
+    from experiments import argv_from_run
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--quick", action="store_true", help="2 seeds, 150 batches")
     p.add_argument("--out", default=str(RESULTS))
-    a = p.parse_args()
+    a = p.parse_args(None if args is None else argv_from_run(args, "detector"))
     seeds, steps = (2, 150) if a.quick else (a.seeds, a.steps)
     res = run(seeds=seeds, steps=steps, dataset=a.dataset)
     out = Path(a.out)

@@ -166,13 +166,16 @@ def run(
     return rows
 
 
-def main() -> int:
+def main(args: argparse.Namespace | None = None) -> int:
+    """``python -m experiments.label_leakage [flags]``, or ``fsl run label-leakage [--quick] label_leakage.KEY=VALUE ...``."""
+    from experiments import argv_from_run
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2,000 training images, three defense cells (about a minute)")
     p.add_argument("--positive", type=int, default=0, help="the Fashion-MNIST class that is the positive label")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS))
-    a = p.parse_args()
+    a = p.parse_args(None if args is None else argv_from_run(args, "label_leakage"))
     rows = run(quick=a.quick, positive=a.positive, seed=a.seed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
