@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fsl.exits import FINAL, exit_logits
+from fsl.data import Inputs
+from fsl.exits import FINAL, all_exit_logits
 from fsl.training import TrainHooks, TrainOptions, train_local
 
 __all__ = [
@@ -244,30 +245,17 @@ class Cartography:
         return out
 
 
-@torch.no_grad()
-def _head_logits(model: nn.Module, x: torch.Tensor, head: str, batch_size: int) -> torch.Tensor:
+def _head_logits(model: nn.Module, x: Inputs, head: str, batch_size: int) -> torch.Tensor:
     """Logits ``(N, C)`` of exit ``head`` (or of the final classifier) on ``x``, in eval mode."""
-    was = model.training
-    model.eval()
-    parts = []
-    try:
-        for i in range(0, len(x), batch_size):
-            final = model(x[i : i + batch_size])  # (B, C)
-            if head == FINAL:
-                parts.append(final)
-            else:
-                logits = exit_logits(model)
-                if head not in logits:
-                    raise ValueError(f"model has no exit {head!r}; its exits are {sorted(logits)}")
-                parts.append(logits[head])
-    finally:
-        model.train(was)
-    return torch.cat(parts)
+    logits = all_exit_logits(model, x, batch_size)
+    if head not in logits:
+        raise ValueError(f"model has no exit {head!r}; its exits are {sorted(k for k in logits if k != FINAL)}")
+    return logits[head]
 
 
 def record_epochs(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     epochs: int,
     *,
@@ -275,6 +263,7 @@ def record_epochs(
     batch_size: int = 32,
     momentum: float = 0.9,
     exit_weight: float = 0.5,
+    clip_norm: float = 0.0,
     seed: int = 0,
     head: str = FINAL,
     recorder: Cartography | None = None,
@@ -299,9 +288,12 @@ def record_epochs(
     model
         A (multi-exit) model, trained in place.
     x, y
-        ``(N, C, H, W)`` training inputs and ``(N,)`` labels.
+        Training inputs (``(N, C, H, W)`` images, or named tensors such as token ids and an
+        attention mask) and ``(N,)`` labels.
     epochs
         Number of epochs (one record per sample per epoch).
+    clip_norm
+        Each step's gradient norm bound (0: none).
     indices
         ``(N,)`` keys of the samples (default ``0..N-1``: the local index).
     recorder
@@ -322,12 +314,25 @@ def record_epochs(
             rec.update(keys[idx], p, epoch)
 
         opts = TrainOptions(
-            epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, seed=seed, exit_weight=exit_weight
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            seed=seed,
+            exit_weight=exit_weight,
+            clip_norm=clip_norm,
         )
         train_local(model, x, y, opts, TrainHooks(cartography=hook))
         return rec
     for epoch in range(epochs):
-        opts = TrainOptions(batch_size=batch_size, lr=lr, momentum=momentum, seed=seed + epoch, exit_weight=exit_weight)
+        opts = TrainOptions(
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            seed=seed + epoch,
+            exit_weight=exit_weight,
+            clip_norm=clip_norm,
+        )
         train_local(model, x, y, opts)
         rec.update_from_logits(keys, _head_logits(model, x, head, eval_batch_size), y, epoch)
     return rec

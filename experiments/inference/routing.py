@@ -3,7 +3,9 @@
 A multi-exit model (:mod:`fsl.exits`) is deployed across three tiers, cut at two of
 its exits: the **device** runs the blocks up to ``device_exit`` (``conv1``), the **edge** the
 blocks up to ``edge_exit`` (``conv2``), the **cloud** the rest, ending in the final
-classifier. A request answered on the device stops at the device exit; one answered on the
+classifier. Any model whose exits :func:`fsl.exits.add_exits` or :func:`fsl.exits.add_exits_at`
+put in works, token models included (exits after encoder layers, inputs token ids and an
+attention mask). A request answered on the device stops at the device exit; one answered on the
 edge at the edge exit; one answered in the cloud by the final classifier. Every request walks
 the same pipeline: what differs is where it stops and which exit heads it evaluates on the way.
 
@@ -11,8 +13,8 @@ The :class:`CostModel` prices that walk per sample (parameters in :class:`CostPa
 
 * compute: forward FLOPs (counted with torch's ``FlopCounterMode``, as :mod:`fsl.costs` does)
   of the blocks and exit heads each tier runs, times the tier's price per MFLOP;
-* offloading: the float32 activation bytes that cross each tier boundary, times the link's
-  price per kB;
+* offloading: the float32 activation bytes that cross each tier boundary (plus what travels
+  beside them, such as a text's attention mask), times the link's price per kB;
 * latency: compute time at each tier's throughput plus, per link crossed, its round trip and
   transmission time; it enters the cost at ``price_per_ms``.
 
@@ -35,7 +37,9 @@ Policies decide, per test sample, the tier that answers (a :class:`Routing`):
 Thresholds are chosen on a validation split (never the test set) by the reward
 ``accuracy - lam * cost / cost(cloud-only)``; with ``max_drop_points`` only settings whose
 validation accuracy is within that many points of cloud-only's are eligible.
-:func:`fashion_mnist_routing` runs the whole study on Fashion-MNIST.
+:func:`routing_study` runs the whole study (train and record the training dynamics, map, fit the
+router, compare) for any multi-exit model and data; :func:`fashion_mnist_routing` on Fashion-MNIST,
+``experiments/transformers_routing.py`` on text with a multi-exit MiniLM.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from experiments.inference.cartography import (
     REGIONS,
@@ -61,7 +66,9 @@ from experiments.inference.cartography import (
     region_thresholds,
 )
 from fsl.costs import count_flops
-from fsl.exits import FINAL, ExitBlock, add_exits, all_exit_logits
+from fsl.data import Inputs, num_samples, take, trim_padding
+from fsl.exits import FINAL, ExitBlock, add_exits, all_exit_logits, exit_names, token_mean
+from fsl.models import run_model
 
 __all__ = [
     "TIERS",
@@ -73,6 +80,7 @@ __all__ = [
     "TierOutputs",
     "UCB",
     "bandit_routing",
+    "channel_means",
     "cloud_only",
     "compare_policies",
     "confidence_exit",
@@ -83,6 +91,8 @@ __all__ = [
     "fixed_split",
     "random_routing",
     "router_routing",
+    "routing_study",
+    "token_states",
     "tune",
 ]
 
@@ -169,60 +179,100 @@ class CostModel:
     @classmethod
     def from_model(
         cls,
-        model: nn.Sequential,
-        input_shape: tuple[int, ...],
+        model: nn.Module,
+        example: tuple[int, ...] | Inputs,
         *,
         device_exit: str = "conv1",
         edge_exit: str = "conv2",
         router: nn.Module | None = None,
         params: CostParams | None = None,
+        carried_bytes: int = 0,
     ) -> CostModel:
         """Count the FLOPs and bytes of ``model`` deployed with cuts at ``device_exit`` and ``edge_exit``.
 
-        Both must be exits of ``model`` (:func:`fsl.exits.add_exits`), ``device_exit``
-        shallower than ``edge_exit``. Exit heads of other blocks are not run in deployment and
-        not counted.
+        Both must be exits of ``model`` (:func:`fsl.exits.add_exits`, :func:`fsl.exits.add_exits_at`),
+        ``device_exit`` reached before ``edge_exit``. One forward pass of one sample is counted
+        (torch's ``FlopCounterMode``), with marks where each exit's block ends and where its head
+        starts and ends: a tier's blocks are the FLOPs between its marks, exit heads left out; the
+        heads of the two deployed exits are counted apart and those of other exits not at all
+        (they do not run in deployment).
+
+        Parameters
+        ----------
+        example
+            The per-sample input shape of an image model (a zero image is counted), or one
+            sample's inputs (a ``(1, ...)`` tensor, or named tensors such as ``input_ids`` and
+            ``attention_mask`` of shape ``(1, T)``: the cost is that of a text of ``T`` tokens).
+        carried_bytes
+            Bytes per sample that cross each tier boundary beside the exit's activations (a
+            text model's attention mask).
         """
-        names = [n for n, _ in model.named_children()]
+        p = params or CostParams()
+        blocks_by_exit = _exit_blocks(model)
         for e in (device_exit, edge_exit):
-            if e not in names or not isinstance(getattr(model, e), ExitBlock):
-                raise ValueError(f"{e!r} is not an exit of this model; exits: {_exits_of(model)}")
-        if names.index(device_exit) >= names.index(edge_exit):
-            raise ValueError(f"the device exit {device_exit!r} must come before the edge exit {edge_exit!r}")
-        blocks = [0.0, 0.0, 0.0]
-        heads = [0.0, 0.0, 0.0]
-        offload = [0, 0]
-        tier = DEVICE
+            if e not in blocks_by_exit:
+                raise ValueError(f"{e!r} is not an exit of this model; exits: {exit_names(model)}")
+        x = torch.zeros(1, *example) if isinstance(example, tuple) else example
+        if num_samples(x) != 1:
+            raise ValueError(f"the example must hold one sample, not {num_samples(x)}")
+        ends: dict[str, float] = {}  # FLOPs counted when each exit's block ended
+        order: list[str] = []  # exits in the order the forward pass reached them
+        heads: dict[str, float] = {}  # FLOPs of each exit's head
+        head_start: dict[str, float] = {}
+        cut_numel: dict[str, int] = {}
+        handles = []
+        counter = FlopCounterMode(display=False)
+
+        def flops() -> float:
+            return float(counter.get_total_flops())
+
+        for name, block in blocks_by_exit.items():
+
+            def body_end(_m: nn.Module, _a: Any, out: Any, name: str = name) -> None:
+                ends[name] = flops() - sum(heads.values())  # heads run so far are not blocks
+                order.append(name)
+                cut_numel[name] = int((out[0] if isinstance(out, tuple) else out)[0].numel())
+
+            def head_pre(_m: nn.Module, _a: Any, name: str = name) -> None:
+                head_start[name] = flops()
+
+            def head_end(_m: nn.Module, _a: Any, _out: Any, name: str = name) -> None:
+                heads[name] = flops() - head_start[name]
+
+            handles += [
+                block.body.register_forward_hook(body_end),
+                block.head.register_forward_pre_hook(head_pre),
+                block.head.register_forward_hook(head_end),
+            ]
         was = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                h = torch.zeros(1, *input_shape)  # (1, C, H, W)
-                for name, block in model.named_children():
-                    body = block.body if isinstance(block, ExitBlock) else block
-                    x_in = h
-                    blocks[tier] += _mflops(lambda b=body, x=x_in: b(x))
-                    h = body(x_in)  # (1, ...) the block's output
-                    if name in (device_exit, edge_exit):
-                        head = block.head
-                        heads[tier] += _mflops(lambda hd=head, x=h: hd(x))
-                        offload[tier] = int(h[0].numel()) * (params or CostParams()).bytes_per_element
-                        tier += 1
-                router_mflops = 0.0
-                if router is not None:
-                    n_in = router.n_features if isinstance(router, DifficultyRouter) else None
-                    if n_in is None:
-                        raise ValueError("router must be a DifficultyRouter")
-                    router_mflops = _mflops(lambda: router(torch.zeros(1, n_in)))
+            with torch.no_grad(), counter:
+                run_model(model, x)
+            total = flops() - sum(heads.values())
+            router_mflops = 0.0
+            if router is not None:
+                if not isinstance(router, DifficultyRouter):
+                    raise ValueError("router must be a DifficultyRouter")
+                n_in = router.n_features
+                router_mflops = _mflops(lambda: router(torch.zeros(1, n_in)))
         finally:
+            for h in handles:
+                h.remove()
             model.train(was)
+        if order.index(device_exit) >= order.index(edge_exit):
+            raise ValueError(f"the device exit {device_exit!r} must come before the edge exit {edge_exit!r}")
+        dev, edge = ends[device_exit] / 1e6, ends[edge_exit] / 1e6
         return cls(
             exits=(device_exit, edge_exit, FINAL),
-            block_mflops=(blocks[0], blocks[1], blocks[2]),
-            head_mflops=(heads[0], heads[1], 0.0),
-            offload_bytes=(offload[0], offload[1]),
+            block_mflops=(dev, edge - dev, total / 1e6 - edge),
+            head_mflops=(heads[device_exit] / 1e6, heads[edge_exit] / 1e6, 0.0),
+            offload_bytes=(
+                cut_numel[device_exit] * p.bytes_per_element + carried_bytes,
+                cut_numel[edge_exit] * p.bytes_per_element + carried_bytes,
+            ),
             router_mflops=router_mflops,
-            params=params or CostParams(),
+            params=p,
         )
 
     # -- the pieces ------------------------------------------------------------------------
@@ -300,8 +350,10 @@ class CostModel:
         }
 
 
-def _exits_of(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_children() if isinstance(m, ExitBlock)]
+def _exit_blocks(model: nn.Module) -> dict[str, ExitBlock]:
+    """The model's exit blocks by exit name."""
+    blocks = [m for m in model.modules() if isinstance(m, ExitBlock)]
+    return dict(zip(exit_names(model), blocks, strict=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,39 +706,73 @@ def _grid(values: np.ndarray, points: int) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # The router: predicts the data-map region from what the device has
 # --------------------------------------------------------------------------------------------
+class _DeviceDone(Exception):
+    """Raised by a hook to end a forward pass where the device's segment ends."""
+
+
+def channel_means(h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, C)`` per-channel means of cut activations ``(B, C, ...)`` (flat ``(B, D)`` as they are)."""
+    return h.float().flatten(2).mean(2) if h.dim() > 2 else h.float()
+
+
+def token_states(h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, D)`` mean hidden state of the real tokens of a transformer layer's output ``(B, T, D)``."""
+    return token_mean(h.float(), attention_mask)
+
+
 @torch.no_grad()
 def device_features(
-    model: nn.Sequential, x: torch.Tensor, device_exit: str = "conv1", pooled: bool = True, batch_size: int = 1024
+    model: nn.Module,
+    x: Inputs,
+    device_exit: str = "conv1",
+    pooled: bool = True,
+    batch_size: int = 1024,
+    pool: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = channel_means,
 ) -> torch.Tensor:
     """What the device knows about each sample after its segment: ``(N, F)`` router features.
 
-    Runs the blocks up to ``device_exit`` only. Features: the exit's softmax probabilities
-    ``(C,)``, its max probability, top-1 minus top-2 margin and entropy, and with ``pooled``
-    the channel means of the cut activations (``(C_cut,)`` for a feature map).
+    Runs the model up to ``device_exit`` only (the forward pass stops there). Features: the
+    exit's softmax probabilities ``(C,)``, its max probability, top-1 minus top-2 margin and
+    entropy, and with ``pooled`` a summary of the cut activations, ``pool(h, attention_mask)``
+    (the mask the exit's layer was given, ``None`` for other models): the channel means of a
+    feature map by default, :func:`token_states` for a transformer. ``x`` is a tensor or named
+    tensors (token ids and attention mask).
     """
-    names = [n for n, _ in model.named_children()]
-    if device_exit not in names or not isinstance(getattr(model, device_exit), ExitBlock):
-        raise ValueError(f"{device_exit!r} is not an exit of this model; exits: {_exits_of(model)}")
-    k = names.index(device_exit) + 1
-    blocks = list(model.children())[:k]
+    blocks = _exit_blocks(model)
+    if device_exit not in blocks:
+        raise ValueError(f"{device_exit!r} is not an exit of this model; exits: {exit_names(model)}")
+    block = blocks[device_exit]
+    cut: list[Any] = []
+
+    def stop(_m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")  # a transformer layer's mask
+        cut[:] = [out[0] if isinstance(out, tuple) else out, mask]  # (B, ...) the cut activations
+        raise _DeviceDone
+
+    handle = block.register_forward_hook(stop, with_kwargs=True)
     was = model.training
     model.eval()
     parts = []
+    n = num_samples(x)
     try:
-        for i in range(0, len(x), batch_size):
-            h = x[i : i + batch_size]
-            for b in blocks:
-                h = b(h)  # (B, ...) ends as the cut activations
-            logits = blocks[-1].logits  # (B, C) of the device exit
-            assert logits is not None
-            p = torch.softmax(logits.float(), 1)  # (B, C)
+        for i in range(0, n, batch_size):
+            xb, _ = trim_padding(take(x, torch.arange(i, min(i + batch_size, n))), torch.empty(0))
+            cut.clear()
+            try:
+                run_model(model, xb)
+            except _DeviceDone:
+                pass
+            if not cut or block.logits is None:
+                raise RuntimeError(f"the forward pass never reached the exit {device_exit!r}")
+            p = torch.softmax(block.logits.float(), 1)  # (B, C)
             top2 = p.topk(2, dim=1).values  # (B, 2)
             entropy = -(p * p.clamp_min(1e-12).log()).sum(1, keepdim=True)  # (B, 1)
             cols = [p, top2[:, :1], top2[:, :1] - top2[:, 1:], entropy]
             if pooled:
-                cols.append(h.float().flatten(2).mean(2) if h.dim() > 2 else h.float())  # (B, C_cut)
+                cols.append(pool(cut[0], cut[1]))  # (B, F_cut)
             parts.append(torch.cat(cols, 1))
     finally:
+        handle.remove()
         model.train(was)
     return torch.cat(parts)
 
@@ -842,8 +928,150 @@ def compare_policies(
 
 
 # --------------------------------------------------------------------------------------------
-# The Fashion-MNIST study
+# The study: train a multi-exit model, map its training data, route, compare
 # --------------------------------------------------------------------------------------------
+def routing_study(
+    out_dir: str | Path,
+    model: nn.Module,
+    train: tuple[Inputs, torch.Tensor],
+    val: tuple[Inputs, torch.Tensor],
+    test: tuple[Inputs, torch.Tensor],
+    *,
+    example: tuple[int, ...] | Inputs,
+    device_exit: str,
+    edge_exit: str,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    momentum: float = 0.9,
+    exit_weight: float = 0.5,
+    clip_norm: float = 0.0,
+    lam: float = 0.05,
+    max_drop_points: float | None = 0.5,
+    seed: int = 0,
+    router_holdout: float = 0.1,
+    rng: np.random.Generator | None = None,
+    region_kwargs: dict[str, float] | None = None,
+    params: CostParams | None = None,
+    carried_bytes: int = 0,
+    pool: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = channel_means,
+    eval_batch_size: int = 1024,
+    config: dict[str, Any] | None = None,
+    title: str = "data map",
+    json_name: str = "routing.json",
+    map_name: str = "data_map.png",
+    records_name: str | None = "cartography.npz",
+) -> dict[str, Any]:
+    """Data-cartography routing of a multi-exit ``model``: train, map, route, compare; writes JSON, PNG, NPZ.
+
+    1. ``model`` (exits at ``device_exit`` and ``edge_exit`` at least) trains ``epochs`` epochs on
+       ``train`` with :func:`experiments.inference.cartography.record_epochs` (SGD, in this
+       process), recording each sample's p(true label) under the final classifier after every epoch.
+    2. The data map splits the training samples into easy / moderate / hard
+       (:func:`experiments.inference.cartography.classify`, ``region_kwargs``).
+    3. A router learns the region from the device features (:func:`device_features` with ``pool``)
+       of the training samples; a ``router_holdout`` share of them (drawn with ``rng``, default
+       seeded by ``seed``) measures its accuracy against the majority class.
+    4. :func:`compare_policies` on ``test``, thresholds tuned on ``val``; the cost model is counted
+       on ``example`` (:meth:`CostModel.from_model`, ``carried_bytes``).
+
+    Writes ``json_name`` (``config`` and the training settings, cost model, region counts, router
+    accuracy, per-tier accuracies, the table), ``map_name`` and, unless ``records_name`` is None,
+    the training dynamics as ``records_name`` to ``out_dir``, and returns the JSON's content.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed) if rng is None else rng
+    (x_tr, y_tr), (x_val, y_val), (x_te, y_te) = train, val, test
+    rec = record_epochs(
+        model,
+        x_tr,
+        y_tr,
+        epochs,
+        lr=lr,
+        batch_size=batch_size,
+        momentum=momentum,
+        exit_weight=exit_weight,
+        clip_norm=clip_norm,
+        seed=seed,
+        eval_batch_size=eval_batch_size,
+    )
+    t_train = time.perf_counter() - t0
+    if records_name is not None:
+        rec.save(out / records_name)
+    stats = rec.stats()
+    kw = region_kwargs or {}
+    labels = classify(stats, **kw)
+    plot_data_map(stats, labels, out / map_name, title=title)
+
+    def features(x: Inputs) -> torch.Tensor:
+        return device_features(model, x, device_exit, batch_size=eval_batch_size, pool=pool)
+
+    feats = features(x_tr)  # (N, F)
+    hold = torch.from_numpy(rng.random(len(labels)) < router_holdout)
+    router = fit_router(feats[~hold], labels[~hold.numpy()], seed=seed)
+    pred = router.predict_proba(feats[hold]).argmax(1)
+    held = labels[hold.numpy()]
+    majority = np.bincount(labels[~hold.numpy()], minlength=3).argmax()
+    cost = CostModel.from_model(
+        model,
+        example,
+        device_exit=device_exit,
+        edge_exit=edge_exit,
+        router=router,
+        params=params,
+        carried_bytes=carried_bytes,
+    )
+
+    def outputs(x: Inputs, y: torch.Tensor) -> TierOutputs:
+        logits = all_exit_logits(model, x, eval_batch_size)
+        return TierOutputs.from_logits(logits, cost.exits, y, router.predict_proba(features(x)))
+
+    test_out, val_out = outputs(x_te, y_te), outputs(x_val, y_val)
+    assert test_out.difficulty is not None
+    pred_test = test_out.difficulty.argmax(1)
+    table = compare_policies(test_out, val_out, cost, lam=lam, max_drop_points=max_drop_points, seed=seed)
+    report = {
+        "config": {
+            **(config or {}),
+            "train": len(y_tr),
+            "validation": len(y_val),
+            "test": len(y_te),
+            "epochs": epochs,
+            "lr": lr,
+            "momentum": momentum,
+            "batch_size": batch_size,
+            "exit_weight": exit_weight,
+            "clip_norm": clip_norm,
+            "lam": lam,
+            "max_drop_points": max_drop_points,
+            "seed": seed,
+            "region_thresholds": region_thresholds(stats, **kw),
+        },
+        "cost_model": cost.to_dict(),
+        "regions": region_counts(labels),
+        "region_mean_correctness": {  # fraction of epochs the final classifier got the sample right
+            name: float(stats.correctness[labels == k].mean()) if (labels == k).any() else None
+            for k, name in enumerate(REGIONS)
+        },
+        "test_final_accuracy_by_predicted_region": {
+            name: float(test_out.correct[pred_test == k, CLOUD].mean()) if (pred_test == k).any() else None
+            for k, name in enumerate(REGIONS)
+        },
+        "router": {
+            "holdout": int(hold.sum()),
+            "accuracy": float((pred == held).mean()),
+            "majority_baseline": float((held == majority).mean()),
+        },
+        "tier_test_accuracy": dict(zip(TIERS, test_out.correct.mean(0).tolist(), strict=True)),
+        "comparison": table,
+        "seconds": {"train": t_train, "total": time.perf_counter() - t0},
+    }
+    (out / json_name).write_text(json.dumps(report, indent=2))
+    return report
+
+
 def fashion_mnist_routing(
     out_dir: str | Path,
     *,
@@ -862,27 +1090,16 @@ def fashion_mnist_routing(
     region_kwargs: dict[str, float] | None = None,
     params: CostParams | None = None,
 ) -> dict[str, Any]:
-    """Data-cartography routing on Fashion-MNIST: train, map, route, compare; writes JSON, PNG, NPZ.
+    """Data-cartography routing on Fashion-MNIST (:func:`routing_study`); writes JSON, PNG, NPZ.
 
-    1. ``val_size`` training samples are held out (seeded) for tuning thresholds; the multi-exit
-       cnn (exits after conv1, conv2, fc1) trains ``epochs`` epochs on the rest with
-       :func:`experiments.inference.cartography.record_epochs`, recording each sample's p(true label)
-       under the final classifier after every epoch.
-    2. The data map splits the training samples into easy / moderate / hard
-       (:func:`experiments.inference.cartography.classify`, ``region_kwargs``).
-    3. A router learns the region from the device features of the training samples; a
-       ``router_holdout`` share of them measures its accuracy against the majority class.
-    4. :func:`compare_policies` on the test set, thresholds tuned on the held-out split.
-
-    Writes ``routing.json`` (configuration, cost model, region counts, router accuracy,
-    per-tier accuracies, the table), ``data_map.png`` and ``cartography.npz`` to ``out_dir``.
+    ``val_size`` training samples are held out (seeded) for tuning thresholds; the multi-exit
+    cnn (exits after conv1, conv2, fc1) trains on the rest; the device answers at conv1's exit,
+    the edge at conv2's. Writes ``routing.json``, ``data_map.png`` and ``cartography.npz`` to
+    ``out_dir``.
     """
     from fsl.data import load_dataset, subset
     from fsl.models import build_model
 
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ds = subset(load_dataset(dataset), train_limit, test_limit, seed)
     rng = np.random.default_rng(seed)
     perm = torch.from_numpy(rng.permutation(len(ds.y_train)))
@@ -892,69 +1109,29 @@ def fashion_mnist_routing(
     cuts = ("conv1", "conv2", "fc1")
     base = build_model("cnn", ds.input_shape, ds.num_classes, seed=seed)
     model = add_exits(base, ds.input_shape, ds.num_classes, cuts, seed=seed)
-    rec = record_epochs(model, x_tr, y_tr, epochs, lr=lr, batch_size=batch_size, exit_weight=exit_weight, seed=seed)
-    t_train = time.perf_counter() - t0
-    rec.save(out / "cartography.npz")
-    stats = rec.stats()
-    kw = region_kwargs or {}
-    labels = classify(stats, **kw)
-    plot_data_map(stats, labels, out / "data_map.png", title=f"{dataset}: final classifier, {epochs} epochs")
-
-    feats = device_features(model, x_tr)  # (N, F)
-    hold = torch.from_numpy(rng.random(len(labels)) < router_holdout)
-    router = fit_router(feats[~hold], labels[~hold.numpy()], seed=seed)
-    pred = router.predict_proba(feats[hold]).argmax(1)
-    held = labels[hold.numpy()]
-    majority = np.bincount(labels[~hold.numpy()], minlength=3).argmax()
-    cost = CostModel.from_model(model, ds.input_shape, router=router, params=params)
-    exits = cost.exits
-
-    def outputs(x: torch.Tensor, y: torch.Tensor) -> TierOutputs:
-        return TierOutputs.from_logits(
-            all_exit_logits(model, x), exits, y, router.predict_proba(device_features(model, x))
-        )
-
-    test, val = outputs(ds.x_test, ds.y_test), outputs(x_val, y_val)
-    assert test.difficulty is not None
-    pred_test = test.difficulty.argmax(1)
-    table = compare_policies(test, val, cost, lam=lam, max_drop_points=max_drop_points, seed=seed)
-    tier_acc = dict(zip(TIERS, test.correct.mean(0).tolist(), strict=True))
-    report = {
-        "config": {
-            "dataset": dataset,
-            "train": len(y_tr),
-            "validation": len(y_val),
-            "test": len(ds.y_test),
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "exit_weight": exit_weight,
-            "lam": lam,
-            "max_drop_points": max_drop_points,
-            "seed": seed,
-            "region_thresholds": region_thresholds(stats, **kw),
-        },
-        "cost_model": cost.to_dict(),
-        "regions": region_counts(labels),
-        "region_mean_correctness": {  # fraction of epochs the final classifier got the sample right
-            name: float(stats.correctness[labels == k].mean()) if (labels == k).any() else None
-            for k, name in enumerate(REGIONS)
-        },
-        "test_final_accuracy_by_predicted_region": {
-            name: float(test.correct[pred_test == k, CLOUD].mean()) if (pred_test == k).any() else None
-            for k, name in enumerate(REGIONS)
-        },
-        "router": {
-            "holdout": int(hold.sum()),
-            "accuracy": float((pred == held).mean()),
-            "majority_baseline": float((held == majority).mean()),
-        },
-        "tier_test_accuracy": tier_acc,
-        "comparison": table,
-        "seconds": {"train": t_train, "total": time.perf_counter() - t0},
-    }
-    (out / "routing.json").write_text(json.dumps(report, indent=2))
-    return report
+    return routing_study(
+        out_dir,
+        model,
+        (x_tr, y_tr),
+        (x_val, y_val),
+        (ds.x_test, ds.y_test),
+        example=ds.input_shape,
+        device_exit="conv1",
+        edge_exit="conv2",
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        exit_weight=exit_weight,
+        lam=lam,
+        max_drop_points=max_drop_points,
+        seed=seed,
+        router_holdout=router_holdout,
+        rng=rng,
+        region_kwargs=region_kwargs,
+        params=params,
+        config={"dataset": dataset},
+        title=f"{dataset}: final classifier, {epochs} epochs",
+    )
 
 
 if __name__ == "__main__":  # python -m experiments.inference.routing OUT_DIR [train_limit]
