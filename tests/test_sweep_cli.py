@@ -16,4 +16,3 @@ def test_run_options_become_the_studys_own_flags():
 def test_a_foreign_override_is_refused_not_ignored():
     with pytest.raises(SystemExit, match="only --quick and detector.KEY=VALUE"):
         argv_from_run(argparse.Namespace(quick=False, overrides=["train.rounds=3"]), "detector")
-

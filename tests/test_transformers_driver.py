@@ -40,3 +40,30 @@ def test_unknown_sections_and_options_are_refused_before_anything_runs(tmp_path,
     assert main(args) == 2
     assert message in capsys.readouterr().out
     assert not any(tmp_path.iterdir())
+
+
+def test_the_committed_results_hold_every_key_other_tools_read():
+    from pathlib import Path
+
+    doc = json.loads((Path(__file__).parents[1] / "experiments/results/transformers/results.json").read_text())
+    for key in (
+        "lora_split_accuracy",
+        "lora_central_accuracy",
+        "adapter_bytes_per_round",
+        "full_segment_bytes",
+        "lm_perplexity_by_round",
+        "lm_unigram_perplexity",
+        "dc_cost_reduction_vs_cloud",
+        "dc_accuracy_drop_points",
+        "scheduler_server_compute_reduction_vs_cloud",
+        "scheduler_sla_attainment",
+        "dataset",
+        "model",
+        "lm_dataset",
+        "lm_model",
+        "dc_dataset",
+        "dc_model",
+    ):
+        assert key in doc, key
+    assert isinstance(doc["lm_perplexity_by_round"], list) and len(doc["lm_perplexity_by_round"]) >= 5
+    assert doc["adapter_bytes_per_round"] < doc["full_segment_bytes"]
