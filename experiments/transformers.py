@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.transformers_lora import _dataplane_per_round, _history
 from fsl.config import ExperimentConfig, load_experiment
 
 __all__ = [
@@ -101,10 +102,6 @@ def falling_rounds(values: Sequence[float]) -> int:
     return n
 
 
-def _history(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-
-
 def _command(experiment: str, overrides: Sequence[str]) -> str:
     return " ".join(["fsl run", experiment, *(shlex.quote(o) for o in overrides)])
 
@@ -152,13 +149,35 @@ def lm_section(runs: Path, overrides: Sequence[str] = (), *, quiet: bool = True)
         "lm_test_texts": len(ds.y_test),
         "lm_test_tokens": int((ds.y_test >= 0).sum()),
         "lm_wall_s_per_round": summary.get("wall_s_per_round"),
-        "lm_dataplane_bytes_per_round": sum(
-            int(h.get("dataplane_bytes_up") or 0) + int(h.get("dataplane_bytes_down") or 0) for h in hist
-        )
-        / max(1, len(hist)),
+        "lm_dataplane_bytes_per_round": _dataplane_per_round(hist),
         "lm_command": _command(LM_EXPERIMENT, overrides),
         "lm_run": str(run),
     }
+
+
+def _split_run(
+    runs: Path, prefix: str, overrides: Sequence[str], *, label: str, quiet: bool
+) -> tuple[dict[str, Any], ExperimentConfig, list[dict[str, Any]]]:
+    """The split LoRA fine-tune with ``overrides`` (run, or reused from ``runs/PREFIX-DIGEST``):
+    its row of common figures, its config and its metrics rows. The split run only: some variants
+    (a compressed data plane) have no central counterpart."""
+    from experiments.any_model import _digest
+    from experiments.compare import run_in_process
+    from experiments.transformers_lora import EXPERIMENT
+
+    split = dataclasses.replace(load_experiment(EXPERIMENT, list(overrides)), name="transformers-lora-split")
+    run = run_in_process(split, runs / f"{prefix}-{_digest(split)}", quiet=quiet, label=label)
+    summary = json.loads((run / "summary.json").read_text())
+    hist = _history(run)
+    row = {
+        "accuracy": summary["final_accuracy"],
+        "best_accuracy": summary["best_accuracy"],
+        "accuracy_per_round": [h["accuracy"] for h in hist],
+        "dataplane_bytes_per_round": _dataplane_per_round(hist),
+        "command": _command(EXPERIMENT, overrides),
+        "run": str(run),
+    }
+    return row, split, hist
 
 
 def compression_section(
@@ -167,31 +186,12 @@ def compression_section(
     """The split LoRA fine-tune once per data-plane encoding of the hidden states and their gradients:
     final and best test accuracy, the data plane's bytes per round, and the accuracy cost against
     float32 in points (positive: the encoding lost accuracy)."""
-    from experiments.any_model import _digest
-    from experiments.compare import run_in_process
-    from experiments.transformers_lora import EXPERIMENT
-
     rows: dict[str, dict[str, Any]] = {}
     for codec in codecs:
         if codec not in CODECS:
             raise ValueError(f"unknown encoding {codec!r}; choose from {list(CODECS)}")
         over = [*overrides, *CODECS[codec]]
-        # the split run only: a compressed data plane has no central counterpart
-        split = dataclasses.replace(load_experiment(EXPERIMENT, over), name="transformers-lora-split")
-        run = run_in_process(split, runs / f"lora-split-{_digest(split)}", quiet=quiet, label=f"compression {codec}")
-        summary = json.loads((run / "summary.json").read_text())
-        hist = _history(run)
-        rows[codec] = {
-            "accuracy": summary["final_accuracy"],
-            "best_accuracy": summary["best_accuracy"],
-            "accuracy_per_round": [h["accuracy"] for h in hist],
-            "dataplane_bytes_per_round": sum(
-                int(h.get("dataplane_bytes_up") or 0) + int(h.get("dataplane_bytes_down") or 0) for h in hist
-            )
-            / max(1, len(hist)),
-            "command": _command(EXPERIMENT, over),
-            "run": str(run),
-        }
+        rows[codec], _, _ = _split_run(runs, "lora-split", over, label=f"compression {codec}", quiet=quiet)
     base = rows.get("float32")
     for r in rows.values():
         if base is not None:
@@ -207,30 +207,13 @@ def lengths_section(
     from pools sorted by length (``train.length_buckets``): accuracy, the data plane's bytes and
     the seconds per round of each. Both runs are made here, with the same code, in directories of
     their own."""
-    from experiments.any_model import _digest
-    from experiments.compare import run_in_process
-    from experiments.transformers_lora import EXPERIMENT, lora_configs
-
     rows: dict[str, dict[str, Any]] = {}
     for tag, extra in (("uniform", ()), ("bucketed", (f"train.length_buckets={buckets}",))):
-        over = [*overrides, *extra]
-        split, _ = lora_configs(over)
-        run = run_in_process(split, runs / f"lengths-{tag}-{_digest(split)}", quiet=quiet, label=f"lengths {tag}")
-        summary = json.loads((run / "summary.json").read_text())
-        hist = _history(run)
-        rows[tag] = {
-            "length_buckets": split.train.length_buckets,
-            "accuracy": summary["final_accuracy"],
-            "accuracy_per_round": [h["accuracy"] for h in hist],
-            "dataplane_bytes_per_round": sum(
-                int(h.get("dataplane_bytes_up") or 0) + int(h.get("dataplane_bytes_down") or 0) for h in hist
-            )
-            / max(1, len(hist)),
-            # the first round also starts Flower's engine and builds the segments
-            "seconds_per_round_after_first": sum(float(h["seconds"]) for h in hist[1:]) / max(1, len(hist) - 1),
-            "command": _command(EXPERIMENT, over),
-            "run": str(run),
-        }
+        row, split, hist = _split_run(runs, f"lengths-{tag}", [*overrides, *extra], label=f"lengths {tag}", quiet=quiet)
+        row["length_buckets"] = split.train.length_buckets
+        # the first round also starts Flower's engine and builds the segments
+        row["seconds_per_round_after_first"] = sum(float(h["seconds"]) for h in hist[1:]) / max(1, len(hist) - 1)
+        rows[tag] = row
     u, b = rows["uniform"], rows["bucketed"]
     return {
         "lengths": rows,

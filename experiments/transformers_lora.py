@@ -48,6 +48,12 @@ def _history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
+def _dataplane_per_round(hist: Sequence[dict[str, Any]]) -> float:
+    """The data plane's bytes (up and down, every client) per round of a run's metrics rows."""
+    total = sum(int(h.get("dataplane_bytes_up") or 0) + int(h.get("dataplane_bytes_down") or 0) for h in hist)
+    return total / max(1, len(hist))
+
+
 def _segment_bytes(cfg: ExperimentConfig) -> tuple[int, int]:
     """(one copy of what the split run's client segment sends with LoRA, one copy of the whole
     client segment), as Flower counts an ``ArrayRecord``'s bytes."""
@@ -117,10 +123,7 @@ def lora_section(
         "adapter_bytes": adapter_bytes,
         "full_segment_bytes": full_bytes,
         "full_segment_bytes_per_round": adapter_bytes_per_round / max(1, adapter_bytes) * full_bytes,
-        "dataplane_bytes_per_round": sum(
-            int(h.get("dataplane_bytes_up") or 0) + int(h.get("dataplane_bytes_down") or 0) for h in hist
-        )
-        / max(1, len(hist)),
+        "dataplane_bytes_per_round": _dataplane_per_round(hist),
         "lora": {
             "r": lora.r,
             "alpha": lora.alpha,
