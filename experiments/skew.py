@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.compare import run_in_process
-from fsl.config import SEQUENTIAL_CLIP_NORM, SEQUENTIAL_MODES, ExperimentConfig, load_experiment
+from fsl.config import AUTO_CLIP_MODES, AUTO_CLIP_NORM, ExperimentConfig, load_experiment
 
 MODES = ("fsl", "sl", "sflv1", "sflv2", "psl", "hybrid", "ushaped", "fl", "fl+fedprox")
 PARTITIONS = ("iid", "dirichlet-1.0", "dirichlet-0.5", "dirichlet-0.1", "shards")
@@ -102,7 +102,7 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def _default_clip(mode: str) -> float:
-    return SEQUENTIAL_CLIP_NORM if mode in SEQUENTIAL_MODES else 0.0
+    return AUTO_CLIP_NORM if mode in AUTO_CLIP_MODES else 0.0
 
 
 def current(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

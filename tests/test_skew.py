@@ -226,14 +226,14 @@ def test_sl_on_two_class_shards_no_longer_dies_under_the_default_clip(fashion_sm
     assert acc[-1] > 0.25 and dead < 0.4, (acc, dead)  # measured 0.35, 0.16 after 3 rounds
 
 
-def test_the_automatic_clip_bounds_the_sequential_modes_only():
+def test_the_automatic_clip_bounds_the_modes_that_hand_one_server_segment_around():
     import dataclasses
 
-    from fsl.config import SEQUENTIAL_CLIP_NORM, ExperimentConfig, TrainConfig
+    from fsl.config import AUTO_CLIP_NORM, ExperimentConfig, TrainConfig
 
     auto = {m: ExperimentConfig(mode=m).clip_norm for m in ("sl", "sflv2", "fsl", "sflv1", "psl", "hybrid", "fl")}
-    assert auto == {"sl": SEQUENTIAL_CLIP_NORM, "sflv2": SEQUENTIAL_CLIP_NORM} | dict.fromkeys(
-        ("fsl", "sflv1", "psl", "hybrid", "fl"), 0.0
+    assert auto == dict.fromkeys(("sl", "sflv2", "psl"), AUTO_CLIP_NORM) | dict.fromkeys(
+        ("fsl", "sflv1", "hybrid", "fl"), 0.0
     )
     for mode, value, want in (("fsl", 0.5, 0.5), ("sl", 0, 0.0), ("fl", 0.5, 0.5), ("central", 1.0, 1.0)):
         cfg = dataclasses.replace(ExperimentConfig(mode=mode), train=TrainConfig(clip_norm=value))
