@@ -35,6 +35,7 @@ from fsl.config import ExperimentConfig
 from fsl.models import cut_shape
 from fsl.privacy import activation_release
 from fsl.privacy.client import client_privacy, wire_dtype_for
+from fsl.privacy.dp import PrivacyLedger
 from server.recorder import ObservationRecorder
 from server.split_server import SplitServerState
 
@@ -93,6 +94,18 @@ class TrainedSplit:
     num_classes: int
     config: ExperimentConfig = field(default_factory=ExperimentConfig)
     next_round: int = 2_000  # record_gradient_step: a fresh round each (the server caches step replies)
+    # every DP-SGD step the client took (noise, sample rate, steps), as the ServerApp's ledger keeps it
+    ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
+
+    def dp_epsilon(self) -> float | None:
+        """DP-SGD's epsilon over every step so far at ``privacy.dp.delta`` (None without DP-SGD).
+
+        It bounds what the client's segment updates reveal of one training sample; the
+        activations the attacks invert are not covered (see ``fsl.privacy``)."""
+        if not self.ledger.histories:
+            return None
+        self.ledger.delta, self.ledger.accountant = self.config.privacy.dp.delta, self.config.privacy.dp.accountant
+        return self.ledger.epsilon("0")
 
     @property
     def defense(self) -> str:
@@ -140,7 +153,9 @@ def _train_round(
         train_segment(segment, x, y, channel, privacy.options, hooks)
     finally:
         if privacy.session is not None:
-            privacy.session.close()  # Opacus' hooks off the segment: the attacker's copy is a plain module
+            s = privacy.session
+            trained.ledger.record("0", s.noise_multiplier, s.sample_rate, s.steps)
+            s.close()  # Opacus' hooks off the segment: the attacker's copy is a plain module
 
 
 def train_split(

@@ -20,8 +20,9 @@ Defenses, on the label party (the client):
   sent, of total power ``s * ‖ḡ_1 - ḡ_0‖²`` (Marvell's power parameterisation, ``ḡ_c`` the batch
   mean gradient of class ``c``), half along ``ḡ_1 - ḡ_0`` and half isotropic, the same for both
   classes. Marvell itself optimises a separate covariance per class; this is the simpler variant.
-* :func:`randomized_response`, label differential privacy: every label is replaced before
-  training with probability ``K-1 / (e^ε + K-1)`` by another class chosen uniformly (ε-label-DP).
+* label differential privacy is the framework's own ``privacy.label_dp_epsilon``
+  (:func:`fsl.privacy.labels.randomized_response`): every label is replaced once before training
+  with probability ``(K-1) / (e^ε + K-1)`` by another class chosen uniformly (ε-label-DP).
 
 :class:`WireTap` stands between the channel and the real :class:`server.split_server.SplitServerState`
 and keeps what the server receives and computes: the decoded ``Backward`` gradients and the
@@ -50,7 +51,6 @@ __all__ = [
     "direction_scores",
     "model_completion_scores",
     "norm_scores",
-    "randomized_response",
 ]
 
 
@@ -144,15 +144,6 @@ class NoisyGradChannel(InMemoryChannel):
     def backward(self, grad: Any, forward_step: int, sent: Any = None) -> Any:
         noisy = grad if self.grad_noise is None else self.grad_noise(grad)
         return super().backward(noisy, forward_step, sent)
-
-
-def randomized_response(y: torch.Tensor, epsilon: float, num_classes: int, seed: int = 0) -> torch.Tensor:
-    """ε-label-DP randomized response: keep each label with probability e^ε / (e^ε + K - 1), else another class."""
-    gen = torch.Generator().manual_seed(seed)
-    keep = math.exp(epsilon) / (math.exp(epsilon) + num_classes - 1)
-    flip = torch.rand(len(y), generator=gen) >= keep
-    other = (y + torch.randint(1, num_classes, (len(y),), generator=gen)) % num_classes
-    return torch.where(flip, other, y)
 
 
 def norm_scores(g: torch.Tensor) -> np.ndarray:

@@ -30,7 +30,7 @@ from fsl.grpc_channel import GrpcChannel
 from fsl.lora import carried_state, check_base, load_carried
 from fsl.models import model_spec
 from fsl.plugins import resolve
-from fsl.privacy.client import client_arrays, client_privacy, secagg_setup_reply, wire_dtype_for
+from fsl.privacy.client import client_arrays, client_privacy, private_labels, secagg_setup_reply, wire_dtype_for
 from fsl.training import TrainHooks, TrainOptions, TrainStats, evaluate_model, train_local
 
 app = ClientApp()
@@ -156,18 +156,19 @@ def train(msg: Message, context: Context) -> Message:
     options, hooks = privacy.options, privacy.hooks.merged(r.plugin_hooks())
     stats: TrainStats
     x_train = part.x_train
+    y_train = private_labels(cfg, part.y_train, r.ds.num_classes, r.partition_id)
     # before any connection: a node whose detector fired in an earlier round does not dial the server
     guard = _guard(cfg, context, r.ds.num_classes)
     if cfg.mode == "fl":
-        stats = train_local(r.module, x_train, part.y_train, options, hooks)
+        stats = train_local(r.module, x_train, y_train, options, hooks)
     else:
         with r.channel() as channel:
             if cfg.model.ushaped:
                 d = r.detail
-                stats = train_segment_u(d.bottom, d.top, x_train, part.y_train, channel, options, hooks)
+                stats = train_segment_u(d.bottom, d.top, x_train, y_train, channel, options, hooks)
             else:
                 try:
-                    stats = train_segment(r.module, x_train, part.y_train, channel, options, hooks, guard=guard)
+                    stats = train_segment(r.module, x_train, y_train, channel, options, hooks, guard=guard)
                 except HijackingDetected as e:  # this round fails with the reason, and every later one
                     context.state[GUARD_VERDICT] = ConfigRecord({"round": r.round, "reason": str(e)})
                     raise

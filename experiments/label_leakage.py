@@ -78,11 +78,11 @@ def run_cell(
         direction_scores,
         model_completion_scores,
         norm_scores,
-        randomized_response,
     )
     from clients.trainer import train_segment_u
     from fsl.channel import ChannelIdentity
     from fsl.models import build_model, cut_shape, split_model_u
+    from fsl.privacy.labels import randomized_response
     from fsl.training import TrainHooks, TrainOptions
     from server.split_server import SplitServerState
 

@@ -1,6 +1,8 @@
 """The ``leakage`` sweep: attacks x cut points x defenses, on MNIST-5k and Fashion-MNIST.
 
-``fsl run leakage [--quick] [section.key=value ...]`` writes ``runs/leakage-<time>/``:
+``fsl run leakage [--quick] [section.key=value ...]`` writes ``runs/leakage-<time>/`` (the image
+part below; the run also holds the label and text studies and the matrix over all three, see
+:func:`main`):
 
 * ``leakage.json`` — one row per cell: ``dataset``, ``attack``, ``cut``, ``defense``,
   ``defense_param``, ``task_accuracy``, ``mse_mean``, ``psnr_mean``, ``ssim_mean`` (plus
@@ -14,8 +16,9 @@
 Defenses are the framework's own, switched on by the experiment-config keys a run uses
 (:func:`defense_overrides`): ``noise`` is ``[activation_noise]`` (Gaussian, clip norm the median
 activation norm at the cut of the fresh model), ``nopeek`` ``privacy.nopeek_weight``, ``dpsgd``
-``[privacy.dp]`` (Opacus, clip 1, Poisson batches) and ``compression`` ``privacy.compression =
-"topk"`` (activations and the returned gradients travel top-k sparse on the data plane).
+``[privacy.dp]`` (Opacus, clip 1, Poisson batches; ``epsilon`` over all its steps),
+``compression`` ``privacy.compression = "topk"`` (activations and the returned gradients travel
+top-k sparse on the data plane) and ``int8`` ``privacy.compression = "int8"``.
 
 Private data: training images the client sends in the recorded round (``n_images`` of them,
 never seen before by the model). Auxiliary data (inverse network): the dataset's test split.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,7 @@ DEFENSES: tuple[tuple[str, float], ...] = (
     ("nopeek", 1.0),
     ("dpsgd", 1.0),
     ("compression", 0.1),
+    ("int8", 0.0),
 )
 QUICK = {
     "datasets": ("mnist5k",),
@@ -87,7 +92,9 @@ def defense_overrides(kind: str, param: float, clip_norm: float = 1.0) -> list[s
         return ["privacy.dp.enabled=true", f"privacy.dp.noise_multiplier={param!r}", "privacy.dp.max_grad_norm=1.0"]
     if kind == "compression":
         return ["privacy.compression='topk'", f"privacy.topk_ratio={param!r}"]
-    raise ValueError(f"unknown defense {kind!r}; choose one of none, noise, nopeek, dpsgd, compression")
+    if kind == "int8":  # linear 8-bit activations and gradients, one scale per tensor
+        return ["privacy.compression='int8'"]
+    raise ValueError(f"unknown defense {kind!r}; choose one of none, noise, nopeek, dpsgd, compression, int8")
 
 
 def _num(v: float | None, spec: float) -> str:
@@ -158,6 +165,8 @@ def run_sweep(
                 eps = None
                 if kind == "noise" and trained.release is not None:
                     eps = trained.release.guarantee(1e-5).epsilon  # type: ignore[attr-defined]
+                elif kind == "dpsgd":  # over every training step, the recorded round's included
+                    eps = trained.dp_epsilon()
                 for name, (options, aux) in attacks.items():
                     threat = auxiliary_threat(dsname, aux, 1000, seed=seed)
                     res = score_and_write(
@@ -263,25 +272,67 @@ def figure(root: Path, rows: list[dict[str, Any]], dataset: str, n: int = 8) -> 
     return path
 
 
+FAMILIES = ("image", "label", "text")
+
+
 def main(args: argparse.Namespace) -> int:
+    """``fsl run leakage [--quick] [leakage.families=image,label,text] [section.key=value ...]``.
+
+    Runs the image sweep, the label study (:mod:`experiments.label_leakage`), the U-shaped label
+    inference and the text study (:mod:`experiments.text_leakage`) into one run directory, each in
+    its own result file, then the matrix over all of them (:mod:`experiments.leakage_matrix`).
+    ``section.key=value`` overrides change the image sweep's base config.
+    """
+    from experiments import label_leakage, leakage_matrix, text_leakage
+    from fsl.config import ConfigError
     from fsl.rundir import RunDir
 
     quick = bool(getattr(args, "quick", False))
-    overrides = tuple(getattr(args, "overrides", []) or [])
+    own = {o.split("=", 1)[0][len("leakage.") :]: o.split("=", 1)[1] for o in getattr(args, "overrides", []) or []
+           if o.startswith("leakage.") and "=" in o}  # fmt: skip
+    overrides = tuple(o for o in getattr(args, "overrides", []) or [] if not o.startswith("leakage."))
+    unknown = sorted(set(own) - {"families", "text_aux"})
+    families = [f for f in own.get("families", ",".join(FAMILIES)).split(",") if f]
+    if unknown or not set(families) <= set(FAMILIES):
+        raise ConfigError(
+            f"fsl run leakage takes leakage.families (a comma list of {list(FAMILIES)}) and leakage.text_aux "
+            f"(kjv or fortunes); got {own}"
+        )
+    aux = own.get("text_aux", "fortunes" if quick else "kjv")  # the quick slice needs no Bible package
+    if "text" in families and aux == "kjv" and shutil.which("bible") is None:  # say so before an hour of images
+        raise ConfigError(
+            "the text study's public texts are King James Bible verses (`apt-get install -y bible-kjv`); "
+            "or pass leakage.text_aux=fortunes, or leave text out of leakage.families"
+        )
+    if aux not in ("kjv", "fortunes"):
+        raise ConfigError(f"leakage.text_aux must be kjv or fortunes, not {aux!r}")
     base = load_experiment("leakage", list(overrides))
     torch.manual_seed(base.seed)
     root = RunDir.create(base.output_dir, "leakage-quick" if quick else "leakage").path
     print(f"run directory: {root}")
-    kw: dict[str, Any] = {"epochs": base.train.rounds, "batch_size": base.train.batch_size, "lr": base.train.lr}
-    if quick:
-        kw.update(datasets=QUICK["datasets"], defenses=QUICK["defenses"], attacks=QUICK["attacks"], train_size=2000)
-    rows = run_sweep(root, seed=base.seed, overrides=overrides, **kw)
-    (root / "leakage.md").write_text(markdown(rows))
-    for dsname in {r["dataset"] for r in rows}:
-        figure(root, rows, dsname)
-    lab = label_inference(root, seed=base.seed, n_private=128 if quick else 512)
-    print(f"label-inference (U-shaped, direction): accuracy {lab['label_accuracy']:.3f}, AUC {lab['auc']:.3f}")
-    print(f"results: {root / 'leakage.json'}, {root / 'leakage.md'}")
+    t0 = time.perf_counter()
+    if "image" in families:
+        kw: dict[str, Any] = {"epochs": base.train.rounds, "batch_size": base.train.batch_size, "lr": base.train.lr}
+        if quick:
+            kw.update(datasets=QUICK["datasets"], defenses=QUICK["defenses"], attacks=QUICK["attacks"], train_size=2000)
+        rows = run_sweep(root, seed=base.seed, overrides=overrides, **kw)
+        (root / "leakage.md").write_text(markdown(rows))
+        for dsname in {r["dataset"] for r in rows}:
+            figure(root, rows, dsname)
+        print(f"[image] {len(rows)} rows ({time.perf_counter() - t0:.0f} s)")
+    if "label" in families:
+        label = label_leakage.run(quick=quick, seed=base.seed)
+        (root / "label_leakage.json").write_text(json.dumps(label, indent=2) + "\n")
+        lab = label_inference(root, seed=base.seed, n_private=128 if quick else 512)
+        print(f"label-inference (U-shaped, direction): accuracy {lab['label_accuracy']:.3f}, AUC {lab['auc']:.3f}")
+        print(f"[label] {len(label) + 1} rows ({time.perf_counter() - t0:.0f} s)")
+    if "text" in families:
+        text = text_leakage.run(quick=quick, aux=aux, seed=base.seed)
+        (root / "text_leakage.json").write_text(json.dumps(text, indent=2) + "\n")
+        print(f"[text] {len(text)} rows ({time.perf_counter() - t0:.0f} s)")
+    matrix = leakage_matrix.write(root)
+    print(leakage_matrix.markdown(matrix))
+    print(f"results: {root} (matrix.json, matrix.md, matrix.png and each study's own file)")
     return 0
 
 

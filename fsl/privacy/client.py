@@ -2,7 +2,8 @@
 
 One call, :func:`client_privacy`, returns the training hooks (DP-SGD's optimizer and Poisson
 batches, NoPeek's penalty, activation noise on every release of activations) and the metrics the
-client reports so the ServerApp can account for it.
+client reports so the ServerApp can account for it; :func:`private_labels`, the labels it trains on
+under label DP.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from fsl.privacy.activation import activation_release
 from fsl.privacy.dp import DPSession, make_dp_session
+from fsl.privacy.labels import randomized_response
 from fsl.privacy.nopeek import NoPeek
 from fsl.training import TrainHooks, TrainOptions
 
-__all__ = ["ClientPrivacy", "client_privacy"]
+__all__ = ["ClientPrivacy", "client_privacy", "private_labels"]
 
 
 @dataclass
@@ -68,6 +71,15 @@ def client_privacy(cfg: Any, module: nn.Module, n_train: int, options: TrainOpti
     release = activation_release(cfg.activation_noise, seed=options.seed)
     out.hooks = hooks.merged(TrainHooks(penalty=penalty, release=release))
     return out
+
+
+def private_labels(cfg: Any, y: torch.Tensor, num_classes: int, partition: int) -> torch.Tensor:
+    """The labels a client trains on: ``y``, or under ``privacy.label_dp_epsilon`` their randomized
+    response, the same every round (seeded by the run and the partition, not the round)."""
+    eps = cfg.privacy.label_dp_epsilon
+    if eps <= 0 or cfg.mode in ("fl", "central"):
+        return y
+    return randomized_response(y, eps, num_classes, seed=cfg.seed * 100_003 + partition)
 
 
 def wire_dtype_for(cfg: Any) -> Any:

@@ -4,6 +4,7 @@
 ``nopeek_weight``     NoPeek distance-correlation penalty between inputs and smashed activations (empirical, no epsilon).
 ``compression``       what the activations and gradients travel as on the data plane (not a privacy guarantee).
 ``secure_aggregation`` pairwise-masked client segments: the server only ever holds their (weighted) sum.
+``label_dp_epsilon``  randomized response on each client's labels once per run (epsilon-label-DP, ``labels.py``).
 
 Noise on the activations themselves is the ``[activation_noise]`` section (``fsl/privacy/activation.py``); it
 protects the activations sent every batch and nothing else. The dataclasses raise ``ValueError``;
@@ -69,6 +70,10 @@ class PrivacyConfig:
     splitguard_p_fake: float = 0.1  # share of batches sent fake (after 20 regular ones)
     splitguard_window: int = 5  # the verdict reads the mean of the last this many scores
     splitguard_threshold: float = 0.5  # ... and fires below this
+    # label DP (fsl/privacy/labels.py): > 0 replaces each training label of a client once per run by
+    # randomized response with this epsilon. Protects the labels a split sends with every batch (and,
+    # U-shaped, the labels the returned gradients reveal); costs accuracy (noisy labels). 0: off
+    label_dp_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.nopeek_weight >= 0, f"privacy.nopeek_weight must be >= 0, got {self.nopeek_weight}")
@@ -82,6 +87,10 @@ class PrivacyConfig:
             f"privacy.splitguard_p_fake must lie in (0, 1), got {self.splitguard_p_fake}",
         )
         _check(self.splitguard_window >= 1, f"privacy.splitguard_window must be >= 1, got {self.splitguard_window}")
+        _check(
+            self.label_dp_epsilon >= 0 and math.isfinite(self.label_dp_epsilon),
+            f"privacy.label_dp_epsilon must be a finite number >= 0 (0: off), got {self.label_dp_epsilon}",
+        )
         _check(self.central_dp_noise >= 0, f"privacy.central_dp_noise must be >= 0, got {self.central_dp_noise}")
         _check(self.central_dp_clip >= 0, f"privacy.central_dp_clip must be >= 0, got {self.central_dp_clip}")
         _check(
@@ -123,6 +132,11 @@ def check_privacy(cfg: Any, error: type[Exception] = ValueError) -> None:
         raise error(
             "privacy.splitguard reads the gradients a split server returns for labels the client sent: it needs a "
             f"split mode whose server computes the loss (not {cfg.mode!r}, not U-shaped) and plain SGD (not privacy.dp)"
+        )
+    if p.label_dp_epsilon > 0 and cfg.mode in ("fl", "central"):
+        raise error(
+            f"privacy.label_dp_epsilon protects the labels a split sends (or a U-shaped client's returned "
+            f"gradients reveal); in mode {cfg.mode!r} no label or gradient leaves the client (use a split mode)"
         )
     if (p.nopeek_weight > 0 or p.compression != "none") and cfg.mode in ("fl", "central"):
         raise error(f"privacy.nopeek_weight and privacy.compression act at the cut; mode {cfg.mode!r} has none")
