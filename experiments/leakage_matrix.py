@@ -238,13 +238,16 @@ def plot(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path | None:
         return None
     fig, axes = plt.subplots(len(fams), 1, figsize=(11, 2.2 + 2.4 * len(fams)), squeeze=False)
     for ax, fam in zip(axes[:, 0], fams, strict=True):
-        fr = [r for r in rows if r["family"] == fam and r["attack"]]
+        fr = _with_diverged([r for r in rows if r["family"] == fam and r["attack"]], rows, fam)
         defenses = list(dict.fromkeys(_dlabel(r) for r in fr))
         lines = list(dict.fromkeys((r["dataset"], r["attack"], r["cut"]) for r in fr))
         grid = np.full((len(lines), len(defenses)), np.nan)
         for r in fr:
-            if r["leakage"] is not None:
-                grid[lines.index((r["dataset"], r["attack"], r["cut"])), defenses.index(_dlabel(r))] = r["leakage"]
+            i, j = lines.index((r["dataset"], r["attack"], r["cut"])), defenses.index(_dlabel(r))
+            if r.get("diverged"):
+                ax.text(j, i, "diverged", ha="center", va="center", fontsize=6, color="gray")
+            elif r["leakage"] is not None:
+                grid[i, j] = r["leakage"]
         lo = 0.5 if fam == "label" else 0.0  # an AUC of 0.5 is chance
         im = ax.imshow(grid, vmin=lo, vmax=1.0, cmap="magma", aspect="auto")
         for i in range(len(lines)):
@@ -253,12 +256,12 @@ def plot(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path | None:
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
                             color="white" if grid[i, j] < (lo + 1) / 2 else "black")  # fmt: skip
         ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right", fontsize=7)
-        ax.set_yticks(range(len(lines)), [f"{d[:8]} {a} @ {c}" for d, a, c in lines], fontsize=6)
+        ax.set_yticks(range(len(lines)), [f"{d.split(' ')[0]} {a} @ {c}" for d, a, c in lines], fontsize=6)
         ax.set_title(f"{fam}: {fr[0]['metric']} (higher = more leaked)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.02)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
