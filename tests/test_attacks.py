@@ -120,6 +120,24 @@ def test_query_free_restarts_pick_per_image_the_attempt_with_the_lowest_feature_
     assert torch.allclose(got, xs[pick, torch.arange(xs.shape[1])])
 
 
+@pytest.mark.slow
+def test_query_free_shadow_reconstructs_from_auxiliary_data_alone(clean, baselines, digits_mod):
+    """He et al.'s construction: shadows trained through the frozen server segment, rMLE through them,
+    then UnSplit's refinement (the conv1 setting of the leakage sweep); no client weights, no queries."""
+    # 359 auxiliary digits: the shadows need more passes than on MNIST's 1,000 images
+    options = {"method": "shadow", "shadows": 2, "shadow_epochs": 20, "iters": 300, "refine": 200}
+    row = _attack(clean[0], "query-free", _threat(digits_mod), **options)
+    assert row["threat_model"]["knows_client_weights"] is True  # the ThreatModel default; the attack ignores it
+    assert row["ssim_mean"] > baselines["mean"] + 0.3
+    assert row["extra"]["shadow_train_accuracy"] > 0.25  # above chance: the shadows learnt through the server segment
+
+
+def test_query_free_shadow_needs_labelled_auxiliary_data(clean):
+    obs = load_observation(clean[0])
+    with pytest.raises(ValueError, match="auxiliary"):
+        get_attack("query-free", method="shadow").run(obs, ThreatModel(knows_client_weights=False))
+
+
 def test_label_inference_in_a_ushaped_split(tmp_path, digits_mod):
     d = ushaped_label_run(
         tmp_path,
