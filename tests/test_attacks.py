@@ -126,9 +126,20 @@ def test_query_free_shadow_reconstructs_from_auxiliary_data_alone(clean, baselin
     then UnSplit's refinement (the conv1 setting of the leakage sweep); no client weights, no queries."""
     # 359 auxiliary digits: the shadows need more passes than on MNIST's 1,000 images
     options = {"method": "shadow", "shadows": 2, "shadow_epochs": 20, "iters": 300, "refine": 200}
-    row = _attack(clean[0], "query-free", _threat(digits_mod), **options)
-    assert row["threat_model"]["knows_client_weights"] is True  # the ThreatModel default; the attack ignores it
-    assert row["ssim_mean"] > baselines["mean"] + 0.3
+    threat = ThreatModel(
+        knows_client_weights=False,
+        auxiliary="same-distribution",
+        auxiliary_data=digits_mod.x_test,
+        auxiliary_labels=digits_mod.y_test,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # its many tiny steps: one thread runs ~2x faster than two on a shared host
+    try:
+        row = _attack(clean[0], "query-free", threat, **options)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["threat_model"]["knows_client_weights"] is False
+    assert row["ssim_mean"] > baselines["mean"] + 0.3  # measured 0.775 against the mean image's 0.409
     assert row["extra"]["shadow_train_accuracy"] > 0.25  # above chance: the shadows learnt through the server segment
 
 
