@@ -275,10 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=6, help="residual blocks of the critic (the paper: 6)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", default="mnist,mnist-dcor,fashion-mnist", help="which runs; others already in --out stay")
+    p.add_argument("--plot-only", action="store_true", help="redraw fsha.png from the fsha.json in --out")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.plot_only:
+        plot(json.loads((out / "fsha.json").read_text())["runs"], out / "fsha.png")
+        return 0
     if a.quick:
         plan = [("mnist", "mnist5k", 120, 0.0, 1.0)]
         kw: dict[str, Any] = {"width": 0.0625, "blocks": 1, "score_every": 5, "log_every": 40, "lr_scale": 100.0}
