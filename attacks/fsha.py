@@ -90,6 +90,7 @@ class HijackingServer:
     def __post_init__(self) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
+            self.pilot: nn.Module
             if self.nets is None:
                 self.pilot, _ = segments(self.model, self.cut, self.input_shape, self.num_classes, seed=self.seed + 7)
                 self.sample_shape = cut_shape(self.pilot, self.input_shape)
@@ -131,7 +132,8 @@ class HijackingServer:
         mix = (eps * real + (1 - eps) * fake).requires_grad_(True)
         (gmix,) = torch.autograd.grad(self.critic(mix).sum(), mix, create_graph=True)
         norms = gmix.flatten(2).norm(dim=2) if self.gp_per_channel and gmix.ndim == 4 else gmix.flatten(1).norm(dim=1)
-        return ((norms - 1) ** 2).mean()
+        penalty: torch.Tensor = ((norms - 1) ** 2).mean()
+        return penalty
 
     def _sequential_step(self, h: torch.Tensor, x_pub: torch.Tensor) -> torch.Tensor:
         # 1. the pilot autoencoder on public data

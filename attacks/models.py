@@ -102,7 +102,8 @@ class _ResBlock(nn.Module):
         self.skip: nn.Module = nn.Conv2d(c_in, c_out, 3, reduce, padding=1) if reduce > 1 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.skip(x) + self.body(x)
+        out: torch.Tensor = self.skip(x) + self.body(x)
+        return out
 
 
 def _ch(n: int, width: float) -> int:

