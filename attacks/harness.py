@@ -145,6 +145,9 @@ def _train_round(
     privacy wiring attaches to ``trained.client`` itself, as the ClientApp attaches it to its module.
     """
     options = TrainOptions(epochs=1, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=0.0, seed=seed)
+    # a round starts in training mode, as the ClientApp's freshly built segment does: an evaluation
+    # in between (task_accuracy) left it in eval mode, which Opacus refuses
+    trained.client.train()
     privacy = client_privacy(config, trained.client, len(y), options, 0)
     hooks = privacy.hooks
     if hooks.release is None and release is not None:

@@ -343,7 +343,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _cli() -> int:
-    """``python -m experiments.leakage [--defenses none,noise] [--datasets mnist5k] [--attacks query-free] [--out DIR]``.
+    """``python -m experiments.leakage [--defenses none,noise] [--datasets mnist5k] [--cuts relu2] [--attacks query-free] [--out DIR]``.
 
     A slice of the sweep; the label-inference run only when every attack is selected.
     """
@@ -351,6 +351,7 @@ def _cli() -> int:
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--defenses", default="all", help="comma list of defense kinds (none, noise, ...) or 'all'")
     p.add_argument("--attacks", default="all", help=f"comma list of {', '.join(ATTACKS)} or 'all'")
+    p.add_argument("--cuts", default=",".join(CUTS), help=f"comma list of {', '.join(CUTS)}")
     p.add_argument("--out", default="runs/leakage-slice")
     a = p.parse_args()
     names = list(ATTACKS) if a.attacks == "all" else a.attacks.split(",")
@@ -364,6 +365,7 @@ def _cli() -> int:
     rows = run_sweep(
         root,
         datasets=tuple(a.datasets.split(",")),
+        cuts=tuple(a.cuts.split(",")),
         defenses=tuple(d for d in DEFENSES if kinds is None or d[0] in kinds),
         attacks={n: ATTACKS[n] for n in names},
         epochs=base.train.rounds,
