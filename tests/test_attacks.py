@@ -206,3 +206,23 @@ def test_fsl_attack_cli_writes_the_results(clean):
         assert z["reconstructed"].min() >= 0 and z["reconstructed"].max() <= 1
     assert (out / "reconstructions.png").stat().st_size > 1000
     assert main(["attack", str(clean[0]), "--attack", "nope"]) == 2
+
+
+def test_dp_sgd_cell_records_after_an_evaluation_and_accounts_every_step(tmp_path, digits_mod):
+    """The sweep's DP-SGD cell: train, evaluate, then record one more round; epsilon covers every step."""
+    from opacus.accountants import RDPAccountant
+
+    x, y = digits_mod.x_train[:256], digits_mod.y_train[:256]
+    cfg = load_experiment("leakage", ["privacy.dp.enabled=true", "privacy.dp.noise_multiplier=1.0"])
+    trained = train_split("cnn", "conv1", x, y, config=cfg, epochs=2)
+    eps_trained = trained.dp_epsilon()
+    trained.task_accuracy(digits_mod.x_test, digits_mod.y_test)  # leaves the segment in eval mode
+    record_round(trained, tmp_path, digits_mod.x_train[256:288], digits_mod.y_train[256:288], dataset="digits")
+    assert load_observation(tmp_path).keys  # the recorded round ran
+    # the ledger's epsilon is Opacus' own over the same steps: 2 epochs of 256 samples in batches of 32
+    # (sample rate 1/8, 8 steps each), then the recorded round of 32 samples (rate 1, one step)
+    acc = RDPAccountant()
+    acc.history = [(1.0, 32 / 256, 16), (1.0, 1.0, 1)]
+    assert eps_trained is not None and 0 < eps_trained < trained.dp_epsilon()
+    assert trained.dp_epsilon() == pytest.approx(acc.get_epsilon(1e-5))
+    assert train_split("cnn", "conv1", x, y, epochs=1).dp_epsilon() is None  # no DP-SGD, no epsilon
