@@ -256,8 +256,9 @@ def save_reconstructions(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """Every scored cell's reconstructions in one file per dataset, for re-scoring without the run.
 
     ``reconstructions-<dataset>.npz`` holds ``original`` (the private images, float32 in [0, 1], the
-    same for every cell of a dataset) and one float16 array per cell under :func:`cell_key`, aligned
-    with ``original``; half precision keeps the file small and moves an SSIM by about 1e-4. A row
+    same for every cell of a dataset but those whose recorded round drew others, which keep theirs
+    under ``<cell_key>/original``) and one float16 array per cell under :func:`cell_key`, aligned
+    with its originals; half precision keeps the file small and moves an SSIM by about 1e-4. A row
     whose run directory is gone (a row carried over from an older run) is skipped.
     """
     import numpy as np
@@ -273,9 +274,10 @@ def save_reconstructions(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
                 continue
             with np.load(src, allow_pickle=False) as z:
                 original, rec = z["original"].astype(np.float32), z["reconstructed"].astype(np.float16)
-            if "original" in arrays and not np.array_equal(arrays["original"], original):
-                raise ValueError(f"{src}: the cells of {dsname} attacked different private images")
-            arrays["original"] = original
+            arrays.setdefault("original", original)
+            if not np.array_equal(arrays["original"], original):
+                # DP-SGD's Poisson batches record another draw of the private images: kept with the cell
+                arrays[cell_key(r) + "/original"] = original
             arrays[cell_key(r)] = rec
         if arrays:
             path = root / f"reconstructions-{dsname}.npz"
@@ -285,7 +287,10 @@ def save_reconstructions(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
 
 
 def figure(root: Path, rows: list[dict[str, Any]], dataset: str, n: int = 8) -> Path | None:
-    """Originals, then one row of reconstructions per (attack, cut), without defense."""
+    """Originals, then one row of reconstructions per (attack, cut), without defense.
+
+    Read from ``root/reconstructions-<dataset>.npz`` (:func:`save_reconstructions`) when it is there,
+    so a committed result directory redraws its figure without the runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,11 +301,19 @@ def figure(root: Path, rows: list[dict[str, Any]], dataset: str, n: int = 8) -> 
     if not cells:
         return None
     lines: list[tuple[str, Any]] = []
+    packed = root / f"reconstructions-{dataset}.npz"
     for r in cells:
-        with np.load(Path(r["run_dir"]) / "attacks" / r["attack"] / "reconstructions.npz", allow_pickle=False) as z:
-            if not lines:
-                lines.append(("original", z["original"][:n]))
-            lines.append((f"{r['attack']} @ {r['cut']}\nSSIM {r['ssim_mean']:.2f}", z["reconstructed"][:n]))
+        label = f"{r['attack']} @ {r['cut']}\nSSIM {r['ssim_mean']:.2f}"
+        if packed.exists():
+            with np.load(packed, allow_pickle=False) as z:
+                own = cell_key(r) + "/original"
+                original, rec = z[own if own in z else "original"], z[cell_key(r)].astype(np.float32)
+        else:
+            with np.load(Path(r["run_dir"]) / "attacks" / r["attack"] / "reconstructions.npz", allow_pickle=False) as z:
+                original, rec = z["original"], z["reconstructed"]
+        if not lines:
+            lines.append(("original", original[:n]))
+        lines.append((label, rec[:n]))
     fig, axes = plt.subplots(len(lines), n, figsize=(1.0 * n + 1.5, 1.05 * len(lines)), squeeze=False)
     for i, (label, imgs) in enumerate(lines):
         for j in range(n):
