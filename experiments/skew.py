@@ -107,23 +107,28 @@ def _default_clip(mode: str) -> float:
 
 def current(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows that ran under the defaults of today's code: a cell rerun under a new default (the
-    sequential modes' gradient clip) supersedes its older run, which stays in ``skew.json``."""
-    return [r for r in rows if r["mode"] in ("fl", "fl+fedprox") or r.get("clip_norm", 0.0) == _default_clip(r["mode"])]
+    automatic gradient bound) supersedes its older run, which stays in ``skew.json``; a baseline
+    run with a bound set (``fl`` with ``train.clip_norm``) is not a default cell."""
+    return [r for r in rows if r.get("clip_norm", 0.0) == _default_clip(r["mode"])]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """Final accuracy per mode and partition under today's defaults (mean over the seeds run; their
     count in brackets)."""
-    rows = current(rows)
-    cols = [p for p in PARTITIONS if any(_label(r) == p for r in rows)]
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    # the whole-model baselines also run bounded (train.clip_norm set): a line of their own each
+    bounded = sorted({(r["mode"], r["clip_norm"]) for r in rows if r["mode"].startswith("fl") and r.get("clip_norm")})
+    rows_now = current(rows)
+    cols = [p for p in PARTITIONS if any(_label(r) == p for r in rows_now)]
+    lines = [(m, m, 0.0) for m in MODES if any(r["mode"] == m for r in rows_now)]
+    lines += [(f"{m} (clip_norm {c:g})", m, c) for m, c in bounded]
     out = "| mode | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
-    for m in modes:
+    for name, m, c in lines:
+        pool = rows_now if not c else [r for r in rows if r.get("clip_norm") == c]
         cells = []
         for p in cols:
-            accs = [r["final_accuracy"] for r in rows if r["mode"] == m and _label(r) == p]
+            accs = [r["final_accuracy"] for r in pool if r["mode"] == m and _label(r) == p]
             cells.append(f"{sum(accs) / len(accs):.3f} ({len(accs)})" if accs else "-")
-        out += f"| {m} | " + " | ".join(cells) + " |\n"
+        out += f"| {name} | " + " | ".join(cells) + " |\n"
     return out
 
 

@@ -290,3 +290,17 @@ def test_a_logit_adjusting_client_declares_its_label_counts():
     y = torch.tensor([0, 0, 0, 2, 2, 1, 0, 0])
     train_segment(split.client, torch.rand(8, 1, 28, 28), y, ch, TrainOptions(batch_size=4, logit_adjust=True))
     assert seen == [[5, 1, 2], [5, 1, 2]]
+
+
+def test_a_bounded_baseline_gets_its_own_line_in_the_table():
+    from experiments.skew import markdown
+
+    def row(mode, acc, clip):
+        return {"mode": mode, "partition": "shards", "alpha": None, "seed": 0, "rounds": 10,
+                "final_accuracy": acc, "clip_norm": clip}  # fmt: skip
+
+    md = markdown([row("fl", 0.1, 0.0), row("fl", 0.64, 1.0), row("sl", 0.66, 1.0), row("sl", 0.1, 0.0)])
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in md.splitlines()[2:]}
+    assert set(lines) == {"sl", "fl", "fl (clip_norm 1)"}
+    assert "0.100 (1)" in lines["fl"] and "0.640 (1)" in lines["fl (clip_norm 1)"]
+    assert "0.660 (1)" in lines["sl"]  # sl's default is bounded: its unbounded row is superseded
