@@ -86,3 +86,11 @@ def test_the_split_server_receives_only_the_randomized_labels_every_round(flower
     truth = Counter(part.y_train.tolist())
     randomized = Counter(private_labels(cfg, part.y_train, 10, 0).tolist())
     assert received[1] == received[2] == randomized != truth
+
+
+def test_the_run_summary_says_what_label_dp_protects():
+    from fsl.privacy.server import ServerPrivacy
+
+    block = ServerPrivacy(load_experiment("quickstart", ["privacy.label_dp_epsilon=2"])).summary()["privacy"]
+    assert block["label_dp"]["epsilon"] == 2.0 and "label" in block["label_dp"]["protects"]
+    assert "label_dp" not in ServerPrivacy(load_experiment("quickstart")).summary().get("privacy", {})

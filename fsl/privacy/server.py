@@ -173,6 +173,13 @@ class ServerPrivacy:
                 "topk_ratio": p.topk_ratio if p.compression == "topk" else None,
                 "protects": "nothing: fewer bytes on the data plane, not a privacy mechanism",
             }
+        if p.label_dp_epsilon > 0:
+            out["label_dp"] = {
+                "epsilon": p.label_dp_epsilon,
+                "mechanism": "randomized response, drawn once per run and client (fsl/privacy/labels.py)",
+                "protects": "each training label: what the server receives from it is epsilon-label-DP",
+                "does_not_protect": "the inputs and activations; accuracy pays for the noisy labels",
+            }
         if p.secure_aggregation:
             out["secure_aggregation"] = {
                 "scheme": "pairwise additive masks (X25519 + HKDF + ChaCha20), fixed point mod 2^64",
