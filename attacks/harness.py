@@ -95,17 +95,17 @@ class TrainedSplit:
     config: ExperimentConfig = field(default_factory=ExperimentConfig)
     next_round: int = 2_000  # record_gradient_step: a fresh round each (the server caches step replies)
     # every DP-SGD step the client took (noise, sample rate, steps), as the ServerApp's ledger keeps it
-    ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
+    ledger: PrivacyLedger = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = PrivacyLedger(self.config.privacy.dp.accountant, self.config.privacy.dp.delta)
 
     def dp_epsilon(self) -> float | None:
         """DP-SGD's epsilon over every step so far at ``privacy.dp.delta`` (None without DP-SGD).
 
         It bounds what the client's segment updates reveal of one training sample; the
         activations the attacks invert are not covered (see ``fsl.privacy``)."""
-        if not self.ledger.histories:
-            return None
-        self.ledger.delta, self.ledger.accountant = self.config.privacy.dp.delta, self.config.privacy.dp.accountant
-        return self.ledger.epsilon("0")
+        return self.ledger.epsilon("0") if self.ledger.histories else None
 
     @property
     def defense(self) -> str:

@@ -301,13 +301,16 @@ def figure(root: Path, rows: list[dict[str, Any]], dataset: str, n: int = 8) -> 
     if not cells:
         return None
     lines: list[tuple[str, Any]] = []
-    packed = root / f"reconstructions-{dataset}.npz"
+    packed_path = root / f"reconstructions-{dataset}.npz"
+    packed = None
+    if packed_path.exists():  # every cell of the dataset, read once
+        with np.load(packed_path, allow_pickle=False) as z:
+            packed = dict(z)
     for r in cells:
         label = f"{r['attack']} @ {r['cut']}\nSSIM {r['ssim_mean']:.2f}"
-        if packed.exists():
-            with np.load(packed, allow_pickle=False) as z:
-                own = cell_key(r) + "/original"
-                original, rec = z[own if own in z else "original"], z[cell_key(r)].astype(np.float32)
+        if packed is not None:
+            own = cell_key(r) + "/original"
+            original, rec = packed.get(own, packed["original"]), packed[cell_key(r)].astype(np.float32)
         else:
             with np.load(Path(r["run_dir"]) / "attacks" / r["attack"] / "reconstructions.npz", allow_pickle=False) as z:
                 original, rec = z["original"], z["reconstructed"]

@@ -1,7 +1,7 @@
 """The attack x defense x cut matrix: the image, label and text leakage studies in one table.
 
 Each study keeps its own result file and keys (``leakage.json``, ``label_leakage.json``,
-``text_leakage.json``, ``label_inference.json``); :func:`build` reads them into one row per
+``text_leakage.json``, ``label_inference.json``); :func:`load` reads them into one row per
 (family, attack, cut, defense) with one leakage score each, higher meaning more leaked:
 
 - ``image``: SSIM of the reconstructions on [0, 1] (rMLE, inverse network, query-free; LeNet,
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFENSES", "build", "load", "markdown", "plot", "write"]
+__all__ = ["DEFENSES", "load", "markdown", "plot", "write"]
 
 # what each defense the framework ships protects, and where the matrix measures it
 DEFENSES: dict[str, dict[str, str]] = {
@@ -168,9 +168,6 @@ def load(root: str | Path) -> list[dict[str, Any]]:
     rows += label_inference_rows(_read(root / "label_inference.json"))
     rows += text_rows(_read(root / "text_leakage.json") or [])
     return rows
-
-
-build = load
 
 
 def _cell(r: dict[str, Any]) -> str:
