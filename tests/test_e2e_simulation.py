@@ -105,11 +105,13 @@ def _only_run(root: Path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("mode", ["sl", "sflv2"])
-def test_a_run_crashed_after_a_round_resumes_exactly_as_if_uninterrupted(tmp_path, mode):
-    """Clients train one after another in these modes, so a run is a function of its seed: a run
+def test_a_run_crashed_after_a_round_resumes_exactly_as_if_uninterrupted(tmp_path):
+    """Clients train one after another in ``sflv2``, so a run is a function of its seed: a run
     SIGKILLed right after round 2's checkpoint and resumed ends with the same metrics and the same
-    weights, bit for bit, as the same run without the crash."""
+    weights, bit for bit, as the same run without the crash. (One sequential mode is enough here:
+    ``sl`` checkpoints the same parts, the client and server segments and the server's optimizer
+    state; ``sflv2`` also passes its client segment through FedAvg.)"""
+    mode = "sflv2"
     args = ["run", "quickstart", *TINY, f"mode={mode}", "train.rounds=3", "--quiet"]
     crashed = subprocess.Popen(
         [sys.executable, "-m", "fsl_cli", *args, f"output_dir={tmp_path / 'crashed'}"],
