@@ -252,7 +252,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         base, _, scaled = r["name"].partition("-lr")
         c = colours.get(base, "black")
         style = ":" if scaled else "-"  # learning rates scaled away from the paper's
-        ax.plot(it, err, style, marker="s", ms=3, color=c, label=f"ours: {r['name']} ({r['dataset']})")
+        st = r["settings"]
+        width = f"width 1/{round(1 / st['width'])}" if st["width"] < 1 else "full width"
+        lr = f", lr x{st['lr_f'] / PAPER['lr_f']:g}" if scaled else ""
+        ax.plot(it, err, style, marker="s", ms=3, color=c, label=f"ours: {base} ({r['dataset']}, {width}{lr})")
     ax.set(xlabel="iteration", ylabel="reconstruction MSE, pixels in [-1, 1]", yscale="log")
     ax.set_title("FSHA at split level 4: reconstruction error of the client's batches")
     ax.grid(alpha=0.3, which="both")
@@ -260,6 +263,13 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _run_order(run: dict[str, Any]) -> tuple[int, str]:
+    """Each paper-settings run first, its learning-rate variants (``<run>-lr<scale>``) after it."""
+    order = ["mnist", "mnist-dcor", "fashion-mnist"]
+    base = run["name"].partition("-lr")[0]
+    return (order.index(base) if base in order else len(order), run["name"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         ]
         kw = {"width": a.width, "blocks": a.blocks, "lr_scale": a.lr_scale}
         n_priv = n_pub = None
-    order = ["mnist", "mnist-dcor", "fashion-mnist"]
     wanted = set(a.runs.split(","))
     plan = [row for row in plan if a.quick or row[0] in wanted]
     old = out / "fsha.json"
@@ -329,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(row)
         first, final = row["curve"][0][1], row["curve"][-1][1]
         print(
-            f"{name}: {row['iterations']} iterations in {row['wall_seconds']:.0f} s, "
+            f"{row['name']}: {row['iterations']} iterations in {row['wall_seconds']:.0f} s, "
             f"MSE [-1, 1] {first:.4f} -> {final:.4f}",
             flush=True,
         )
@@ -340,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             "paper_settings": {**PAPER, "source": f"{SOURCE} (FSHA.py, architectures.py, datasets.py, notebooks)"},
             "published": PUBLISHED,
             "quick": a.quick,
-            "runs": sorted(runs, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)),
+            "runs": sorted(runs, key=_run_order),
         }
         (out / "fsha.json").write_text(json.dumps(res, indent=2, allow_nan=False) + "\n")
     plot(runs, out / "fsha.png")
