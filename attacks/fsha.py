@@ -265,6 +265,35 @@ def batch_plan(n: int, batch_size: int, iters: int, seed: int = 0) -> list[torch
     return out[:iters]
 
 
+class PenaltyStepFirst:
+    """The defended client of the authors' code (``FSHA_distcor.py``): one step of ``optimizer`` on
+    the penalty (dCor) alone, then one on the gradient the server returned, both gradients taken at
+    the same weights. The framework's NoPeek takes one step on their sum. The penalty's gradient
+    needs a second forward of the client on the batch (``x``, set before each step), which also
+    updates batch-norm running statistics a second time; the training-mode outputs do not use them."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, client: nn.Module, penalty: Any) -> None:
+        self.optimizer, self.client, self.penalty = optimizer, client, penalty
+        self.params = [p for p in client.parameters() if p.requires_grad]
+        self.x: torch.Tensor | None = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        if self.x is None:
+            raise RuntimeError("PenaltyStepFirst.step before the batch's inputs were set")
+        returned = [p.grad for p in self.params]  # the server's gradient, backpropagated by the trainer
+        for p in self.params:
+            p.grad = None
+        with torch.enable_grad():
+            self.penalty(self.x, self.client(self.x).flatten(1)).backward()
+        self.optimizer.step()
+        for p, g in zip(self.params, returned, strict=True):
+            p.grad = g
+        self.optimizer.step()
+
+
 def hijack(
     client: nn.Module,
     server: HijackingServer,
@@ -275,13 +304,16 @@ def hijack(
     batch_size: int = 64,
     optimizer: torch.optim.Optimizer | None = None,
     penalty: Any = None,
+    penalty_steps: str = "joint",
     seed: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """``iters`` steps of the framework's honest split trainer on ``client`` against ``server``.
 
     The client may bring its own ``optimizer`` (default: the trainer's SGD) and a ``penalty(x, h)``
-    (a NoPeek defense). Every ``server.eval_every`` steps the server's reconstruction of the batch it
+    (a NoPeek defense), applied as the framework does (``penalty_steps="joint"``: one step on the
+    penalty plus the returned gradient) or as the authors' client (``"separate"``: one step on each,
+    :class:`PenaltyStepFirst`; needs ``optimizer``). Every ``server.eval_every`` steps the server's reconstruction of the batch it
     just received is scored against that batch (mean squared error over all pixels, in the pixel
     range of ``x_private``) and then dropped, so a long run holds one batch at a time.
     Returns ``curve`` [[step, mse]], ``original`` and ``reconstructed`` (the last scored batch),
@@ -301,7 +333,19 @@ def hijack(
     curve: list[list[float]] = []
     last: dict[str, torch.Tensor] = {}
 
+    if penalty_steps not in ("joint", "separate"):
+        raise ValueError(f"penalty_steps must be 'joint' or 'separate', not {penalty_steps!r}")
+    separate = None
+    stepper: Any = optimizer
+    if penalty is not None and penalty_steps == "separate":
+        if optimizer is None:
+            raise ValueError("penalty_steps='separate' needs the client's optimizer")
+        stepper = separate = PenaltyStepFirst(optimizer, client, penalty)
+        penalty = None  # the trainer's own joint penalty is off: the stepper applies it
+
     def seen(x: torch.Tensor) -> None:  # the data owner's own record of its batch, for scoring only
+        if separate is not None:
+            separate.x = x
         step[0] += 1
         if step[0] % every == 0 or step[0] == 1:
             pending[step[0]] = x.detach().clone()
@@ -322,7 +366,7 @@ def hijack(
         y_private,
         channel,
         TrainOptions(epochs=1, batch_size=batch_size, momentum=0.0, seed=seed),
-        TrainHooks(optimizer=optimizer, batches=lambda: plan, penalty=penalty, inputs=seen, on_batch=on_batch),
+        TrainHooks(optimizer=stepper, batches=lambda: plan, penalty=penalty, inputs=seen, on_batch=on_batch),
     )
     wall = time.perf_counter() - t0
     return {"curve": curve, "steps": step[0], "wall_s": wall, **last}

@@ -143,6 +143,7 @@ def run_one(
     score_every: int = 10,
     log_every: int = 500,
     lr_scale: float = 1.0,
+    dcor_steps: str = "joint",
     seed: int = 0,
 ) -> dict[str, Any]:
     """One hijacked training run; ``dcor > 0`` puts the framework's NoPeek penalty on the client."""
@@ -186,6 +187,7 @@ def run_one(
         batch_size=PAPER["batch_size"],
         optimizer=torch.optim.Adam(client.parameters(), lr=PAPER["lr_f"] * lr_scale),
         penalty=NoPeek(dcor) if dcor > 0 else None,
+        penalty_steps=dcor_steps,
         seed=seed,
         progress=lambda done, total, _text: (
             None if done % log_every else print(f"  {name}: {done}/{total}", flush=True)
@@ -226,6 +228,7 @@ def run_one(
             "lr_D": PAPER["lr_D"] * lr_scale,
             "gradient_penalty": PAPER["gradient_penalty"],
             "dcor_weight": dcor,
+            "dcor_steps": dcor_steps if dcor > 0 else None,
             "adversarial_scale": alpha2,
             "private_samples": len(y_train),
             "public_samples": len(x_public),
@@ -249,13 +252,14 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.plot(it, err, "--", marker="o", ms=3, color=colours[key], alpha=0.6, label=f"paper: {key} (full width)")
     for r in runs:
         it, err = zip(*r["curve"], strict=True)
-        base, _, scaled = r["name"].partition("-lr")
+        base, scaled = _base(r["name"]), "-lr" in r["name"]
         c = colours.get(base, "black")
-        style = ":" if scaled else "-"  # learning rates scaled away from the paper's
+        style = ("-." if r["name"].startswith(f"{base}-separate") else ":") if base != r["name"] else "-"
         st = r["settings"]
         width = f"width 1/{round(1 / st['width'])}" if st["width"] < 1 else "full width"
         lr = f", lr x{st['lr_f'] / PAPER['lr_f']:g}" if scaled else ""
-        ax.plot(it, err, style, marker="s", ms=3, color=c, label=f"ours: {base} ({r['dataset']}, {width}{lr})")
+        steps = ", 2 client steps" if r["settings"].get("dcor_steps") == "separate" else ""
+        ax.plot(it, err, style, marker="s", ms=3, color=c, label=f"ours: {base} ({r['dataset']}, {width}{lr}{steps})")
     ax.set(xlabel="iteration", ylabel="reconstruction MSE, pixels in [-1, 1]", yscale="log")
     ax.set_title("FSHA at split level 4: reconstruction error of the client's batches")
     ax.grid(alpha=0.3, which="both")
@@ -265,11 +269,18 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+RUNS = ("mnist", "mnist-dcor", "fashion-mnist")
+
+
+def _base(name: str) -> str:
+    """The paper's run a variant (``-lr<scale>``, ``-separate``) belongs to."""
+    return max((r for r in RUNS if name.startswith(r)), key=len, default=name)
+
+
 def _run_order(run: dict[str, Any]) -> tuple[int, str]:
-    """Each paper-settings run first, its learning-rate variants (``<run>-lr<scale>``) after it."""
-    order = ["mnist", "mnist-dcor", "fashion-mnist"]
-    base = run["name"].partition("-lr")[0]
-    return (order.index(base) if base in order else len(order), run["name"])
+    """Each paper-settings run first, its variants after it."""
+    base = _base(run["name"])
+    return (RUNS.index(base) if base in RUNS else len(RUNS), run["name"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="multiplies the paper's three learning rates (not with --quick); a run at any other value is "
         "named <run>-lr<scale> and kept beside the paper-settings run",
+    )
+    p.add_argument(
+        "--dcor-steps",
+        choices=("joint", "separate"),
+        default="joint",
+        help="the defended client's steps: joint (the framework's NoPeek: one step on penalty plus gradient) "
+        "or separate (the authors' client: one on each); a separate run is named mnist-dcor-separate",
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", default="mnist,mnist-dcor,fashion-mnist", help="which runs; others already in --out stay")
@@ -314,9 +332,11 @@ def main(argv: list[str] | None = None) -> int:
             ("fashion-mnist", "fashion-mnist", a.fashion_iters, 0.0, 1.0),
         ]
         kw = {"width": a.width, "blocks": a.blocks, "lr_scale": a.lr_scale}
+        if a.dcor_steps == "separate":  # only the defended run differs; it keeps its own name
+            plan = [(f"{n}-separate" if d > 0 else n, ds, it, d, a2) for n, ds, it, d, a2 in plan]
         n_priv = n_pub = None
     wanted = set(a.runs.split(","))
-    plan = [row for row in plan if a.quick or row[0] in wanted]
+    plan = [row for row in plan if a.quick or row[0].removesuffix("-separate") in wanted]
     old = out / "fsha.json"
     kept = json.loads(old.read_text())["runs"] if old.exists() and not a.quick else []
 
@@ -331,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         ds = load_dataset(dataset)
         assert isinstance(ds.x_train, torch.Tensor) and isinstance(ds.x_test, torch.Tensor)  # images, not tokens
         x_tr, y_tr, x_te = ds.x_train[:n_priv], ds.y_train[:n_priv], ds.x_test[:n_pub]
-        row = run_one(tag(name), x_tr, y_tr, x_te, iters=iters, dcor=dcor, alpha2=alpha2, **kw)
+        steps = "separate" if name.endswith("-separate") else "joint"
+        row = run_one(tag(name), x_tr, y_tr, x_te, iters=iters, dcor=dcor, alpha2=alpha2, dcor_steps=steps, **kw)
         row["dataset"] = dataset
         original, reconstructed = row.pop("_images")
         np.savez_compressed(out / f"fsha-{row['name']}.npz", original=original, reconstructed=reconstructed)

@@ -39,3 +39,52 @@ def test_fsha_quick_slice_writes_the_results_and_the_error_falls(tmp_path):
     # the saved images re-score to the MSE the run reports for them
     assert float(((rec - orig) ** 2).mean()) == pytest.approx(run["saved_images"]["mse_01"], rel=1e-4)
     assert (tmp_path / "fsha.png").stat().st_size > 0
+
+
+def _client_and_batch():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    client = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8))
+    return client, torch.randn(16, 1, 8, 8), torch.randn(16, 8)
+
+
+def _step(client, stepper, x, returned, penalty, joint):
+    """One client step as the trainer takes it: backward of the returned gradient (plus the penalty when
+    joint), then the stepper's step."""
+    stepper.zero_grad(set_to_none=True)
+    h = client(x)
+    loss = (h * returned).sum() + (penalty(x, h.flatten(1)) if joint else 0.0)
+    loss.backward()
+    if not joint:
+        stepper.x = x
+    stepper.step()
+
+
+def test_the_authors_two_step_client_takes_both_gradients_at_the_same_weights():
+    """Under plain SGD a step on the penalty then a step on the returned gradient, both taken at the
+    same weights, lands where one step on their sum does (to float rounding); under Adam the two differ (each
+    step is normalised on its own), which is why the study runs both."""
+    import torch
+
+    from attacks.fsha import PenaltyStepFirst
+    from fsl.privacy.nopeek import NoPeek
+
+    penalty = NoPeek(10.0)
+    ends = {}
+    for opt_name in ("sgd", "adam"):
+        for joint in (True, False):
+            client, x, returned = _client_and_batch()
+            make = (
+                (lambda p: torch.optim.SGD(p, lr=0.01))
+                if opt_name == "sgd"
+                else (lambda p: torch.optim.Adam(p, lr=0.01))
+            )
+            opt = make(client.parameters())
+            stepper = opt if joint else PenaltyStepFirst(opt, client, penalty)
+            for _ in range(3):
+                _step(client, stepper, x, returned, penalty, joint)
+            ends[opt_name, joint] = torch.cat([p.detach().flatten() for p in client.parameters()])
+    assert torch.allclose(ends["sgd", True], ends["sgd", False], atol=1e-6)
+    assert not torch.allclose(ends["adam", True], ends["adam", False], atol=1e-4)
