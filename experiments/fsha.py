@@ -245,7 +245,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     colours = {"mnist": "tab:blue", "mnist-dcor": "tab:red", "fashion-mnist": "tab:green"}
     for key, pub in PUBLISHED.items():
         it, err = zip(*pub["curve"], strict=True)
@@ -263,7 +263,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     ax.set(xlabel="iteration", ylabel="reconstruction MSE, pixels in [-1, 1]", yscale="log")
     ax.set_title("FSHA at split level 4: reconstruction error of the client's batches")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves fill the axes
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
