@@ -336,11 +336,10 @@ def hijack(
     if penalty_steps not in ("joint", "separate"):
         raise ValueError(f"penalty_steps must be 'joint' or 'separate', not {penalty_steps!r}")
     separate = None
-    stepper: Any = optimizer
     if penalty is not None and penalty_steps == "separate":
         if optimizer is None:
             raise ValueError("penalty_steps='separate' needs the client's optimizer")
-        stepper = separate = PenaltyStepFirst(optimizer, client, penalty)
+        separate = PenaltyStepFirst(optimizer, client, penalty)
         penalty = None  # the trainer's own joint penalty is off: the stepper applies it
 
     def seen(x: torch.Tensor) -> None:  # the data owner's own record of its batch, for scoring only
@@ -366,7 +365,9 @@ def hijack(
         y_private,
         channel,
         TrainOptions(epochs=1, batch_size=batch_size, momentum=0.0, seed=seed),
-        TrainHooks(optimizer=stepper, batches=lambda: plan, penalty=penalty, inputs=seen, on_batch=on_batch),
+        TrainHooks(
+            optimizer=separate or optimizer, batches=lambda: plan, penalty=penalty, inputs=seen, on_batch=on_batch
+        ),
     )
     wall = time.perf_counter() - t0
     return {"curve": curve, "steps": step[0], "wall_s": wall, **last}

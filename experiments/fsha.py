@@ -252,13 +252,14 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.plot(it, err, "--", marker="o", ms=3, color=colours[key], alpha=0.6, label=f"paper: {key} (full width)")
     for r in runs:
         it, err = zip(*r["curve"], strict=True)
-        base, scaled = _base(r["name"]), "-lr" in r["name"]
-        c = colours.get(base, "black")
-        style = ("-." if r["name"].startswith(f"{base}-separate") else ":") if base != r["name"] else "-"
         st = r["settings"]
+        base, separate = _base(r["name"]), st.get("dcor_steps") == "separate"
+        scale = st["lr_f"] / PAPER["lr_f"]
+        c = colours.get(base, "black")
+        style = "-." if separate else (":" if scale != 1 else "-")
         width = f"width 1/{round(1 / st['width'])}" if st["width"] < 1 else "full width"
-        lr = f", lr x{st['lr_f'] / PAPER['lr_f']:g}" if scaled else ""
-        steps = ", 2 client steps" if r["settings"].get("dcor_steps") == "separate" else ""
+        lr = f", lr x{scale:g}" if scale != 1 else ""
+        steps = ", 2 client steps" if separate else ""
         ax.plot(it, err, style, marker="s", ms=3, color=c, label=f"ours: {base} ({r['dataset']}, {width}{lr}{steps})")
     ax.set(xlabel="iteration", ylabel="reconstruction MSE, pixels in [-1, 1]", yscale="log")
     ax.set_title("FSHA at split level 4: reconstruction error of the client's batches")
@@ -332,27 +333,30 @@ def main(argv: list[str] | None = None) -> int:
             ("fashion-mnist", "fashion-mnist", a.fashion_iters, 0.0, 1.0),
         ]
         kw = {"width": a.width, "blocks": a.blocks, "lr_scale": a.lr_scale}
-        if a.dcor_steps == "separate":  # only the defended run differs; it keeps its own name
-            plan = [(f"{n}-separate" if d > 0 else n, ds, it, d, a2) for n, ds, it, d, a2 in plan]
         n_priv = n_pub = None
     wanted = set(a.runs.split(","))
-    plan = [row for row in plan if a.quick or row[0].removesuffix("-separate") in wanted]
+    plan = [row for row in plan if a.quick or row[0] in wanted]
     old = out / "fsha.json"
     kept = json.loads(old.read_text())["runs"] if old.exists() and not a.quick else []
 
-    def tag(name: str) -> str:
-        # a run at other learning rates than the paper's never replaces the paper-settings run
+    def steps(dcor: float) -> str:  # only a defended run has a penalty to step on
+        return a.dcor_steps if dcor > 0 and not a.quick else "joint"
+
+    def tag(name: str, dcor: float) -> str:
+        # a variant of the paper's settings never replaces the paper-settings run
+        name += "-separate" if steps(dcor) == "separate" else ""
         return name if a.quick or a.lr_scale == 1.0 else f"{name}-lr{a.lr_scale:g}"
 
-    runs = [r for r in kept if r["name"] not in {tag(row[0]) for row in plan}]
+    runs = [r for r in kept if r["name"] not in {tag(row[0], row[3]) for row in plan}]
     for name, dataset, iters, dcor, alpha2 in plan:
         if iters <= 0:
             continue
         ds = load_dataset(dataset)
         assert isinstance(ds.x_train, torch.Tensor) and isinstance(ds.x_test, torch.Tensor)  # images, not tokens
         x_tr, y_tr, x_te = ds.x_train[:n_priv], ds.y_train[:n_priv], ds.x_test[:n_pub]
-        steps = "separate" if name.endswith("-separate") else "joint"
-        row = run_one(tag(name), x_tr, y_tr, x_te, iters=iters, dcor=dcor, alpha2=alpha2, dcor_steps=steps, **kw)
+        row = run_one(
+            tag(name, dcor), x_tr, y_tr, x_te, iters=iters, dcor=dcor, alpha2=alpha2, dcor_steps=steps(dcor), **kw
+        )
         row["dataset"] = dataset
         original, reconstructed = row.pop("_images")
         np.savez_compressed(out / f"fsha-{row['name']}.npz", original=original, reconstructed=reconstructed)
