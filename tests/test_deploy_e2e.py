@@ -335,29 +335,40 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_the_next_round(tmp_
             "--threads", "1", "--port", str(_free_port()),
         )  # fmt: skip
 
-    launch = None
     try:
         _superlink_with_nodes(procs, env, certs, sl_port, (1, 2, 3), monkeypatch)
         for i in (1, 2):
             supernode(f"supernode-{i}", i)
-        launch = subprocess.Popen(
-            [sys.executable, "-m", "fsl_cli", "launch", "quickstart", "data.name=digits", "clients=2",
-             "train.rounds=4", "train.local_epochs=4", "train.fraction_evaluate=0", "train.min_clients=2",
-             "train.round_timeout_s=45", f"server.address=127.0.0.1:{_free_port()}", f"output_dir={runs}",
-             "--superlink", superlink, "--root-certificates", str(certs / "ca.pem"), "--dataplane-certs", str(certs)],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        launch = procs.start(
+            "launch", "launch", "quickstart", "data.name=digits", "clients=2", "train.rounds=4",
+            "train.local_epochs=4", "train.fraction_evaluate=0", "train.min_clients=2", "train.round_timeout_s=45",
+            f"server.address=127.0.0.1:{_free_port()}", f"output_dir={runs}", "--superlink", superlink,
+            "--root-certificates", str(certs / "ca.pem"), "--dataplane-certs", str(certs),
         )  # fmt: skip
+
+        def stuck(why: str) -> str:
+            """Where the run stood, and every process's log: what a hang or an early exit leaves to read."""
+            run = _run_dir(runs)
+            logs = "\n".join(f"--- {name}\n{procs.log(name)[-4000:]}" for name in procs.procs)
+            return f"{why}; the run at {read_progress(run) if run is not None else None}\n{logs}"
+
         deadline = time.monotonic() + 300  # a safety net only: round 2 starts within seconds
         while not _reached(runs, 2, "train") and time.monotonic() < deadline:
-            assert launch.poll() is None, launch.stdout.read() if launch.stdout else ""
+            assert launch.poll() is None, stuck(f"the launch exited ({launch.returncode}) before round 2")
             time.sleep(0.05)
-        assert _reached(runs, 2, "train"), "round 2 never started"
+        assert _reached(runs, 2, "train"), stuck("round 2 never started")
         victim = procs.procs["supernode-2"][0]
         os.killpg(victim.pid, signal.SIGKILL)  # the SuperNode and its ClientApp, no goodbye
         victim.wait(timeout=10)
         # a replacement device with its own registered key takes over the dead node's partition
-        supernode("supernode-3", 3, partition=2)
-        out, _ = launch.communicate(timeout=300)
+        replacement = supernode("supernode-3", 3, partition=2)
+        deadline = time.monotonic() + 300  # a safety net only: the rest takes two minutes on a loaded host
+        while launch.poll() is None and time.monotonic() < deadline:
+            # without the replacement, rounds 3-4 would wait for a second node forever
+            assert replacement.poll() is None, stuck(f"the replacement SuperNode exited ({replacement.returncode})")
+            time.sleep(0.2)
+        out = procs.log("launch")
+        assert launch.poll() is not None, stuck("the launch did not end in 300 s")
         assert launch.returncode == 0, out
         rows = _rows(runs)
         assert [r["round"] for r in rows] == [1, 2, 3, 4], rows
@@ -379,9 +390,6 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins_the_next_round(tmp_
         summary = json.loads((next(runs.iterdir()) / "summary.json").read_text())
         assert summary["rounds"] == 4
     finally:
-        if launch is not None and launch.poll() is None:
-            os.killpg(launch.pid, signal.SIGKILL)
-            launch.wait(timeout=10)
         procs.stop_all()
     assert all(p.poll() is not None for p, _ in procs.procs.values())
     print(f"supernode-kill e2e: {time.monotonic() - t_start:.0f}s")

@@ -89,15 +89,28 @@ def test_cli_runs_a_simulation_writes_results_and_resumes(tmp_path):
     assert summary3["history"][:2] == hist
 
 
-# what differs between two runs of one config however deterministic the training: clocks, and the
-# random node ids Flower gives simulated clients
-_NOT_REPEATABLE = {"seconds", "train_s", "client_compute_s", "client_peak_rss_mb"}
+# what differs between two runs of one config however deterministic the training: clocks, the
+# random node ids Flower gives simulated clients, and so the uplink byte counts: every data-plane
+# request names its client by that id in decimal (one to 20 digits, most often 19 or 20), and the
+# tensors framed after the message start on a 16-byte boundary
+_NOT_REPEATABLE = {"seconds", "train_s", "client_compute_s", "client_peak_rss_mb", "bytes_up", "dataplane_bytes_up"}
+_ID_BYTES_PER_REQUEST = 20 + 15  # at most: the id's digits, and the alignment padding they shift
 
 
 def _repeatable(row: dict) -> dict:
     out = {k: v for k, v in row.items() if k not in _NOT_REPEATABLE}
     out["fed_clients"] = [{k: v for k, v in c.items() if k != "node_id"} for c in row["fed_clients"]]
     return out
+
+
+def _uplink_differs_by_ids_only(got: dict, want: dict, batch_size: int, epochs: int) -> bool:
+    """Whether two repeats of a round sent the same uplink but for the client ids in the headers:
+    at most ``_ID_BYTES_PER_REQUEST`` a request (each batch one request: training, then evaluation)."""
+    clients = len(want["fed_clients"])
+    requests = want["examples"] // batch_size + clients * epochs  # training batches, a short one per epoch
+    requests += sum(c["examples"] // batch_size + 1 for c in want["fed_clients"])  # evaluation batches
+    bound = requests * _ID_BYTES_PER_REQUEST
+    return all(abs(got[k] - want[k]) <= bound for k in ("bytes_up", "dataplane_bytes_up"))
 
 
 def _only_run(root: Path) -> Path:
@@ -147,6 +160,7 @@ def test_a_run_crashed_after_a_round_resumes_exactly_as_if_uninterrupted(tmp_pat
     assert after[:2] == before  # the checkpointed rounds are kept as they were
     expected = [json.loads(x) for x in (ref_run / "metrics.jsonl").read_text().splitlines()]
     assert [_repeatable(r) for r in after] == [_repeatable(r) for r in expected]
+    assert all(_uplink_differs_by_ids_only(g, w, batch_size=16, epochs=2) for g, w in zip(after, expected, strict=True))
     assert after[-1]["clients"] == 2 and after[-1]["accuracy"] > 0.6  # (10 classes: chance is 0.1)
     for part in ("client", "server"):  # both segments and the server's optimizer state
         got = load_file(str(run / "checkpoints" / "round-0003" / f"{part}.safetensors"))
