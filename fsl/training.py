@@ -286,6 +286,7 @@ def _add_proximal(params: Iterable[torch.Tensor], start: list[torch.Tensor], mu:
             p.grad.add_(p.detach() - p0, alpha=mu)
 
 
+@torch.no_grad()
 def evaluate_logits(
     logits_of: Callable[[Any], torch.Tensor], x: Inputs, y: torch.Tensor, batch_size: int, task: str = "classify"
 ) -> EvalStats:

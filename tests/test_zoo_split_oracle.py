@@ -74,7 +74,7 @@ def _reference(model: torch.nn.Module, x: object, y: torch.Tensor, task: str):
     loss.backward()
     torch.optim.SGD(whole.parameters(), lr=0.1).step()
     grads = {n: p.grad for n, p in whole.named_parameters(remove_duplicate=False) if p.grad is not None}
-    return float(loss), grads, whole.state_dict()
+    return float(loss.detach()), grads, whole.state_dict()
 
 
 def _close(got: dict, ref: dict, what: str) -> None:
