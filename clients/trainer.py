@@ -197,8 +197,23 @@ def ushaped_step(
         h2, fwd_step = channel.forward(sent)
         wire_s = time.perf_counter() - t0
         if not isinstance(h2, torch.Tensor):  # named tensors at the second cut: the floats take gradients
+            bottom_exits = exit_loss(bottom, yb, options.exit_weight)
             return _named_u_step(
-                top, channel, h1, sent, h2, fwd_step, xb, yb, options, penalty, want_confidence, wire_s, carry, hidden
+                top,
+                channel,
+                h1,
+                sent,
+                h2,
+                fwd_step,
+                xb,
+                yb,
+                options,
+                penalty,
+                want_confidence,
+                wire_s,
+                carry,
+                hidden,
+                bottom_exits,
             )
         h2 = h2.detach().requires_grad_(True)  # (B, ...) at the second cut
         mid[:] = [tuple(h2.shape[1:])]
@@ -267,10 +282,11 @@ def _named_u_step(
     wire_s: float,
     carry: dict[str, torch.Tensor] | None = None,
     hidden: tuple[str, ...] | None = None,
+    bottom_exits: torch.Tensor | None = None,
 ) -> BatchResult:
     """The rest of a U-shaped step whose middle returns named tensors: the top on their dict (and on
     the values the bottom computed for it, ``carry``), the loss, their float tensors' gradients up,
-    the first cut's gradients down."""
+    the first cut's gradients down, joined by the loss of the bottom's exits (``bottom_exits``)."""
     mid = {n: t.detach().requires_grad_(True) if t.is_floating_point() else t for n, t in h2.items()}
     kept = {n: t.detach().requires_grad_(t.requires_grad) for n, t in (carry or {}).items()}
     logits = top({**kept, **mid})
@@ -287,7 +303,7 @@ def _named_u_step(
         h1 = {**as_dict(h1), **{n: (carry or {})[n] for n in g_kept}}
         g_up = as_dict(g1)
         g1 = {**g_up, **{n: g + g_up[n] if n in g_up else g for n, g in g_kept.items()}}
-    _backward(h1, g1, penalty, xb, hidden=hidden)
+    _backward(h1, g1, penalty, xb, bottom_exits, hidden)
     res = head_result(logits, loss, yb, want_confidence, options.task)
     res.wire_s = wire_s
     return res

@@ -172,7 +172,10 @@ class ModelConfig:
                 not self.norm or bool(spec.default_norm),
                 f"model.norm: {self.name} has no norm choice; leave it empty, not {self.norm!r}",
             )
-            _check(not self.exits, f"model.exits: exit classifiers need a sequential zoo model, not {self.name}")
+            _check(
+                not self.exits or spec.task == "classify",
+                f"model.exits: exit classifiers need a classification model; {self.name} is a {spec.task} model",
+            )
             _check(
                 not (self.ushaped and self.cut and self.cut == self.top_cut),
                 f"model.top_cut ({self.top_cut!r}) must be deeper than model.cut ({self.cut!r}) in a U-shaped split",

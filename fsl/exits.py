@@ -24,13 +24,14 @@ transformer's exit reads the mean of its real tokens' states (:class:`TokenMeanH
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from fsl.data import Inputs, num_samples, take, trim_padding
+from fsl.graphsplit import GraphSegment
 from fsl.models import run_model
 
 __all__ = [
@@ -42,8 +43,10 @@ __all__ = [
     "exit_head",
     "exit_logits",
     "exit_loss",
+    "exit_name",
     "exit_loss_per_sample",
     "exit_names",
+    "exit_points",
     "has_exits",
     "token_mask",
     "token_mean",
@@ -120,9 +123,10 @@ def exit_head(sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 class ExitBlock(nn.Module):
     """``body`` followed by a side exit ``head``; forward returns ``body(x)`` and keeps the exit's logits.
 
-    Extra arguments go to ``body`` (a transformer layer takes the attention mask); when ``body``
+    Every argument goes to ``body`` (a transformer layer takes the attention mask); when ``body``
     returns a tuple the head reads its first element. A head with ``reads_attention_mask`` is
-    given the body's attention mask too (its second positional argument, or ``attention_mask=``).
+    given the body's attention mask too (its second positional argument, or ``attention_mask=``;
+    a block given none, such as a transformer's embeddings, has the mean over every position).
     ``name`` names the exit (default: the block's own name in its parent).
     """
 
@@ -139,11 +143,13 @@ class ExitBlock(nn.Module):
         state["logits"] = None
         return state
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self.body(x, *args, **kwargs)  # (B, ...) the block's output, what travels if this is the cut
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # (a Hugging Face model calls some blocks, its embeddings among them, by keyword only)
+        out = self.body(*args, **kwargs)  # (B, ...) the block's output, what travels if this is the cut
         h = out[0] if isinstance(out, tuple) else out
         if getattr(self.head, "reads_attention_mask", False):
-            self.logits = self.head(h, args[0] if args else kwargs.get("attention_mask"))  # (B, num_classes)
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")  # None: every token is real
+            self.logits = self.head(h, mask)  # (B, num_classes)
         else:
             self.logits = self.head(h)  # (B, num_classes)
         return out
@@ -189,7 +195,7 @@ def add_exits_at(
     model: nn.Module,
     at: Sequence[str],
     num_classes: int,
-    example: Inputs,
+    example: torch.Tensor | Mapping[str, torch.Tensor],
     seed: int | None = None,
 ) -> nn.Module:
     """``model`` with an exit head after each submodule at the module paths ``at``, in place.
@@ -198,20 +204,74 @@ def add_exits_at(
     level down, ``<path>.body.*``; the head's are ``<path>.head.*``); the head's shape follows
     what the submodule returns on ``example`` (a batch of inputs, a tensor or named tensors).
     The model's output does not change. With ``seed`` the heads' initial weights are reproducible.
+    A submodule that returns token states must be given the attention mask (see :func:`exit_points`).
     """
+    probed = _probe(model, at, example)
+    missing = [a for a in at if a not in probed]
+    if missing:
+        raise ValueError(f"exits at {missing}: these submodules do not run in the model's forward")
+    blind = [a for a in at if not probed[a][1]]
+    if blind:
+        raise ValueError(
+            f"exits at {blind}: these submodules return token states but are not given the attention mask, so an "
+            "exit there would average the padding too and answer differently for the same text in another batch; "
+            "put the exit after a layer that takes the mask (fsl.exits.exit_points lists where one can go)"
+        )
+    modules = dict(model.named_modules())
+    was = model.training
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed + 7919)
+        for a in at:
+            parent, _, child = a.rpartition(".")
+            block = ExitBlock(modules[a], exit_head(probed[a][0], num_classes), a).train(was)
+            model.get_submodule(parent).add_module(child, block)  # replaces the submodule (a ModuleList item too)
+    return model
+
+
+def exit_points(
+    model: nn.Module, at: Sequence[str], example: torch.Tensor | Mapping[str, torch.Tensor]
+) -> tuple[str, ...]:
+    """The module paths of ``at`` where :func:`add_exits_at` can put an exit, in the order given.
+
+    Those that run in ``model``'s forward on ``example`` and, where they return token states, are
+    given the attention mask (a transformer's embeddings are not: the mean there would take in the
+    padding, so an exit's answer would depend on the longest text of its batch).
+    """
+    probed = _probe(model, at, example)
+    return tuple(a for a in at if a in probed and probed[a][1])
+
+
+def _probe(
+    model: nn.Module, at: Sequence[str], example: torch.Tensor | Mapping[str, torch.Tensor]
+) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """For each path of ``at`` that runs on ``example``: (per-sample shape of what it returns,
+    whether an exit there sees which tokens are real: True unless it returns token states without
+    being given an attention mask)."""
     modules = dict(model.named_modules())
     bad = [a for a in at if a not in modules or not a or isinstance(modules[a], ExitBlock)]
     if bad:
         raise ValueError(f"exits at {bad}: each must be the path of a submodule without an exit (fsl cuts MODEL)")
-    shapes: dict[str, tuple[int, ...]] = {}
+    got: dict[str, tuple[tuple[int, ...], bool]] = {}
+    masked: dict[str, bool] = {}
 
-    def keep(path: str) -> Any:
-        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-            shapes[path] = tuple((out[0] if isinstance(out, tuple) else out).shape[1:])
+    def keep(path: str) -> tuple[Any, Any]:
+        def pre(_m: nn.Module, args: Any, kwargs: Any) -> None:
+            # what ExitBlock hands a head that reads the mask: the second positional argument or the
+            # keyword (None in a batch without padding: then every token is real)
+            masked[path] = len(args) > 1 or "attention_mask" in kwargs
 
-        return hook
+        def post(_m: nn.Module, _args: Any, out: Any) -> None:
+            shape = tuple((out[0] if isinstance(out, tuple) else out).shape[1:])
+            got[path] = (shape, len(shape) != 2 or masked[path])
 
-    handles = [modules[a].register_forward_hook(keep(a)) for a in at]
+        return pre, post
+
+    handles = []
+    for a in at:
+        pre, post = keep(a)
+        handles.append(modules[a].register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(modules[a].register_forward_hook(post))
     was = model.training
     model.eval()
     try:
@@ -221,38 +281,41 @@ def add_exits_at(
         for h in handles:
             h.remove()
         model.train(was)
-    missing = [a for a in at if a not in shapes]
-    if missing:
-        raise ValueError(f"exits at {missing}: these submodules do not run in the model's forward")
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed + 7919)
-        for a in at:
-            parent, _, child = a.rpartition(".")
-            block = ExitBlock(modules[a], exit_head(shapes[a], num_classes), a).train(was)
-            model.get_submodule(parent).add_module(child, block)  # replaces the submodule (a ModuleList item too)
-    return model
+    return got
 
 
-def _exit_name(path: str, block: ExitBlock) -> str:
+def exit_name(path: str, block: ExitBlock) -> str:
+    """The name of the exit ``block`` at module path ``path``: its own, else the block's name in its parent."""
     return getattr(block, "exit_name", None) or path.rsplit(".", 1)[-1]
 
 
 def has_exits(module: nn.Module) -> bool:
-    return any(isinstance(m, ExitBlock) for m in module.modules())
+    return bool(exit_names(module))
 
 
 def exit_names(module: nn.Module) -> list[str]:
-    """Names of the exits in ``module`` (a model or a segment), shallow to deep."""
-    return [_exit_name(n, m) for n, m in module.named_modules() if isinstance(m, ExitBlock)]
+    """Names of the exits in ``module`` (a model or a segment, traced ones too), shallow to deep."""
+    out: list[str] = []
+    for n, m in module.named_modules():
+        if isinstance(m, ExitBlock):
+            out.append(exit_name(n, m))
+        elif isinstance(m, GraphSegment):
+            out.extend(m.exits)
+    return out
 
 
 def exit_logits(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The exit logits of ``module``'s last forward, by exit name."""
+    """The exit logits of ``module``'s last forward, by exit name.
+
+    A segment of a graph split (:class:`fsl.graphsplit.GraphSegment`) runs its exits' heads inside its
+    graph and keeps their logits itself; a sequential segment's are in its :class:`ExitBlock` modules.
+    """
     out: dict[str, torch.Tensor] = {}
     for n, m in module.named_modules():  # (wrappers such as Opacus' GradSampleModule nest the blocks)
         if isinstance(m, ExitBlock) and m.logits is not None:
-            out[_exit_name(n, m)] = m.logits
+            out[exit_name(n, m)] = m.logits
+        elif isinstance(m, GraphSegment):
+            out.update(m.exit_outputs)
     return out
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "client_part",
     "config_from_json",
     "config_to_json",
+    "exit_paths",
     "experiment_dataset",
     "local_partition",
     "model_example",
@@ -48,13 +49,12 @@ __all__ = [
 def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The experiment's whole model, seeded (the same initial weights on every node).
 
-    With ``model.exits`` every cut point gets an exit classifier (:mod:`fsl.exits`); with
-    ``[model.lora]`` the model gets LoRA adapters and its base is frozen (:func:`with_lora`).
+    With ``model.exits`` every cut point gets an exit classifier (:mod:`fsl.exits`; a model split by
+    its graph: :func:`exit_paths`); with ``[model.lora]`` the model gets LoRA adapters and its base is
+    frozen (:func:`with_lora`).
     """
     spec = model_spec(cfg.model.name)
     if spec.graph:
-        if cfg.model.exits:
-            raise ValueError(f"model.exits needs a sequential zoo model; {cfg.model.name!r} is split by its graph")
         model = build_module(
             cfg.model.name,
             input_shape or None,
@@ -63,6 +63,14 @@ def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_cla
             seed=cfg.seed,
             options=cfg.model.options,
         )
+        if cfg.model.exits:
+            from fsl.exits import add_exits_at, exit_points
+
+            example, _, _ = model_example(cfg, input_shape)
+            at = exit_points(model, exit_paths(cfg), example)
+            if not at:
+                raise ValueError(f"model.exits: no exit can go after {list(exit_paths(cfg))} of {cfg.model.name!r}")
+            model = add_exits_at(model, at, num_classes, example, seed=cfg.seed)
         return with_lora(cfg, model, input_shape)
     model = build_model(
         cfg.model.name, input_shape, num_classes, norm=cfg.model.norm, seed=cfg.seed, options=cfg.model.options
@@ -72,6 +80,19 @@ def build_model_for(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_cla
 
         model = add_exits(model, input_shape, num_classes, at=model_spec(cfg.model.name).cuts, seed=cfg.seed)
     return with_lora(cfg, model, input_shape)
+
+
+def exit_paths(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """Where ``model.exits`` may put the exits of a model split by its graph: after each cut the zoo
+    suggests and after the experiment's cut(s); those where an exit can see which tokens are real
+    get one (:func:`fsl.exits.exit_points`: not a transformer's embeddings).
+
+    A module that holds a cut (``bert.encoder.layer.1`` for a cut at ``bert.encoder.layer.1.output``)
+    gets no exit: wrapping it would move the cut's path (an exit's block sits at ``<path>.body``).
+    """
+    cuts = [cfg.model.cut, *([cfg.model.top_cut] if cfg.model.ushaped else [])]
+    at = list(dict.fromkeys([*model_spec(cfg.model.name).cuts, *cuts]))
+    return tuple(a for a in at if not any(b.startswith(f"{a}.") for b in at))
 
 
 def without_lora(cfg: ExperimentConfig) -> ExperimentConfig:

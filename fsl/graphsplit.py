@@ -21,15 +21,25 @@ connections, attention masks, position ids. Three kinds of values never travel a
 The segments own the model's own parameter objects under their original names, so state dicts,
 aggregation, checkpoints and attacks see the unsplit model's keys, and a step through the segments
 gives the unsplit model's gradients.
+
+A multi-exit model (:class:`fsl.exits.ExitBlock` inside, from :func:`fsl.exits.add_exits_at`) is traced
+with its exits' logits as extra outputs. Each exit runs in the segment that runs its block (an exit at
+the cut module is the client's), with its head's parameters; its logits stay there (the segment keeps
+them, as an ``ExitBlock`` does, for :func:`fsl.exits.exit_logits`) and never cross, so what travels is
+what travels without exits. A computation the exit alone needs from the raw inputs (its share of the
+attention mask) runs where the exit does, from values that cross anyway.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import math
 import operator
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -165,7 +175,9 @@ def _in_module(n: fx.Node, path: str) -> bool:
 class _Plan:
     """Which segment every node of one traced graph runs in."""
 
-    def __init__(self, gm: fx.GraphModule, cuts: Sequence[str], params: set[str]) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, cuts: Sequence[str], params: set[str], exit_only: set[fx.Node] | None = None
+    ) -> None:
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
@@ -191,7 +203,7 @@ class _Plan:
                 continue
             i = self.order[n]
             side = sum(1 for e in ends if i > e)
-            if self.kind[n] == "input":
+            if self.kind[n] == "input" and n not in (exit_only or ()):
                 side = 0  # computed beside the raw inputs, so that they never travel
             self.side[n] = side
         for n in self.nodes:  # a tuple's items stay where the tuple is made
@@ -250,12 +262,69 @@ class _Partition:
     inputs: list[str]  # raw input names the first segment reads
     crossing_nodes: list[fx.Node]
     side: dict[fx.Node, int]  # the segment each operation of the traced graph runs in
+    exits: list[tuple[str, ...]]  # names of the exits each segment computes
+
+
+def _exit_only(gm: fx.GraphModule, main: Sequence[fx.Node], exits: Sequence[fx.Node]) -> set[fx.Node]:
+    """The operations that only exits need: what feeds the ``exits`` outputs and neither a ``main``
+    output nor a change of state (a buffer update), and the checks that read them."""
+    if not exits:
+        return set()
+
+    def ancestors(roots: Sequence[fx.Node]) -> set[fx.Node]:
+        seen: set[fx.Node] = set()
+        todo = list(roots)
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(n.all_input_nodes)
+        return seen
+
+    nodes = list(gm.graph.nodes)
+    kept = ancestors([*main, *(n for n in nodes if n.op == "call_function" and _mutates(n))])
+    only = ancestors(exits) - kept
+    for n in nodes:  # checks without users (tensor metadata asserts) go with what they check
+        if n.op == "call_function" and not n.users and any(a in only for a in n.all_input_nodes):
+            only.add(n)
+    return only
+
+
+def _plain_path(fqn: str, exit_paths: Sequence[str]) -> str:
+    """``fqn`` as it is in the model without exits: an exit's block sits one level down, at ``<path>.body``."""
+    for p in sorted(exit_paths, key=len, reverse=True):
+        if fqn == f"{p}.body":
+            fqn = p
+        elif fqn.startswith(f"{p}.body."):
+            fqn = p + fqn[len(p) + len(".body") :]
+    return fqn
 
 
 def _partition(
-    gm: fx.GraphModule, cuts: Sequence[str], params: set[str], input_dims: dict[str, dict[int, str]]
+    gm: fx.GraphModule,
+    cuts: Sequence[str],
+    params: set[str],
+    input_dims: dict[str, dict[int, str]],
+    exits: Sequence[tuple[str, str]] = (),
 ) -> _Partition:
-    plan = _Plan(gm, cuts, params)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = out_node.args[0]
+    leaves = list(leaves) if isinstance(leaves, list | tuple) else [leaves]
+    exit_nodes: dict[str, fx.Node] = {}
+    if exits:  # traced by _exits_as_outputs: the prediction, then the exits' logits
+        if len(leaves) != len(exits) + 1 or not all(isinstance(n, fx.Node) for n in leaves):
+            raise SplitError(
+                f"internal: a graph traced with exits {[e for e, _ in exits]} returns {len(leaves)} values"
+            )
+        result = leaves[0]
+        exit_nodes = dict(zip([name for name, _ in exits], leaves[1:], strict=True))
+    else:
+        result = leaves[_output_index(gm)]
+    if not isinstance(result, fx.Node):
+        raise SplitError("the model's prediction is not a tensor computed from its inputs")
+    exit_only = _exit_only(gm, [result], list(exit_nodes.values()))
+    exit_paths = [path for _, path in exits]
+    plan = _Plan(gm, cuts, params, exit_only)
     nseg = len(cuts) + 1
     placeholders = [n for n in plan.nodes if n.op == "placeholder"]
     # symbolic sizes of the inputs, by the name the caller gave them
@@ -266,12 +335,6 @@ def _partition(
             size = val.shape[d]
             if isinstance(size, torch.SymInt):
                 sym_names.setdefault(str(size.node.expr), name)
-    out_node = next(n for n in plan.nodes if n.op == "output")
-    leaves = out_node.args[0]
-    leaves = list(leaves) if isinstance(leaves, list | tuple) else [leaves]
-    result = leaves[_output_index(gm)]
-    if not isinstance(result, fx.Node):
-        raise SplitError("the model's prediction is not a tensor computed from its inputs")
 
     # which values each segment needs from another one
     needed: dict[fx.Node, set[int]] = {}
@@ -286,6 +349,8 @@ def _partition(
 
     for s in range(nseg):
         for n in users_of[s]:
+            if n in exit_only:
+                continue
             for a in n.all_input_nodes:
                 o = owner(a)
                 if o is None or o == s or plan.kind.get(a) == "const" or _is_sym(a):
@@ -296,6 +361,20 @@ def _partition(
                         "do not follow the model's order of computation"
                     )
                 needed.setdefault(a, set()).add(s)
+    # an exit reads only what crosses anyway: exits never change what travels
+    for s in range(nseg):
+        for n in users_of[s]:
+            if n not in exit_only:
+                continue
+            for a in n.all_input_nodes:
+                o = owner(a)
+                if o is None or o == s or plan.kind.get(a) == "const" or _is_sym(a) or s in needed.get(a, ()):
+                    continue
+                where = _plain_path(_module_of(n), exit_paths) or "the model"
+                raise SplitError(
+                    f"the exit in {where} (segment {s}) would need {a.name!r} from segment {o}, which does not "
+                    f"cross the cuts {list(cuts)} otherwise: put the exit in segment {o}, or cut elsewhere"
+                )
     if owner(result) != nseg - 1:
         needed.setdefault(result, set()).add(nseg - 1)
     crossing_nodes = sorted(needed, key=plan.order.__getitem__)
@@ -310,13 +389,15 @@ def _partition(
     last_of: dict[fx.Node, str] = {}
     last_node: dict[str, fx.Node] = {}
     for n in plan.nodes:
+        if n in exit_only:
+            continue
         for fqn, _ in (n.meta.get("nn_module_stack") or {}).values():
             if fqn:
-                last_node[fqn] = n
+                last_node[_plain_path(fqn, exit_paths)] = n
     for fqn, n in sorted(last_node.items(), key=lambda kv: -len(kv[0])):
         last_of[n] = fqn
     for fqn in cuts:
-        last_of[last_node[fqn]] = fqn
+        last_of[last_node[_plain_path(fqn, exit_paths)]] = fqn
     crossings: list[Crossing] = []
     names: dict[fx.Node, str] = {}
     used_names: set[str] = set()
@@ -330,7 +411,8 @@ def _partition(
                 f"value {a.name!r} of shape {dims} crosses the cut without the batch in its first dimension; "
                 "cut at a module boundary where every crossing value is per sample"
             )
-        name = last_of.get(a) or (f"{_module_of(a)}:{a.name}" if _module_of(a) else a.name)
+        module = _plain_path(_module_of(a), exit_paths)
+        name = last_of.get(a) or (f"{module}:{a.name}" if module else a.name)
         while name in used_names:
             name += "_"
         used_names.add(name)
@@ -341,6 +423,7 @@ def _partition(
 
     graphs: list[fx.Graph] = []
     attrs: list[set[str]] = []
+    seg_exits: list[tuple[str, ...]] = []
     for s in range(nseg):
         b = _Builder()
         g = b.graph
@@ -387,17 +470,20 @@ def _partition(
                     continue
                 materialize(n)
         outs = [a for a in crossing_nodes if owner(a) == s]
-        if s == nseg - 1:
-            g.output(materialize(result))
+        main = materialize(result) if s == nseg - 1 else {names[a]: env[a] for a in outs}
+        mine = {name: n for name, n in exit_nodes.items() if owner(n) == s}
+        if mine:  # (what it returned without exits, its exits' logits by name): see GraphSegment.forward
+            g.output((main, {name: materialize(n) for name, n in mine.items()}))
         else:
-            g.output({names[a]: env[a] for a in outs})
+            g.output(main)
+        seg_exits.append(tuple(mine))
         if s > 0:
             _clone_mutated_inputs(g)
         g.eliminate_dead_code()
         graphs.append(g)
         attrs.append(b.attrs)
     inputs = [str(p.target) for p in placeholders]
-    return _Partition(graphs, attrs, crossings, inputs, crossing_nodes, plan.side)
+    return _Partition(graphs, attrs, crossings, inputs, crossing_nodes, plan.side, seg_exits)
 
 
 def _clone_mutated_inputs(g: fx.Graph) -> None:
@@ -468,6 +554,7 @@ class GraphSegment(nn.Module):
         params: Mapping[str, nn.Parameter],
         buffers: Mapping[str, tuple[torch.Tensor, bool]],
         graphs: tuple[fx.Graph, fx.Graph],
+        exits: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.traced = True  # runs a graph of operations, not its submodules (per-layer tools cannot hook it)
@@ -479,6 +566,10 @@ class GraphSegment(nn.Module):
         # what a release mechanism acts on; the rest (masks, position ids) derive from the raw inputs
         self.hidden: tuple[str, ...] = ()
         self.input_names = tuple(input_names)
+        # the exits this segment computes (fsl.exits), and their logits from the last forward, which
+        # stay here: whoever holds the labels beside this segment adds their loss (fsl.exits.exit_loss)
+        self.exits = tuple(exits)
+        self.exit_outputs: dict[str, torch.Tensor] = {}
         for fqn, p in params.items():
             _set(self, fqn, p, param=True)
         for fqn, (buf, persistent) in buffers.items():
@@ -487,16 +578,28 @@ class GraphSegment(nn.Module):
         # state dict already holds under the model's names
         self._graphs = (fx.GraphModule(self, graphs[0]), fx.GraphModule(self, graphs[1]))
 
+    def __getstate__(self) -> dict[str, object]:
+        # copies (server replicas, checkpoints) never carry the last batch's exit logits and their graph
+        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        state["exit_outputs"] = {}
+        return state
+
     def forward(self, x: Any) -> Any:
         gm = self._graphs[0] if self.training else self._graphs[1]
         if not isinstance(x, Mapping):
             if len(self.input_names) != 1:
                 raise ValueError(f"this segment takes {list(self.input_names)} as a dict of tensors")
-            return gm(x)
-        missing = [n for n in self.input_names if n not in x]
-        if missing:
-            raise ValueError(f"this segment needs {missing}; got {list(x)}")
-        return gm(*(x[n] for n in self.input_names))
+            out = gm(x)
+        else:
+            missing = [n for n in self.input_names if n not in x]
+            if missing:
+                raise ValueError(f"this segment needs {missing}; got {list(x)}")
+            out = gm(*(x[n] for n in self.input_names))
+        if not self.exits:
+            return out
+        out, logits = out
+        self.exit_outputs = dict(logits)  # (B, num_classes) by exit name
+        return out
 
     def _apply(self, fn: Any, recurse: bool = True) -> GraphSegment:
         # .to()/.cuda() replace tensors; the graphs must follow them
@@ -588,6 +691,9 @@ def graph_split(
             )
     if cache_key is None:
         return split_traced(trace(model, example, dynamic, bounds), cut_list)
+    exits = _exit_paths(model)
+    if exits:  # a trace with exits returns more than one without: never the same graph
+        cache_key = json.dumps([cache_key, exits])
     cached = _TRACES.get(cache_key)
     if cached is None:
         cached = trace(model, example, dynamic, bounds)
@@ -595,7 +701,7 @@ def graph_split(
         while len(_TRACES) > _TRACE_CACHE_SIZE:
             _TRACES.pop(next(iter(_TRACES)))
     # the graphs give the structure; the segments take this model's own parameters by name
-    return split_traced(Traced(model, cached.graphs, cached.dynamic, cached.bounds), cut_list)
+    return split_traced(Traced(model, cached.graphs, cached.dynamic, cached.bounds, cached.exits), cut_list)
 
 
 _TRACES: dict[str, Traced] = {}
@@ -610,6 +716,9 @@ class Traced:
     graphs: tuple[fx.GraphModule, fx.GraphModule]  # training, evaluation
     dynamic: dict[str, dict[int, str]]
     bounds: dict[str, tuple[int, int]]
+    # (name, module path) of each exit, shallow to deep: the graphs then return the prediction and
+    # these exits' logits, in this order
+    exits: tuple[tuple[str, str], ...] = ()
 
 
 def as_inputs(model: nn.Module, example: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -634,14 +743,72 @@ def trace(
         for s in dims.values():
             if s not in bnd:
                 raise SplitError(f"dimension {s!r} of input {k!r} has no bounds: pass bounds={{{s!r}: (min, max)}}")
-    return Traced(model, (_export(model, inputs, dyn, bnd, True), _export(model, inputs, dyn, bnd, False)), dyn, bnd)
+    exits = _exit_paths(model)
+    with _exits_as_outputs(model, exits):
+        graphs = (_export(model, inputs, dyn, bnd, True), _export(model, inputs, dyn, bnd, False))
+    return Traced(model, graphs, dyn, bnd, exits)
+
+
+def _exit_paths(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    """(exit name, module path) of every exit in ``model``, shallow to deep (as :func:`fsl.exits.exit_names`)."""
+    from fsl.exits import ExitBlock, exit_name
+
+    return tuple((exit_name(n, m), n) for n, m in model.named_modules() if isinstance(m, ExitBlock))
+
+
+@contextmanager
+def _exits_as_outputs(model: nn.Module, exits: Sequence[tuple[str, str]]) -> Iterator[None]:
+    """While tracing, ``model`` returns its prediction followed by its exits' logits.
+
+    An exit keeps its logits in an attribute, which the trace does not see as an output: without
+    this the exported graph drops the exit heads as dead code. The forward is replaced on the instance
+    (with the original's signature, which export reads to bind the named inputs), so that module paths,
+    and with them cuts and parameter names, stay the model's own.
+    """
+    if not exits:
+        yield
+        return
+    from fsl.exits import ExitBlock
+
+    blocks = [b for _, path in exits if isinstance(b := model.get_submodule(path), ExitBlock)]
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        out = original(*args, **kwargs)
+        pred = _prediction(out)
+        logits = [b.logits for b in blocks]
+        if any(z is None for z in logits):
+            missing = [name for (name, _), z in zip(exits, logits, strict=True) if z is None]
+            raise SplitError(f"exits {missing} do not run in the model's forward")
+        return (pred, *logits)  # type: ignore[arg-type]
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
+        for b in blocks:
+            b.logits = None  # the trace's symbolic tensors: no use outside it
+
+
+def _prediction(out: Any) -> torch.Tensor:
+    """The prediction in a model's output, as :func:`_output_index` finds it in a traced graph's."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]  # type: ignore[no-any-return]
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if not leaves:
+        raise SplitError("the model's output holds no tensor")
+    return leaves[0]
 
 
 def split_traced(traced: Traced, cut_list: Sequence[str]) -> GraphSplit:
     """Split a traced model after each module path in ``cut_list``."""
     model, dyn, bnd = traced.model, traced.dynamic, traced.bounds
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    parts = [_partition(gm, cut_list, params, dyn) for gm in traced.graphs]
+    parts = [_partition(gm, cut_list, params, dyn, traced.exits) for gm in traced.graphs]
     tr, ev = parts
     sig_t = [(c.dtype, c.dims, c.source, c.target) for c in tr.crossings]
     sig_e = [(c.dtype, c.dims, c.source, c.target) for c in ev.crossings]
@@ -650,6 +817,10 @@ def split_traced(traced: Traced, cut_list: Sequence[str]) -> GraphSplit:
             f"at cut {cut_list} the model sends different values in training ({len(sig_t)}) and in evaluation "
             f"({len(sig_e)}); cut at another module"
         )
+    if tr.exits != ev.exits:
+        raise SplitError(
+            f"at cut {cut_list} the exits fall in other segments in training and in evaluation; cut elsewhere"
+        )
     nseg = len(cut_list) + 1
     _check_ownership(params, [tr, ev], cut_list)
     segments = []
@@ -657,7 +828,7 @@ def split_traced(traced: Traced, cut_list: Sequence[str]) -> GraphSplit:
         attrs = tr.attrs[s] | ev.attrs[s]
         p, b = _owned(model, attrs)
         names = tr.inputs if s == 0 else [c.name for c in tr.crossings if c.target == s]
-        seg = GraphSegment(s, names, p, b, (tr.graphs[s], _renamed(ev, tr, s)))
+        seg = GraphSegment(s, names, p, b, (tr.graphs[s], _renamed(ev, tr, s)), exits=tr.exits[s])
         targets: dict[str, list[int]] = {}
         for c in tr.crossings:
             if c.source == s:
@@ -674,8 +845,12 @@ def _renamed(ev: _Partition, tr: _Partition, s: int) -> fx.Graph:
     by_pos = dict(zip([c.name for c in ev.crossings], [c.name for c in tr.crossings], strict=True))
     g = ev.graphs[s]
     for n in g.nodes:
-        if n.op == "output" and isinstance(n.args[0], dict):
-            n.args = ({by_pos.get(k, k): v for k, v in n.args[0].items()},)
+        if n.op != "output":
+            continue
+        out, exits = n.args[0] if ev.exits[s] else (n.args[0], None)
+        if isinstance(out, dict):
+            out = {by_pos.get(k, k): v for k, v in out.items()}
+        n.args = ((out, exits) if ev.exits[s] else out,)
     return g
 
 
@@ -754,7 +929,7 @@ def cut_table(
     refused: dict[str, str] = {}
     for path in module_paths(model) if paths is None else paths:
         try:
-            part = _partition(gm, [path], params, traced.dynamic)
+            part = _partition(gm, [path], params, traced.dynamic, traced.exits)
             _check_ownership(params, [part], [path])
         except SplitError as e:
             refused[path] = str(e)
