@@ -254,3 +254,31 @@ def test_an_exit_must_see_which_tokens_are_real() -> None:
         add_exits_at(_plain(), ("bert.embeddings",), CLASSES, _tokens(2))
     with pytest.raises(ConfigError, match="classification model"):
         from_dict(ExperimentConfig, {"model": {"name": "gpt2", "exits": True}})
+
+
+def test_an_image_model_with_batch_norm_keeps_its_exits_on_their_sides() -> None:
+    """RegNet (a Hugging Face image model, batch norm in training mode): the exits' conv heads run
+    beside their stages, and a step's gradients and running statistics are the unsplit model's."""
+    cfg = from_dict(ExperimentConfig, {"model": {"name": "regnet", "cut": "regnet.encoder.stages.0", "exits": True}})
+    model = build_model_for(cfg, (1, 28, 28), 10).train()
+    x, y = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1, 2, 3])
+    whole = copy.deepcopy(model)
+    loss = nn.functional.cross_entropy(run_model(whole, x), y) + exit_loss(whole, y, W)
+    loss.backward()
+
+    client, side = server_side(cfg, model, (1, 28, 28))
+    assert exit_names(client) == ["regnet.embedder", "regnet.encoder.stages.0"]
+    assert exit_names(side.segment) == ["regnet.encoder.stages.1"]
+    assert side.signature is not None and [t.name for t in side.signature.tensors] == ["regnet.encoder.stages.0"]
+    client.train(), side.segment.train()
+    h = client(x)
+    sent = {k: v.detach().requires_grad_(True) for k, v in h.items()}
+    server_loss = nn.functional.cross_entropy(side.segment(sent), y) + exit_loss(side.segment, y, W)
+    server_loss.backward()
+    client_loss = exit_loss(client, y, W)
+    assert client_loss is not None
+    torch.autograd.backward([*h.values(), client_loss], [*(sent[k].grad for k in h), torch.ones(())])
+    assert abs(float(server_loss.detach() + client_loss.detach()) - float(loss.detach())) < 1e-4
+    grads = {n: p.grad for s in (client, side.segment) for n, p in s.named_parameters() if p.grad is not None}
+    _close(grads, {n: p.grad for n, p in whole.named_parameters() if p.grad is not None}, "regnet: gradient of")
+    _close({**client.state_dict(), **side.segment.state_dict()}, whole.state_dict(), "regnet after the forward:")
