@@ -370,10 +370,10 @@ def _partition(
                 o = owner(a)
                 if o is None or o == s or plan.kind.get(a) == "const" or _is_sym(a) or s in needed.get(a, ()):
                     continue
-                where = _plain_path(_module_of(n), exit_paths) or "the model"
+                which = [name for name, path in exits if _in_module(n, path)][-1:] or ["?"]
                 raise SplitError(
-                    f"the exit in {where} (segment {s}) would need {a.name!r} from segment {o}, which does not "
-                    f"cross the cuts {list(cuts)} otherwise: put the exit in segment {o}, or cut elsewhere"
+                    f"exit {which[0]!r} (segment {s}) would need {a.name!r} from segment {o}, which does not cross "
+                    f"the cuts {list(cuts)} otherwise: put the exit after a module of segment {o}, or cut elsewhere"
                 )
     if owner(result) != nseg - 1:
         needed.setdefault(result, set()).add(nseg - 1)

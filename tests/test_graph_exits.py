@@ -282,3 +282,44 @@ def test_an_image_model_with_batch_norm_keeps_its_exits_on_their_sides() -> None
     grads = {n: p.grad for s in (client, side.segment) for n, p in s.named_parameters() if p.grad is not None}
     _close(grads, {n: p.grad for n, p in whole.named_parameters() if p.grad is not None}, "regnet: gradient of")
     _close({**client.state_dict(), **side.segment.state_dict()}, whole.state_dict(), "regnet after the forward:")
+
+
+class _Layer(nn.Module):
+    """A token layer that is handed the attention mask and ignores it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.relu(self.lin(h))
+
+
+class _Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.layers = nn.ModuleList([_Layer(), _Layer()])
+        self.fc = nn.Linear(8, CLASSES)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)
+        for layer in self.layers:
+            h = layer(h, attention_mask)
+        return self.fc(h[:, 0])
+
+
+def test_an_exit_that_would_make_a_raw_input_cross_is_refused() -> None:
+    """Only the exit after the second layer reads the mask there: the server would need the raw mask,
+    which never crosses. The exit after the first layer reads it on the client, beside the inputs."""
+    x = {"input_ids": torch.randint(0, 50, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.int64)}
+    x["attention_mask"][0, 4:] = 0
+    kw = {"dynamic": {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}, "bounds": {"seq": (2, 8)}}
+    torch.manual_seed(0)
+    plain = graph_split(_Tokens(), "layers.0", x, **kw)
+    assert [c.name for c in plain.crossings] == ["layers.0"]  # without exits, the mask stays home
+    client_exit = graph_split(add_exits_at(_Tokens(), ("layers.0",), CLASSES, x), "layers.0", x, **kw)
+    assert client_exit.crossings == plain.crossings and client_exit.segments[0].exits == ("layers.0",)
+    deep = add_exits_at(_Tokens(), ("layers.1",), CLASSES, x)
+    with pytest.raises(ValueError, match=r"exit 'layers\.1' \(segment 1\) would need 'attention_mask'"):
+        graph_split(deep, "layers.0", x, **kw)
