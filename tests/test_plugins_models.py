@@ -131,8 +131,9 @@ def test_zoo_cuts_keep_their_checks_and_graph_models_take_module_paths():
     assert ModelConfig(name="bert", cut="bert.encoder.layer.3").cut == "bert.encoder.layer.3"  # the splitter checks it
     with pytest.raises(ConfigError, match="no norm choice"):
         ModelConfig(name="regnet", norm="group")
-    with pytest.raises(ConfigError, match="exit classifiers"):
-        ModelConfig(name="regnet", exits=True)
+    assert ModelConfig(name="regnet", exits=True).exits  # graph-split classifiers carry exits (test_graph_exits.py)
+    with pytest.raises(ConfigError, match="exit classifiers need a classification model"):
+        ModelConfig(name="gpt2", exits=True)
     with pytest.raises(ConfigError, match="deeper"):
         ModelConfig(name="gpt2", ushaped=True, cut="transformer.h.1", top_cut="transformer.h.1")
 
