@@ -73,6 +73,7 @@ class RoundNumbers:
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)  # what round hooks add (e.g. ``privacy``)
     task: str = "classify"  # fsl.tasks: a language model's rows add its perplexities
+    exit_accuracies: dict[str, float] = field(default_factory=dict)  # multi-exit models: test accuracy by exit
 
 
 def _weighted(mets: Sequence[Any], key: str, examples: int) -> float | None:
@@ -126,6 +127,8 @@ def metrics_row(n: RoundNumbers) -> dict[str, Any]:
     if n.task == "causal-lm":  # exp of the mean token negative log-likelihood: test set, clients' held-out text
         row["perplexity"] = tasks.perplexity(n.loss)
         row["fed_perplexity"] = tasks.perplexity(row["fed_loss"]) if row["fed_loss"] is not None else None
+    if n.exit_accuracies:  # where a device could stop early, and how good that would be
+        row["exit_accuracies"] = n.exit_accuracies
     row.update(n.extra)
     return row
 

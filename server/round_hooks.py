@@ -208,11 +208,18 @@ def read_progress(run_path: str | Path) -> tuple[int, str] | None:
 TENSORBOARD_DIR = "tensorboard"
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a ``metrics.jsonl`` row that TensorBoard plots: its int and float values but the round."""
-    return {
-        k: float(v) for k, v in row.items() if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+    """The numbers of a ``metrics.jsonl`` row that TensorBoard plots: its int and float values but the
+    round, and those of a dict of numbers (``exit_accuracies``) as ``key/name``."""
+    out = {k: float(v) for k, v in row.items() if k != "round" and _number(v)}
+    for k, v in row.items():
+        if isinstance(v, dict) and v and all(_number(x) for x in v.values()):
+            out.update({f"{k}/{name}": float(x) for name, x in v.items()})
+    return out
 
 
 class TensorBoardLog(RoundHook):

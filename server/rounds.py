@@ -37,6 +37,7 @@ from torch import nn
 from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, to_toml
 from fsl.endpoint import advertised_address, dataplane_tls
+from fsl.exits import FINAL, all_exit_logits, has_exits
 from fsl.experiment import ServerSide, base_digests, build_model_for, config_to_json, experiment_dataset, server_side
 from fsl.lora import carried_state, check_base, load_carried
 from fsl.memory import peak_rss_mb
@@ -97,6 +98,7 @@ class Evaluation:
     fed_rows: list[dict[str, Any]] = field(default_factory=list)
     eval_failures: int = 0
     control_down: int = 0  # bytes of the client segments sent for federated evaluation
+    exit_accuracies: dict[str, float] = field(default_factory=dict)  # multi-exit models: test accuracy by exit
 
 
 class RoundRunner:
@@ -112,6 +114,7 @@ class RoundRunner:
         self.task = model_spec(cfg.model.name).task
         model = build_model_for(cfg, self.ds.input_shape, self.ds.num_classes)
         self.eval_model: nn.Module = copy.deepcopy(model)  # CPU copy for central evaluation
+        self.has_exits = has_exits(self.eval_model)
         self.run_id = run.path.name
         self.authority = RoundAuthority(self.run_id)
         self.state: SplitServerState | None = None
@@ -390,8 +393,8 @@ class RoundRunner:
             self.remote.finish_round(self.state)
         if self.state is not None:
             self.state.end_round()
-        accuracy, loss, per_client = self._evaluate_central(r.plan.own_segments)
-        return Evaluation(accuracy, loss, per_client, fed_rows, failures, control_down)
+        accuracy, loss, per_client, exits = self._evaluate_central(r.plan.own_segments)
+        return Evaluation(accuracy, loss, per_client, fed_rows, failures, control_down, exits)
 
     def _evaluate_federated(self, r: Round) -> tuple[list[dict[str, Any]], int, int]:
         if self.cfg.train.fraction_evaluate <= 0:
@@ -424,20 +427,35 @@ class RoundRunner:
             )
         return rows, failures, self.arrays.count_bytes() * len(msgs)
 
-    def _evaluate_central(self, own_segments: bool) -> tuple[float, float, list[float]]:
+    def _evaluate_central(self, own_segments: bool) -> tuple[float, float, list[float], dict[str, float]]:
+        """The joined model on the test set: accuracy, loss, each client's own (``psl``), and the
+        accuracy of each exit of a multi-exit model (a mean over the clients' own, like the accuracy)."""
         server_sd = self.state.segment_state_dict() if self.state is not None else {}
         bs = self.cfg.train.eval_batch_size
         if own_segments and self.own:
-            accs, losses = [], []
+            accs, losses, exits = [], [], []
             for _, rec in sorted(self.own.items()):  # by owner: the same order in a resumed run
                 load_carried(self.eval_model, {**rec.to_torch_state_dict(), **server_sd}, "model")
                 ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs, self.task)
                 accs.append(ev.accuracy)
                 losses.append(ev.loss)
-            return statistics.fmean(accs), statistics.fmean(losses), accs
+                exits.append(self._exit_accuracies())
+            mean = {k: statistics.fmean(e[k] for e in exits) for k in exits[0]}
+            return statistics.fmean(accs), statistics.fmean(losses), accs, mean
         load_carried(self.eval_model, {**self.arrays.to_torch_state_dict(), **server_sd}, "model")
         ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs, self.task)
-        return ev.accuracy, ev.loss, []
+        return ev.accuracy, ev.loss, [], self._exit_accuracies()
+
+    def _exit_accuracies(self) -> dict[str, float]:
+        """Test accuracy of every exit of the loaded evaluation model, by exit name (none: empty).
+
+        A second pass over the test set, only for multi-exit models: it shows how far each exit has
+        come, which decides where a device can stop early."""
+        if not self.has_exits:
+            return {}
+        logits = all_exit_logits(self.eval_model, self.ds.x_test, self.cfg.train.eval_batch_size)
+        y = self.ds.y_test
+        return {name: float((z.argmax(1) == y).float().mean()) for name, z in logits.items() if name != FINAL}
 
     def record(
         self, r: Round, ev: Evaluation, traffic0: ClientStats, t0: float, t_train: float, t_start: float
@@ -454,6 +472,7 @@ class RoundRunner:
             accuracy=ev.accuracy,
             loss=ev.loss,
             per_client=ev.per_client,
+            exit_accuracies=ev.exit_accuracies,
             fed_rows=ev.fed_rows,
             eval_failures=ev.eval_failures,
             train_metrics=[m.content["metrics"] for m in ok],

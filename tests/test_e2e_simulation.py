@@ -89,6 +89,18 @@ def test_cli_runs_a_simulation_writes_results_and_resumes(tmp_path):
     assert summary3["history"][:2] == hist
 
 
+def test_a_multi_exit_run_reports_every_exits_test_accuracy(tmp_path):
+    """Exits trained split (the client's beside its segment, the server's beside the labels it gets)
+    over the real data plane; each round's row says how far each exit has come."""
+    proc = _fsl("run", "quickstart", *TINY, "train.rounds=1", "model.exits=true", f"output_dir={tmp_path}", "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = [json.loads(x) for x in (_run_dir(proc.stdout) / "metrics.jsonl").read_text().splitlines()]
+    exits = row["exit_accuracies"]
+    assert list(exits) == ["conv1", "conv2", "fc1"]  # an exit after every cut point of the cnn, shallow to deep
+    assert all(0.3 < a <= 1.0 for a in exits.values()), exits  # each learned (10 classes: chance is 0.1)
+    assert row["accuracy"] > 0.3
+
+
 # what differs between two runs of one config however deterministic the training: clocks, the
 # random node ids Flower gives simulated clients, and so the uplink byte counts: every data-plane
 # request names its client by that id in decimal (one to 20 digits, most often 19 or 20), and the

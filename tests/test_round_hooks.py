@@ -50,6 +50,10 @@ def test_the_metrics_row_has_the_documented_keys_and_weights_by_examples():
     empty = metrics_row(_numbers(train_metrics=[], fed_rows=[], answered=0, extra={"privacy": {"epsilon": 1.0}}))
     assert list(empty) == [*ROW_KEYS, "privacy"]
     assert empty["train_loss"] is None and empty["fed_accuracy"] is None and empty["max_concurrent_clients"] == 0
+    # a multi-exit model's row adds each exit's test accuracy, before the hooks' keys
+    exits = metrics_row(_numbers(exit_accuracies={"conv1": 0.5, "fc1": 0.75}, extra={"privacy": {"epsilon": 1.0}}))
+    assert list(exits) == [*ROW_KEYS, "exit_accuracies", "privacy"]
+    assert exits["exit_accuracies"] == {"conv1": 0.5, "fc1": 0.75}
 
 
 def test_a_language_models_row_weighs_clients_by_tokens_and_adds_perplexities():
@@ -119,7 +123,8 @@ def test_tensorboard_log_holds_each_rounds_scalars_and_a_resume_appends(tmp_path
     run = RunDir(tmp_path)
 
     def write(hook: TensorBoardLog, rnd: int, acc: float) -> dict:
-        row = metrics_row(_numbers(rnd=rnd, accuracy=acc, extra={"privacy": {"epsilon": 1.0}}))
+        exits = {"conv1": acc / 2, "fc1": acc}  # a dict of numbers: one scalar each, under the row's key
+        row = metrics_row(_numbers(rnd=rnd, accuracy=acc, exit_accuracies=exits, extra={"privacy": {"epsilon": 1.0}}))
         run.append_metrics(row)
         hook.on_round_end(rnd)
         return row
@@ -137,8 +142,9 @@ def test_tensorboard_log_holds_each_rounds_scalars_and_a_resume_appends(tmp_path
     got = _events(tmp_path / TENSORBOARD_DIR)
     want = {k for r in rows for k in scalars(r)}
     assert {"accuracy", "loss", "fed_accuracy", "train_loss", "bytes_up", "seconds"} <= want == set(got)
+    assert {"exit_accuracies/conv1", "exit_accuracies/fc1", "privacy/epsilon"} <= want
     assert "round" not in got and "mode" not in got and "sequential" not in got  # not scalars
     for key in want:  # per round, the metrics.jsonl value (float32 in the event file); round 3 once, the resumed one
-        expect = [(r["round"], float(r[key])) for r in rows if key in scalars(r)]
+        expect = [(r["round"], scalars(r)[key]) for r in rows if key in scalars(r)]
         assert [s for s, _ in got[key]] == [s for s, _ in expect], key
         assert all(math.isclose(a, b, rel_tol=1e-6) for (_, a), (_, b) in zip(got[key], expect, strict=True)), key
