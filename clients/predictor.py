@@ -15,6 +15,7 @@ from torch import nn
 
 from fsl.channel import SplitChannel
 from fsl.cutvalues import select_rows
+from fsl.data import Inputs, num_samples
 from fsl.exits import exit_logits
 
 __all__ = ["Prediction", "SplitPredictor"]
@@ -55,12 +56,13 @@ class SplitPredictor:
         self.exit_threshold = exit_threshold
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, budget_ms: float = 0.0) -> Prediction:
-        """Predict a batch ``x`` (B, C, H, W) within ``budget_ms`` end to end (0: no target)."""
+    def predict(self, x: Inputs, budget_ms: float = 0.0) -> Prediction:
+        """Predict a batch ``x`` ((B, C, H, W), or named tensors such as token ids and their attention
+        mask) within ``budget_ms`` end to end (0: no target)."""
         t0 = time.perf_counter()
         h = self.segment(x)  # (B, ...) smashed activations at the cut, or the cut's named tensors
         logits = torch.empty(0)
-        exited = torch.zeros(x.shape[0], dtype=torch.bool)
+        exited = torch.zeros(num_samples(x), dtype=torch.bool)
         if self.exit_threshold is not None:
             exits = exit_logits(self.segment)
             if not exits:

@@ -323,3 +323,44 @@ def test_an_exit_that_would_make_a_raw_input_cross_is_refused() -> None:
     deep = add_exits_at(_Tokens(), ("layers.1",), CLASSES, x)
     with pytest.raises(ValueError, match=r"exit 'layers\.1' \(segment 1\) would need 'attention_mask'"):
         graph_split(deep, "layers.0", x, **kw)
+
+
+@pytest.mark.slow
+def test_a_text_client_answers_at_its_exit_when_sure_and_sends_only_the_rest() -> None:
+    """Device-side early exit with a graph-split client: rows whose deepest client exit is sure enough
+    are answered on the device (its exit's logits), the others by the server (the model's final
+    logits), and only those others travel."""
+    from clients.predictor import SplitPredictor
+
+    cfg = from_dict(
+        ExperimentConfig,
+        {"model": {"name": "bert", "cut": "bert.encoder.layer.1", "exits": True, "options": TINY}},
+    )
+    model = build_model_for(cfg, (T,), CLASSES).eval()
+    x = _tokens(8, seed=4)
+    ref = all_exit_logits(model, x)  # the unsplit model: every exit's logits and the final ones
+    client, side = server_side(cfg, model, (T,))
+    state = SplitServerState(
+        side.segment, sample_shape=side.sample_shape, signature=side.signature, task=side.task, num_classes=CLASSES
+    )
+
+    def predict(threshold: float) -> tuple[torch.Tensor, torch.Tensor, InMemoryChannel]:
+        channel = InMemoryChannel(server=state)
+        p = SplitPredictor(client, channel, exit_threshold=threshold).predict(x)
+        return p.logits, p.exited, channel
+
+    device = ref["bert.encoder.layer.1"]  # the exit at the cut: the client's deepest
+    sure = torch.softmax(device, 1).amax(1)
+    logits, exited, channel = predict(0.0)  # every row sure enough: nothing travels
+    assert exited.all() and channel.requests == 0
+    torch.testing.assert_close(logits, device, rtol=1e-4, atol=1e-5)
+    logits, exited, channel = predict(1.01)  # no row: all go to the server
+    assert not exited.any() and channel.requests == 1
+    torch.testing.assert_close(logits, ref["final"], rtol=1e-4, atol=1e-5)
+    all_bytes = channel.bytes_up
+    cut = float(sure.median())
+    logits, exited, channel = predict(cut)
+    assert torch.equal(exited, sure >= cut) and 0 < int(exited.sum()) < len(sure)
+    torch.testing.assert_close(logits[exited], device[exited], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[~exited], ref["final"][~exited], rtol=1e-4, atol=1e-5)
+    assert channel.requests == 1 and channel.bytes_up < all_bytes  # only the unsure rows' values went up
