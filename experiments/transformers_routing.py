@@ -17,7 +17,7 @@ saved in the result.
 Training is in one process (:func:`experiments.inference.cartography.record_epochs`: the whole
 multi-exit model, SGD with momentum, the final classifier's p(true label) on every training text
 recorded after each epoch), not split over the data plane (``model.exits`` on a graph-split model
-trains its exits split, but puts them after the zoo's cuts: layers 1, 3 and 5 of MiniLM).
+trains its exits split, but puts them after the zoo's cuts: MiniLM's ``bert.encoder.layer.0``, ``.2`` and ``.4``).
 The word, position and type embeddings stay frozen (``freeze_embeddings``): their 11.7 M
 parameters' dense gradients and momentum made a step four times slower on the 2-core host, and
 the rest of the encoder, the pooler, the classifier and the exit heads train in full.

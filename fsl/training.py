@@ -35,7 +35,7 @@ from torch import nn
 
 from fsl import tasks
 from fsl.data import Inputs, take, trim_padding
-from fsl.exits import exit_loss
+from fsl.exits import exit_logits, exit_loss, has_exits
 from fsl.fastmath import flush_denormals
 from fsl.models import model_spec, run_model
 from fsl.optim import SGD, Stepper, clip_grad_norm
@@ -177,6 +177,7 @@ class EvalStats:
     loss: float = 0.0  # mean over the targets
     accuracy: float = 0.0
     targets: int = 0  # predictions scored: the samples, or a language model's non-ignored tokens
+    exit_accuracies: dict[str, float] = dataclasses.field(default_factory=dict)  # a multi-exit model's, by exit
 
 
 @dataclass
@@ -288,14 +289,21 @@ def _add_proximal(params: Iterable[torch.Tensor], start: list[torch.Tensor], mu:
 
 @torch.no_grad()
 def evaluate_logits(
-    logits_of: Callable[[Any], torch.Tensor], x: Inputs, y: torch.Tensor, batch_size: int, task: str = "classify"
+    logits_of: Callable[[Any], torch.Tensor],
+    x: Inputs,
+    y: torch.Tensor,
+    batch_size: int,
+    task: str = "classify",
+    exits_of: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> EvalStats:
     """Loss and accuracy of ``logits_of`` over (x, y) in batches; the labels stay here.
 
     Loss and accuracy are means over the task's targets (samples; tokens for a language model).
     Texts go in order of length, so that each batch, trimmed to its longest text, carries little
-    padding (sums over samples do not depend on the order)."""
+    padding (sums over samples do not depend on the order). ``exits_of`` gives the exit logits of
+    the batch just run (a multi-exit model's, by exit name): their accuracies come from the same pass."""
     loss_sum, correct, targets = 0.0, 0, 0
+    exit_correct: dict[str, int] = {}
     n = lengths(x)
     order = torch.arange(len(y)) if n is None else torch.sort(n, stable=True).indices
     for i in range(0, len(y), batch_size):
@@ -305,8 +313,14 @@ def evaluate_logits(
         loss_sum += float(tasks.loss(task, logits, yb, reduction="sum"))
         correct += tasks.correct(task, logits, yb)
         targets += tasks.targets(task, yb)
+        for name, z in (exits_of() if exits_of is not None else {}).items():
+            exit_correct[name] = exit_correct.get(name, 0) + tasks.correct(task, z, yb)
     return EvalStats(
-        examples=len(y), loss=loss_sum / max(1, targets), accuracy=correct / max(1, targets), targets=targets
+        examples=len(y),
+        loss=loss_sum / max(1, targets),
+        accuracy=correct / max(1, targets),
+        targets=targets,
+        exit_accuracies={name: c / max(1, targets) for name, c in exit_correct.items()},
     )
 
 
@@ -344,9 +358,10 @@ def head_result(
 def evaluate_model(
     model: nn.Module, x: Inputs, y: torch.Tensor, batch_size: int = 512, task: str = "classify"
 ) -> EvalStats:
-    """Evaluate a whole (joined) model locally."""
+    """Evaluate a whole (joined) model locally, and each of its exits if it has some."""
     model.eval()
-    return evaluate_logits(lambda xb: run_model(model, xb), x, y, batch_size, task)
+    exits_of = (lambda: exit_logits(model)) if has_exits(model) else None
+    return evaluate_logits(lambda xb: run_model(model, xb), x, y, batch_size, task, exits_of)
 
 
 def train_local(

@@ -37,7 +37,6 @@ from torch import nn
 from fsl.auth import RoundAuthority
 from fsl.config import ExperimentConfig, to_toml
 from fsl.endpoint import advertised_address, dataplane_tls
-from fsl.exits import FINAL, all_exit_logits, has_exits
 from fsl.experiment import ServerSide, base_digests, build_model_for, config_to_json, experiment_dataset, server_side
 from fsl.lora import carried_state, check_base, load_carried
 from fsl.memory import peak_rss_mb
@@ -114,7 +113,6 @@ class RoundRunner:
         self.task = model_spec(cfg.model.name).task
         model = build_model_for(cfg, self.ds.input_shape, self.ds.num_classes)
         self.eval_model: nn.Module = copy.deepcopy(model)  # CPU copy for central evaluation
-        self.has_exits = has_exits(self.eval_model)
         self.run_id = run.path.name
         self.authority = RoundAuthority(self.run_id)
         self.state: SplitServerState | None = None
@@ -433,29 +431,16 @@ class RoundRunner:
         server_sd = self.state.segment_state_dict() if self.state is not None else {}
         bs = self.cfg.train.eval_batch_size
         if own_segments and self.own:
-            accs, losses, exits = [], [], []
+            evs = []
             for _, rec in sorted(self.own.items()):  # by owner: the same order in a resumed run
                 load_carried(self.eval_model, {**rec.to_torch_state_dict(), **server_sd}, "model")
-                ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs, self.task)
-                accs.append(ev.accuracy)
-                losses.append(ev.loss)
-                exits.append(self._exit_accuracies())
-            mean = {k: statistics.fmean(e[k] for e in exits) for k in exits[0]}
-            return statistics.fmean(accs), statistics.fmean(losses), accs, mean
+                evs.append(evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs, self.task))
+            exits = {k: statistics.fmean(e.exit_accuracies[k] for e in evs) for k in evs[0].exit_accuracies}
+            accs = [e.accuracy for e in evs]
+            return statistics.fmean(accs), statistics.fmean(e.loss for e in evs), accs, exits
         load_carried(self.eval_model, {**self.arrays.to_torch_state_dict(), **server_sd}, "model")
         ev = evaluate_model(self.eval_model, self.ds.x_test, self.ds.y_test, bs, self.task)
-        return ev.accuracy, ev.loss, [], self._exit_accuracies()
-
-    def _exit_accuracies(self) -> dict[str, float]:
-        """Test accuracy of every exit of the loaded evaluation model, by exit name (none: empty).
-
-        A second pass over the test set, only for multi-exit models: it shows how far each exit has
-        come, which decides where a device can stop early."""
-        if not self.has_exits:
-            return {}
-        logits = all_exit_logits(self.eval_model, self.ds.x_test, self.cfg.train.eval_batch_size)
-        y = self.ds.y_test
-        return {name: float((z.argmax(1) == y).float().mean()) for name, z in logits.items() if name != FINAL}
+        return ev.accuracy, ev.loss, [], ev.exit_accuracies
 
     def record(
         self, r: Round, ev: Evaluation, traffic0: ClientStats, t0: float, t_train: float, t_start: float

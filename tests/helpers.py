@@ -98,3 +98,15 @@ def flower_message(conf, arrays, node_id=5):
         dst_node_id=node_id,
         message_type=MessageType.TRAIN,
     )
+
+
+def padded_tokens(n: int, t: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``n`` right-padded texts of ``t`` token slots and different lengths (3 to ``t - 1`` real
+    tokens, ids 1000-1999, pads 0), with their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.int64)
+    for i in range(n):
+        real = 3 + i % (t - 3)
+        ids[i, real:], mask[i, real:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}

@@ -30,6 +30,7 @@ from fsl.exits import (
 from fsl.experiment import build_model_for, exit_paths, server_side, usplit_for
 from fsl.graphsplit import GraphSplit, graph_split
 from fsl.models import build_module, run_model
+from helpers import padded_tokens
 from server.state import SplitServerState
 
 pytest.importorskip("transformers")
@@ -49,13 +50,7 @@ BOUNDS = {"seq": (2, 16)}
 
 
 def _tokens(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 2000, (n, T), generator=g)
-    mask = torch.ones(n, T, dtype=torch.int64)
-    for i in range(n):  # right-padded texts of different lengths
-        real = 3 + i % (T - 3)
-        ids[i, real:], mask[i, real:] = 0, 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_tokens(n, T, seed)
 
 
 def _plain() -> nn.Module:

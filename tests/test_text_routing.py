@@ -23,6 +23,7 @@ from fsl.costs import count_flops
 from fsl.data import DatasetNotFound
 from fsl.exits import ExitBlock, TokenMeanHead, add_exits_at, all_exit_logits, exit_names, token_mean
 from fsl.models import build_module, run_model
+from helpers import padded_tokens
 
 HIDDEN, CLASSES, T = 32, 3, 10
 TINY = {"hidden_size": HIDDEN, "num_layers": 4, "num_heads": 2, "max_length": 16}
@@ -30,13 +31,7 @@ EXITS = ("bert.encoder.layer.0", "bert.encoder.layer.2")
 
 
 def _tokens(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 2000, (n, T), generator=g)
-    mask = torch.ones(n, T, dtype=torch.int64)
-    for i in range(n):  # right-padded texts of different lengths
-        real = 3 + i % (T - 3)
-        ids[i, real:], mask[i, real:] = 0, 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_tokens(n, T, seed)
 
 
 def _bert() -> torch.nn.Module:
